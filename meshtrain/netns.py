@@ -1,0 +1,96 @@
+"""A LAN of test hosts on one Linux machine, for tests and benches (needs root + iproute2).
+
+Network namespaces on one bridge, each host's veth optionally shaped with a
+rate (tbf) and delay (netem), so multi-host behaviour (broadcast discovery,
+ring traffic over a 1 Gbit/s link, partitions) is exercised for real. Each
+cluster has its own name prefix so several can exist at once; hosts get
+10.77.0.1..N inside their own namespaces (namespaces are isolated, so
+clusters with different prefixes do not see each other).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def available() -> bool:
+    """True when namespaces can be made here (root and the `ip` and `tc` tools)."""
+    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+
+def _run(*args: str, check: bool = True) -> None:
+    subprocess.run(args, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _shape(prefix_cmd: Sequence[str], dev: str, rate: str | None, delay: str | None) -> None:
+    tc = [*prefix_cmd, "tc", "qdisc", "add", "dev", dev]
+    if rate and delay:
+        _run(*tc, "root", "handle", "1:", "netem", "delay", delay)
+        _run(*tc, "parent", "1:", "handle", "2:", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
+    elif rate:
+        _run(*tc, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
+    elif delay:
+        _run(*tc, "root", "netem", "delay", delay)
+
+
+@dataclass
+class Cluster:
+    """N hosts `{prefix}0..` on bridge `{prefix}br0`; use as a context manager."""
+
+    n: int
+    prefix: str = "mt"
+    rate: str | None = None
+    delay: str | None = None
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}br0"
+
+    def ns(self, i: int) -> str:
+        return f"{self.prefix}{i}"
+
+    def ip(self, i: int) -> str:
+        return f"10.77.0.{i + 1}"
+
+    def exec_prefix(self, i: int) -> list[str]:
+        """Command prefix that runs a program inside host i."""
+        return ["ip", "netns", "exec", self.ns(i)]
+
+    def up(self) -> Cluster:
+        self.down()
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "link", "set", self.bridge, "up")
+        for i in range(self.n):
+            ns, host, peer = self.ns(i), f"{self.prefix}h{i}", f"{self.prefix}b{i}"
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+            _run("ip", "link", "set", host, "netns", ns)
+            _run("ip", "link", "set", peer, "master", self.bridge, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "brd", "10.77.0.255", "dev", host)
+            _run("ip", "-n", ns, "link", "set", host, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _shape(self.exec_prefix(i), host, self.rate, self.delay)
+            _shape([], peer, self.rate, self.delay)
+        return self
+
+    def down(self) -> None:
+        for i in range(self.n):
+            _run("ip", "netns", "del", self.ns(i), check=False)
+        _run("ip", "link", "del", self.bridge, check=False)
+
+    def cut(self, i: int) -> None:
+        """Take host i's link down: a partition or a Wi-Fi drop."""
+        _run("ip", "link", "set", f"{self.prefix}b{i}", "down")
+
+    def heal(self, i: int) -> None:
+        _run("ip", "link", "set", f"{self.prefix}b{i}", "up")
+
+    def __enter__(self) -> Cluster:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
