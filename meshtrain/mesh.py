@@ -7,6 +7,7 @@ the worker runtime fills in rank, size and a ring (see meshtrain.worker).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,8 @@ class Mesh:
 
     rank: int = 0
     size: int = 1
+    job: str | None = None  # the job id when started by `meshtrain run`
+    node: str = "local"  # the name of the node this worker runs on
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +46,13 @@ class Mesh:
             yield np.array_split(global_batch, self.size)[self.rank]
 
     def report(self, **metrics: float) -> None:
-        """Send metrics (loss, accuracy, samples, epoch, ...) to the live view; no-op here."""
+        """Send metrics to the live view; a no-op at world size 1.
+
+        Known keys: `epoch` and `step` as loop indices (from 0, like `range`),
+        `epochs`, `steps_per_epoch`, `loss`, `samples` (this worker's samples in
+        this step, for samples/s) and `test_accuracy` (a fraction, from the main
+        worker). Call it every step: inside a job it only queues.
+        """
 
     def close(self) -> None:
         """Leave the ring; nothing to do at world size 1."""
@@ -53,8 +62,19 @@ _MESH: Mesh | None = None
 
 
 def init() -> Mesh:
-    """Join this process's job mesh (or a world-size-1 mesh when run plainly)."""
+    """Join this process's job mesh (or a world-size-1 mesh when run plainly).
+
+    Inside a job the worker runtime has installed the job's mesh before the
+    script started; run plainly, this is world size 1, and MLX on a Linux CPU
+    is pointed at a fast BLAS first (meshtrain.blas), as workers already are.
+    """
     global _MESH
     if _MESH is None:
+        try:
+            blas = importlib.import_module("meshtrain.blas")
+        except ImportError:  # pragma: no cover - blas.py is optional for the API
+            pass
+        else:
+            blas.ensure_fast_blas()
         _MESH = Mesh()
     return _MESH

@@ -1,0 +1,264 @@
+"""All-reduce bandwidth: meshtrain's ring vs MLX's ring backend vs raw TCP (vs torch gloo).
+
+Every backend runs on the same hosts (loopback processes, or one process per
+network namespace of a shaped LAN with --netns), the same float32 sizes, and
+the same N; rounds are interleaved (backend A, B, C, then A, B, C again) so
+drift of the shared machine hits them all alike. For each (N, size, backend)
+it prints the median time of one all-reduce and the bus bandwidth
+``2(N-1)/N * bytes / time`` (fp32-equivalent bytes, also for a 16-bit wire),
+then the ratios of meshtrain to the others.
+
+"raw TCP" is the link's own limit: every member streams `bytes` to its right
+neighbour while receiving as much from its left, with blocking sendall /
+recv_into of one big buffer, and the figure is bytes / time; a perfect ring
+all-reduce reaches busbw equal to it.
+
+    flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py
+    flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py --netns --wire-dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+
+MiB = 1 << 20
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+# --- workers (one process per rank) ----------------------------------------------------
+
+
+def _timed(fn, iters: int, warmup: int) -> list[float]:  # type: ignore[no-untyped-def]
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_meshtrain(
+    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str
+) -> dict:
+    from meshtrain.ring import DEFAULT_CHUNK_BYTES, Ring, RingListener
+
+    host, port = addrs[rank]
+    with RingListener.bind(host, port) as listener:
+        chunk = int(os.environ.get("MESHTRAIN_CHUNK_KIB", "0")) * 1024 or DEFAULT_CHUNK_BYTES
+        sockbuf = int(os.environ.get("MESHTRAIN_SOCKBUF_KIB", "0")) * 1024 or None
+        ring = Ring.connect(
+            listener, rank, addrs, job="bench", generation=1, timeout=60.0, chunk_bytes=chunk, sockbuf=sockbuf
+        )
+        out = {}
+        for size in sizes:
+            buf = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
+            wire_dtype = None if wire == "float32" else wire
+            out[size] = _timed(lambda b=buf, w=wire_dtype: ring.allreduce(b, wire_dtype=w), iters, 2)
+        ring.close()
+    return out
+
+
+def worker_mlx(rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[f"{h}:{p}"] for h, p in addrs], f)
+    os.environ["MLX_RANK"] = str(rank)
+    os.environ["MLX_HOSTFILE"] = f.name
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    assert group.size() == len(addrs), group.size()
+    out = {}
+    for size in sizes:
+        x = mx.array(np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32))
+        mx.eval(x)
+        out[size] = _timed(lambda x=x: mx.eval(mx.distributed.all_sum(x, group=group)), iters, 2)
+    os.unlink(f.name)
+    return out
+
+
+def worker_gloo(rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    host, port = addrs[0]
+    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=len(addrs))
+    out = {}
+    for size in sizes:
+        t = torch.from_numpy(np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32))
+        out[size] = _timed(lambda t=t: dist.all_reduce(t), iters, 2)
+    dist.destroy_process_group()
+    return out
+
+
+def worker_tcp(rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str) -> dict:
+    """Each member sends `size` bytes right while receiving `size` from the left."""
+    n = len(addrs)
+    listener = socket.create_server(addrs[rank], reuse_port=False)
+    right = None
+    while right is None:
+        try:
+            right = socket.create_connection(addrs[(rank + 1) % n])
+        except OSError:
+            time.sleep(0.05)
+    left, _ = listener.accept()
+    for s in (left, right):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = {}
+    for size in sizes:
+        send_buf, recv_buf = bytearray(size), bytearray(size)
+        view = memoryview(recv_buf)
+
+        def exchange(send_buf: bytearray = send_buf, view: memoryview = view, size: int = size) -> None:
+            sender = threading.Thread(target=right.sendall, args=(send_buf,))
+            sender.start()
+            got = 0
+            while got < size:
+                got += left.recv_into(view[got:])
+            sender.join()
+            # a one-byte token around the ring keeps every member in the same round
+            right.sendall(b"t")
+            left.recv_into(view[:1])
+
+        out[size] = _timed(exchange, iters, 2)
+    for s in (left, right, listener):
+        s.close()
+    return out
+
+
+WORKERS = {"meshtrain": worker_meshtrain, "mlx": worker_mlx, "tcp": worker_tcp, "gloo": worker_gloo}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    addrs = [(h, int(p)) for h, p in (a.rsplit(":", 1) for a in args.addrs.split(","))]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result = WORKERS[args.backend](args.rank, addrs, sizes, args.iters, args.wire)
+    if args.rank == 0:
+        print("RESULT " + json.dumps({str(k): v for k, v in result.items()}), flush=True)
+
+
+# --- driver ------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_round(backend: str, wire: str, n: int, sizes: list[int], iters: int, cluster: object | None) -> dict:
+    if cluster is None:
+        addrs = [("127.0.0.1", p) for p in free_ports(n)]
+    else:
+        base = 29000 + int(time.time() * 10) % 3000
+        addrs = [(cluster.ip(i), base + i) for i in range(n)]  # type: ignore[attr-defined]
+    addr_arg = ",".join(f"{h}:{p}" for h, p in addrs)
+    env = dict(os.environ)
+    if os.path.exists(OPENBLAS):
+        env["LD_PRELOAD"] = OPENBLAS
+    procs = []
+    for rank in range(n):
+        prefix = cluster.exec_prefix(rank) if cluster is not None else []  # type: ignore[attr-defined]
+        cmd = [*prefix, sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend]
+        cmd += ["--rank", str(rank), "--addrs", addr_arg, "--sizes", ",".join(map(str, sizes))]
+        cmd += ["--iters", str(iters), "--wire", wire]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{backend} N={n} failed: exit codes {[p.returncode for p in procs]}")
+    line = next(line for line in outs[0].splitlines() if line.startswith("RESULT "))
+    return {int(k): v for k, v in json.loads(line[7:]).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="meshtrain")
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--addrs", default="")
+    ap.add_argument("--wire", default="float32")
+    ap.add_argument("--sizes", default="1,4,16,64", help="MiB, comma separated")
+    ap.add_argument("--ns", default="2,3,4", help="world sizes, comma separated")
+    ap.add_argument("--iters", type=int, default=5, help="timed all-reduces per size per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all backends")
+    ap.add_argument("--backends", default="meshtrain,mlx,tcp", help="also: gloo (needs torch)")
+    ap.add_argument(
+        "--wire-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="also run meshtrain with this wire dtype (busbw counted in fp32 bytes)",
+    )
+    ap.add_argument("--netns", action="store_true", help="one host per namespace on a shaped LAN")
+    ap.add_argument("--rate", default="1gbit", help="link rate with --netns")
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+
+    variants = [(b, "float32") for b in args.backends.split(",")]
+    if args.wire_dtype:
+        variants.insert(1, ("meshtrain", args.wire_dtype))
+    sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
+    times: dict[tuple[int, int, str], list[float]] = defaultdict(list)
+    link = f"namespaces, {args.rate}" if args.netns else "loopback"
+    print(
+        f"# all-reduce bench on {link}, {os.cpu_count()} cores; float32 buffers; "
+        f"{args.rounds} interleaved rounds x {args.iters} timed iterations",
+        flush=True,
+    )
+    for n in [int(x) for x in args.ns.split(",")]:
+        cluster = None
+        if args.netns:
+            from meshtrain.netns import Cluster
+
+            cluster = Cluster(n, prefix="rg", rate=args.rate).up()
+        try:
+            for _ in range(args.rounds):
+                for backend, wire in variants:
+                    result = run_round(backend, wire, n, sizes, args.iters, cluster)
+                    for size, ts in result.items():
+                        times[(n, size, f"{backend}" + ("" if wire == "float32" else f"-{wire}"))] += ts
+        finally:
+            if cluster is not None:
+                cluster.down()
+        report(n, sizes, variants, times)
+
+
+def report(n: int, sizes: list[int], variants: list[tuple[str, str]], times: dict) -> None:
+    names = [b + ("" if w == "float32" else f"-{w}") for b, w in variants]
+    print(f"\nN={n}  (median ms | busbw MB/s)")
+    print(f"{'size':>8} " + " ".join(f"{name:>24}" for name in names) + "   ratios")
+    for size in sizes:
+        bw = {}
+        cells = []
+        for name in names:
+            t = statistics.median(times[(n, size, name)])
+            if name == "tcp":
+                bw[name] = size / t / 1e6  # the link's throughput: what a perfect ring's busbw equals
+            else:
+                bw[name] = 2 * (n - 1) / n * size / t / 1e6
+            cells.append(f"{t * 1e3:10.2f} | {bw[name]:9.1f}")
+        ratios = [f"meshtrain/{o}={bw['meshtrain'] / bw[o]:.2f}" for o in names if o != "meshtrain"]
+        print(f"{size / MiB:6.0f}Mi " + " ".join(f"{c:>24}" for c in cells) + "   " + " ".join(ratios))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Train a small network on MNIST: a plain MLX loop plus the few meshtrain calls.
+
+Run it alone (`python examples/mnist.py`) and it trains on this machine; run it
+with `meshtrain run examples/mnist.py` and the same lines train across the
+mesh: `mesh.batches` hands this worker its slice of every global batch and
+`mesh.allreduce` averages the gradients, weighted by each worker's share.
+
+Models: `cnn` (conv32-conv64-maxpool-fc128-fc10, the default on Metal and
+CUDA) and `mlp` (784-512-512-10, the default on a Linux CPU, where MLX's
+convolutions are slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+import meshtrain
+from meshtrain.datasets import mnist
+
+MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, for inputs centred near zero
+
+
+class MLP(nn.Module):
+    """784-512-512-10 with ReLU (dropout 0.2 keeps it from memorising 60k digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [nn.Linear(784, 512), nn.Linear(512, 512), nn.Linear(512, 10)]
+        self.dropout = nn.Dropout(0.2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers[:-1]:
+            x = self.dropout(nn.relu(layer(x)))
+        return self.layers[-1](x)
+
+
+class CNN(nn.Module):
+    """The classic MNIST CNN: conv32-conv64 (3x3, valid), 2x2 max-pool, fc128, fc10 (1,199,882 params)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.fc1 = nn.Linear(12 * 12 * 64, 128)
+        self.fc2 = nn.Linear(128, 10)
+        self.drop_conv = nn.Dropout(0.25)
+        self.drop_fc = nn.Dropout(0.5)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = nn.relu(self.conv1(x))
+        x = self.pool(nn.relu(self.conv2(x)))
+        x = self.drop_conv(x).reshape(x.shape[0], -1)
+        x = self.drop_fc(nn.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+def default_model() -> str:
+    """The CNN where MLX has a GPU (Metal, CUDA), the MLP on a CPU."""
+    return "cnn" if mx.default_device() == mx.gpu else "mlp"
+
+
+def prepare(images: np.ndarray, model: str) -> mx.array:
+    """uint8 (n, 28, 28) -> normalised float32, flat for the MLP, NHWC for the CNN."""
+    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    return mx.array(x.reshape(len(x), -1) if model == "mlp" else x[..., None])
+
+
+def loss_fn(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
+    return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+
+def train_functions(
+    model: nn.Module, optimizer: optim.Optimizer
+) -> tuple[Callable[[mx.array, mx.array], tuple[mx.array, Any]], Callable[[Any], None]]:
+    """(loss_and_grad, apply_update), each compiled; the all-reduce runs between them, on the host."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = mx.compile(
+        lambda x, y: value_and_grad(model, x, y),
+        inputs=[model.state, mx.random.state],
+        outputs=[model.state, mx.random.state],
+    )
+    state = [model.state, optimizer.state]
+    apply = mx.compile(lambda grads: optimizer.update(model, grads), inputs=state, outputs=state)
+    return loss_and_grad, apply
+
+
+def evaluate(model: nn.Module, x: mx.array, y: mx.array, batch: int = 1000) -> float:
+    """Test accuracy in [0, 1], dropout off."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch):
+        logits = model(x[start : start + batch])
+        correct += int(mx.sum(mx.argmax(logits, axis=1) == y[start : start + batch]).item())
+    model.train()
+    return correct / len(y)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: cnn on a GPU, mlp on CPU")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch, split across the mesh")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed to 0)")
+    parser.add_argument("--seed", type=int, default=0, help="same on every worker: same init, same order")
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    mesh = meshtrain.init()  # first: on a Linux CPU this may re-exec with a fast BLAS
+    args = parse_args(argv)
+    model_name = args.model or default_model()
+
+    train_images, train_labels = mnist("train")
+    test_images, test_labels = mnist("test")
+    if args.train_limit is not None:
+        train_images, train_labels = train_images[: args.train_limit], train_labels[: args.train_limit]
+    x_train, y_train = prepare(train_images, model_name), mx.array(train_labels.astype(np.int32))
+    x_test, y_test = prepare(test_images, model_name), mx.array(test_labels.astype(np.int32))
+    n_train = len(train_labels)
+
+    mx.random.seed(args.seed)  # identical initial weights on every worker
+    model = MODELS[model_name]()
+    mx.eval(model.parameters())
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    schedule = optim.cosine_decay(args.lr, max(1, args.epochs * steps_per_epoch))
+    optimizer = optim.Adam(learning_rate=schedule)
+    loss_and_grad, apply_update = train_functions(model, optimizer)
+    zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())
+
+    if mesh.is_main:
+        print(f"{model_name} on {mx.default_device()}, {n_train} samples, world size {mesh.size}", flush=True)
+    accuracy = 0.0
+    for epoch in range(args.epochs):
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        batches = mesh.batches(n_train, args.batch_size, epoch=epoch, seed=args.seed)
+        for step, idx in enumerate(batches):
+            if len(idx) == 0:  # more workers than samples in this batch: still take part
+                loss, grads = mx.array(0.0), zero_grads
+            else:
+                batch = mx.array(idx)
+                loss, grads = loss_and_grad(x_train[batch], y_train[batch])
+            grads = mesh.allreduce(grads, weight=len(idx))
+            apply_update(grads)
+            mx.eval(model.parameters(), optimizer.state, loss)
+            loss_value = float(loss.item())
+            loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
+            mesh.report(
+                epoch=epoch,
+                epochs=args.epochs,
+                step=step,
+                steps_per_epoch=steps_per_epoch,
+                loss=loss_value,
+                samples=len(idx),
+            )
+        if mesh.is_main:
+            accuracy = evaluate(model, x_test, y_test)
+            mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
+            elapsed = time.perf_counter() - start
+            print(
+                f"epoch {epoch + 1}/{args.epochs}  loss {loss_sum / max(seen, 1):.3f}  "
+                f"test accuracy {accuracy * 100:.2f}%  {elapsed:.1f} s",
+                flush=True,
+            )
+    if mesh.is_main:
+        print(f"final test accuracy: {accuracy * 100:.2f}%", flush=True)
+    mesh.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except meshtrain.UserError as exc:  # a missing dataset, say: one line, no traceback
+        raise SystemExit(f"mnist.py: {exc}") from None

@@ -1,0 +1,350 @@
+"""The node agent behind `meshtrain join`: membership, the control server, jobs.
+
+One asyncio process per machine. It publishes what the node is (platform,
+device, cores, memory, load, protocol version, control port) as gossip
+metadata, keeps a short log of membership events, answers the CLI over a
+0600 unix socket and other agents over TCP, coordinates the jobs submitted
+to it (agent/jobs.py) and hosts the workers other coordinators place on it
+(agent/workers.py). User code never runs in here: a crashing script takes
+down its worker process, never the node's membership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from meshtrain import PROTOCOL_VERSION, __version__
+from meshtrain.agent.control import Conn, ControlServer, socket_path, state_dir
+from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
+from meshtrain.agent.placement import Candidate
+from meshtrain.agent.snapshot import EVENTS_KEPT, leader_of, mesh_snapshot
+from meshtrain.agent.workers import HostedWorker, host_worker
+from meshtrain.errors import WireError
+
+LOAD_PERIOD_S = 5.0
+
+
+def node_facts() -> dict[str, Any]:
+    """What this machine offers, in the snapshot's terms, for gossip metadata."""
+    facts: dict[str, Any] = {"platform": f"{platform.system()} {platform.machine()}", "device": "CPU",
+                             "cores": os.cpu_count() or 1, "memory_gb": None, "battery": None}
+    try:
+        from meshtrain import sysinfo
+
+        known = sysinfo.node_facts()
+    except Exception:  # noqa: BLE001 - facts are decoration; an agent must start without them
+        return facts
+    backend = str(known.get("mlx_backend") or known.get("mlx_device") or "").lower()
+    facts["device"] = "Metal" if "metal" in backend else "CUDA" if "cuda" in backend else "CPU"
+    for key in ("cores", "memory_gb", "battery"):
+        if known.get(key) is not None:
+            facts[key] = known[key]
+    return facts
+
+
+class _ForwardSink:
+    """A JobSink that writes to the submitting CLI's control stream."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    async def log(self, node: str, rank: int, stream: str, line: str) -> None:
+        with contextlib.suppress(ConnectionError, WireError):
+            await self.conn.send("log", {"node": node, "rank": rank, "stream": stream, "line": line})
+
+    async def snapshot(self, snap: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError, WireError):
+            await self.conn.send("event", {"type": "job", "snapshot": snap})
+
+
+class Agent:
+    """One node of the mesh; `await start()`, then `await wait_closed()` until it leaves."""
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        profile: str = "lan",
+        host: str = "0.0.0.0",
+        port: int = 7946,
+        seeds: Sequence[tuple[str, int]] = (),
+        interface: str | None = None,
+        discovery: bool = True,
+        home: Path | None = None,
+        unix_socket: bool = True,
+        protocol: int = PROTOCOL_VERSION,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name or socket.gethostname().split(".")[0]
+        self.profile = profile
+        self.host = host
+        self.port = port
+        self.seeds = list(seeds)
+        self.interface = interface
+        self.discovery = discovery
+        self.home = home or state_dir()
+        self.unix_socket = unix_socket
+        self.protocol = protocol
+        self.worker_env = dict(worker_env or {})
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self.runners: dict[str, JobRunner] = {}
+        self.hosted: dict[str, HostedWorker] = {}
+        self.node: Any = None
+        self._server = ControlServer(self._handle, protocol=protocol)
+        self._closed = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._leader: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
+        self.control_port = 0
+
+    # lifecycle
+
+    async def start(self) -> None:
+        from meshtrain.gossip import PROFILES, GossipNode
+
+        self.control_port = await self._server.start_tcp(self.host, 0)
+        if self.unix_socket:
+            await self._server.start_unix(socket_path(self.home))
+        meta = {
+            "proto": self.protocol,
+            "version": __version__,
+            "control": self.control_port,
+            **node_facts(),
+            "load": None,
+            "job": None,
+            "role": None,
+        }
+        self.node = GossipNode(
+            name=self.name,
+            meta=meta,
+            profile=PROFILES[self.profile],
+            host=self.host,
+            port=self.port,
+            seeds=self.seeds,
+            interface=self.interface,
+            discovery=self.discovery,
+        )
+        self.node.subscribe(self._on_member_event)
+        await self.node.start()
+        self._event("joined", self.name, f"this node, gossip port {self.node.port}")
+        self._tasks.append(asyncio.create_task(self._publish_load()))
+
+    @property
+    def gossip_port(self) -> int:
+        return int(self.node.port)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def leave(self) -> None:
+        """Cancel jobs, stop workers, tell the mesh we are leaving, close everything. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for runner in list(self.runners.values()):
+            runner.cancel(f"{self.name} is leaving the mesh")
+        for task in self._tasks:
+            task.cancel()
+        await self._server.close()
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.node.leave(), 3.0)
+            with contextlib.suppress(Exception):
+                await self.node.close()
+        import shutil
+
+        shutil.rmtree(self._jobs_dir, ignore_errors=True)
+
+    # membership as the job coordinator sees it
+
+    def members(self) -> list[Any]:
+        return list(self.node.members()) if self.node is not None else []
+
+    def candidates(self) -> list[Candidate]:
+        me = self.node.id if self.node is not None else None
+        return [
+            Candidate(
+                name=m.name,
+                state=m.state,
+                is_self=m.id == me,
+                protocol=m.meta.get("proto") if "control" in (m.meta or {}) else None,
+            )
+            for m in self.members()
+        ]
+
+    def endpoint(self, name: str) -> tuple[str, int] | None:
+        me = self.node.id if self.node is not None else None
+        for m in self.members():
+            if m.name == name and "control" in (m.meta or {}):
+                host = m.addr[0]
+                if m.id == me and host in ("0.0.0.0", ""):
+                    host = "127.0.0.1"
+                return host, int(m.meta["control"])
+        return None
+
+    async def changed(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _on_member_event(self, event: Any) -> None:
+        self._changed.set()
+        if event.kind != "updated":
+            member = event.member
+            self._event(event.kind, member.name, f"{member.addr[0]}:{member.addr[1]}")
+        leader = leader_of(self.members())
+        if leader != self._leader:
+            self._leader = leader
+            name = next((m.name for m in self.members() if m.id == leader), leader or "none")
+            self._event("leader", name, "checkpoint leader")
+
+    def _event(self, kind: str, node: str, detail: str) -> None:
+        event = {"t": time.time(), "kind": kind, "node": node, "detail": detail}
+        self.events.append(event)
+        for runner in self.runners.values():
+            runner.add_event(event)
+
+    async def _publish_load(self) -> None:
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover
+            return
+        psutil.cpu_percent(None)
+        last: float | None = None
+        while True:
+            await asyncio.sleep(LOAD_PERIOD_S)
+            load = round(psutil.cpu_percent(None) / 100.0, 2)
+            if last is None or abs(load - last) >= 0.05:
+                last = load
+                self.node.update_meta(load=load)
+
+    # snapshots
+
+    def mesh_snapshot(self) -> dict[str, Any]:
+        jobs = [r.state.summary() for r in self.runners.values()]
+        known = {j["job"] for j in jobs}
+        for hosted in self.hosted.values():
+            if hosted.job in known:
+                continue
+            known.add(hosted.job)
+            m = hosted.metrics
+            jobs.append(
+                {
+                    "job": hosted.job,
+                    "script": hosted.script,
+                    "state": "running",
+                    "nodes": [x.name for x in self.members() if (x.meta or {}).get("job") == hosted.job],
+                    "epoch": m.get("epoch", 0),
+                    "epochs": m.get("epochs", 0),
+                    "step": m.get("step", 0),
+                    "loss": m.get("loss"),
+                    "test_accuracy": m.get("test_accuracy"),
+                }
+            )
+        drops = dict(getattr(self.node, "drops", {}) or {})
+        return mesh_snapshot(self.node.id, self.members(), self.events, jobs, drops)
+
+    # jobs
+
+    async def submit(self, request: JobRequest, sink: JobSink, runner: JobRunner | None = None) -> JobResult:
+        """Coordinate a job from this node until it ends."""
+        runner = runner or JobRunner(request=request, membership=self, protocol=self.protocol)
+        self.runners[runner.job] = runner
+        try:
+            return await runner.run(sink)
+        finally:
+            self.runners.pop(runner.job, None)
+
+    def _on_hosted(self, hosted: HostedWorker, started: bool) -> None:
+        key = f"{hosted.job}/{hosted.rank}"
+        if started:
+            self.hosted[key] = hosted
+        else:
+            self.hosted.pop(key, None)
+        current = next(iter(self.hosted.values()), None)
+        if self.node is not None:
+            self.node.update_meta(job=current.job if current else None, role="worker" if current else None)
+
+    # control requests
+
+    async def _handle(self, header: dict[str, Any], payload: bytes, conn: Conn) -> None:
+        op = header.get("op")
+        local = _is_unix(conn)
+        if op == "ping":
+            await conn.reply(True, name=self.name, version=__version__, proto=self.protocol)
+        elif op == "status":
+            await conn.reply(True, snapshot=self.mesh_snapshot())
+        elif op == "job.prepare":
+            await host_worker(
+                header,
+                payload,
+                conn,
+                node=self.name,
+                bind=self.host,
+                jobs_dir=self._jobs_dir,
+                extra_env=self.worker_env,
+                on_change=self._on_hosted,
+            )
+        elif op == "run" and local:
+            await self._handle_run(header, payload, conn)
+        elif op == "leave" and local:
+            await conn.reply(True)
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.leave()))
+        else:
+            await conn.reply(False, error="op", message=f"unknown or non-local request {op!r}")
+
+    async def _handle_run(self, header: dict[str, Any], payload: bytes, conn: Conn) -> None:
+        wait = header.get("wait")
+        request = JobRequest(
+            script=str(header.get("script", "script.py")),
+            args=[str(a) for a in header.get("args", [])],
+            bundle=payload,
+            nodes=header.get("nodes"),
+            min_nodes=header.get("min_nodes"),
+            wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
+        )
+        runner = JobRunner(request=request, membership=self, protocol=self.protocol)
+
+        async def watch_submitter() -> None:
+            try:
+                while True:
+                    frame, _ = await conn.recv()
+                    if frame.get("op") == "cancel":
+                        runner.cancel("cancelled by the user")
+            except (WireError, ConnectionError, asyncio.IncompleteReadError):
+                runner.cancel("the submitter went away")
+
+        watcher = asyncio.create_task(watch_submitter())
+        try:
+            result = await self.submit(request, _ForwardSink(conn), runner)
+        finally:
+            watcher.cancel()
+        with contextlib.suppress(ConnectionError, WireError):
+            await conn.reply(
+                True,
+                state=result.state,
+                message=result.message,
+                traceback=result.traceback,
+                exit_code=result.exit_code,
+                job=runner.job,
+            )
+
+
+def _is_unix(conn: Conn) -> bool:
+    sock = conn.writer.get_extra_info("socket")
+    return sock is not None and sock.family == socket.AF_UNIX

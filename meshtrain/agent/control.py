@@ -1,0 +1,175 @@
+"""The agent's control protocol: requests, replies and streamed events in wire frames.
+
+One TCP listener (its port published in gossip metadata) serves other agents;
+one unix socket in the state directory, mode 0600, serves the CLI of the
+same user on this machine. Both speak the same thing: the client's first frame
+is a `request` naming an `op` and the client's protocol version; the server
+answers with a `reply`, possibly after streaming `event` and `log` frames (a
+running job). A request from another protocol version gets one clear error
+reply instead of being half understood.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from meshtrain import PROTOCOL_VERSION
+from meshtrain.errors import UserError, WireError
+from meshtrain.wire import StreamClosed, read_frame, write_frame
+
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+SOCKET_NAME = "agent.sock"
+
+
+def state_dir() -> Path:
+    """Where the agent keeps its socket and job directories: $MESHTRAIN_HOME or ~/.local/state/meshtrain."""
+    home = os.environ.get("MESHTRAIN_HOME")
+    return Path(home) if home else Path.home() / ".local" / "state" / "meshtrain"
+
+
+def socket_path(base: Path | None = None) -> Path:
+    return (base or state_dir()) / SOCKET_NAME
+
+
+class Conn:
+    """One framed control stream (TCP or unix)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, kind: str, header: dict[str, Any], payload: bytes = b"") -> None:
+        async with self._send_lock:
+            await write_frame(self.writer, {**header, "kind": kind}, payload)
+
+    async def recv(self) -> tuple[dict[str, Any], bytes]:
+        """The next frame; StreamClosed at a clean end of stream."""
+        return await read_frame(self.reader, max_payload=MAX_BUNDLE_BYTES)
+
+    async def reply(self, ok: bool, **fields: Any) -> None:
+        await self.send("reply", {"ok": ok, **fields})
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+Handler = Callable[[dict[str, Any], bytes, Conn], Awaitable[None]]
+
+
+class ControlServer:
+    """Accepts control connections and hands each first request to `handler`."""
+
+    def __init__(self, handler: Handler, protocol: int = PROTOCOL_VERSION) -> None:
+        self._handler = handler
+        self._protocol = protocol
+        self._servers: list[asyncio.AbstractServer] = []
+        self._conns: set[asyncio.Task[None]] = set()
+        self.unix_path: Path | None = None
+
+    async def start_tcp(self, host: str, port: int = 0) -> int:
+        server = await asyncio.start_server(self._serve, host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def start_unix(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._serve, str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+        self.unix_path = path
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        conn = Conn(reader, writer)
+        try:
+            header, payload = await conn.recv()
+            if header.get("kind") != "request":
+                return
+            if header.get("proto") != self._protocol:
+                await conn.reply(
+                    False,
+                    error="protocol",
+                    proto=self._protocol,
+                    message=f"this agent speaks meshtrain protocol {self._protocol}, "
+                    f"the request protocol {header.get('proto')}",
+                )
+                return
+            await self._handler(header, payload, conn)
+        except (WireError, ConnectionError, asyncio.IncompleteReadError):
+            pass  # a broken or hostile client ends only its own connection
+        finally:
+            self._conns.discard(task)
+            await conn.close()
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()
+
+
+async def open_request(
+    target: Path | tuple[str, int],
+    op: str,
+    payload: bytes = b"",
+    *,
+    protocol: int = PROTOCOL_VERSION,
+    **fields: Any,
+) -> Conn:
+    """Connect (unix path or (host, port)) and send the first request; the caller reads the answer."""
+    if isinstance(target, Path):
+        reader, writer = await asyncio.open_unix_connection(str(target))
+    else:
+        reader, writer = await asyncio.open_connection(target[0], target[1])
+    conn = Conn(reader, writer)
+    await conn.send("request", {"op": op, "proto": protocol, **fields}, payload)
+    return conn
+
+
+def check_reply(header: dict[str, Any], who: str) -> dict[str, Any]:
+    """Raise UserError for an error reply, with the one line the user needs."""
+    if header.get("kind") == "reply" and not header.get("ok"):
+        if header.get("error") == "protocol":
+            raise UserError(
+                f"{who} speaks meshtrain protocol {header.get('proto')}, this meshtrain speaks "
+                f"{PROTOCOL_VERSION}: run the same meshtrain version everywhere"
+            )
+        raise UserError(f"{who}: {header.get('message') or header.get('error')}")
+    return header
+
+
+async def call(
+    target: Path | tuple[str, int], op: str, *, who: str = "the agent", **fields: Any
+) -> dict[str, Any]:
+    """One request, one reply."""
+    conn = await open_request(target, op, **fields)
+    try:
+        header, _ = await conn.recv()
+    except StreamClosed:
+        raise UserError(f"{who} closed the connection without answering") from None
+    finally:
+        await conn.close()
+    return check_reply(header, who)

@@ -1,0 +1,184 @@
+"""One job's progress, folded from its workers' reports into the job snapshot.
+
+Pure: the coordinator feeds it reports, log lines and events with their
+timestamps and asks for `snapshot(now)`; nothing here reads a clock or a
+socket, so rates, shares and the ETA are testable on plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+LOG_LINES = 10
+EVENTS_KEPT = 50
+RATE_WINDOW_S = 5.0
+LOSS_HISTORY = 200
+
+
+@dataclass
+class WorkerProgress:
+    """What one rank has reported so far."""
+
+    node: str
+    rank: int
+    step: int = 0
+    loss: float | None = None
+    samples_total: float = 0.0
+    samples_seen: deque[tuple[float, float]] = field(default_factory=deque)  # (t, cumulative samples)
+
+    def add_samples(self, t: float, samples: float) -> None:
+        self.samples_total += samples
+        self.samples_seen.append((t, self.samples_total))
+        while len(self.samples_seen) > 2 and t - self.samples_seen[0][0] > RATE_WINDOW_S:
+            self.samples_seen.popleft()
+
+    def rate(self, now: float) -> float:
+        """Samples per second over the recent window; 0 once reports stop for a whole window."""
+        if len(self.samples_seen) < 2 or now - self.samples_seen[-1][0] > RATE_WINDOW_S:
+            return 0.0
+        (t0, s0), (t1, s1) = self.samples_seen[0], self.samples_seen[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+@dataclass
+class JobState:
+    """The aggregate of one job, in the job-snapshot schema shared with meshtrain.ui."""
+
+    job: str
+    script: str
+    started: float
+    state: str = "waiting"
+    message: str | None = None
+    nodes: list[str] = field(default_factory=list)
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps_per_epoch: int = 0
+    loss: float | None = None
+    test_accuracy: float | None = None
+    ring_mb_s: float | None = None
+    finished: float | None = None
+    workers: dict[int, WorkerProgress] = field(default_factory=dict)
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    loss_history: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))
+    _global_steps: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def assign(self, nodes: list[str]) -> None:
+        """The placement is known: rank i runs on nodes[i]."""
+        self.nodes = list(nodes)
+        self.workers = {rank: WorkerProgress(node=name, rank=rank) for rank, name in enumerate(nodes)}
+
+    def set_state(self, state: str, message: str | None, now: float) -> None:
+        self.state = state
+        self.message = message
+        if state in ("done", "failed", "cancelled") and self.finished is None:
+            self.finished = now
+
+    def add_log(self, node: str, line: str) -> None:
+        self.log.append(f"[{node}] {line}")
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def report(self, rank: int, t: float, metrics: dict[str, Any]) -> None:
+        """One `mesh.report(...)` call of worker `rank`, stamped `t` by that worker."""
+        w = self.workers.get(rank)
+        if w is None:
+            return
+        samples = metrics.get("samples")
+        if isinstance(samples, (int, float)):
+            w.add_samples(t, float(samples))
+        loss = metrics.get("loss")
+        if isinstance(loss, (int, float)):
+            w.loss = float(loss)
+        if isinstance(metrics.get("step"), int):
+            w.step = int(metrics["step"]) + 1
+        if isinstance(metrics.get("ring_mb_s"), (int, float)):
+            self.ring_mb_s = float(metrics["ring_mb_s"])
+        if rank != 0:
+            return  # job-wide progress comes from rank 0, which every static job has
+        # scripts report loop indices (epoch and step from 0); the snapshot shows counts (epoch in
+        # progress from 1, steps done in the epoch), as the views expect
+        for key, offset in (("epoch", 1), ("epochs", 0), ("step", 1), ("steps_per_epoch", 0)):
+            value = metrics.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, key, value + offset)
+        if isinstance(loss, (int, float)):
+            self.loss = float(loss)
+            self.loss_history.append(float(loss))
+        acc = metrics.get("test_accuracy")
+        if isinstance(acc, (int, float)):
+            self.test_accuracy = float(acc)
+        if "step" in metrics:
+            self._global_steps.append((t, self._global_step()))
+            while len(self._global_steps) > 2 and t - self._global_steps[0][0] > RATE_WINDOW_S:
+                self._global_steps.popleft()
+
+    def _global_step(self) -> int:
+        return max(0, self.epoch - 1) * self.steps_per_epoch + self.step if self.epoch else self.step
+
+    def eta(self) -> float | None:
+        """Seconds left at the recent step rate, when the script reports epochs and steps."""
+        if not (self.epochs and self.steps_per_epoch) or len(self._global_steps) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._global_steps[0], self._global_steps[-1]
+        if t1 <= t0 or s1 <= s0:
+            return None
+        left = self.epochs * self.steps_per_epoch - self._global_step()
+        return max(0.0, left * (t1 - t0) / (s1 - s0))
+
+    def summary(self) -> dict[str, Any]:
+        """The short form listed in the mesh snapshot's `jobs`."""
+        return {
+            "job": self.job,
+            "script": self.script,
+            "state": self.state,
+            "nodes": list(self.nodes),
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "step": self.step,
+            "loss": self.loss,
+            "test_accuracy": self.test_accuracy,
+        }
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        rates = {rank: w.rate(now) for rank, w in self.workers.items()}
+        total = sum(rates.values())
+        seen = sum(w.samples_total for w in self.workers.values())
+        workers = [
+            {
+                "node": w.node,
+                "rank": rank,
+                "samples_per_s": rates[rank],
+                "step": w.step,
+                "loss": w.loss,
+                "share": (w.samples_total / seen) if seen else (1.0 / len(self.workers)),
+            }
+            for rank, w in sorted(self.workers.items())
+        ]
+        end = self.finished if self.finished is not None else now
+        return {
+            "job": self.job,
+            "script": self.script,
+            "state": self.state,
+            "message": self.message,
+            "size": len(self.nodes),
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "loss": self.loss,
+            "test_accuracy": self.test_accuracy,
+            "samples_per_s": total,
+            "ring_mb_s": self.ring_mb_s,
+            "eta_s": self.eta() if self.state == "running" else None,
+            "started": self.started,
+            "elapsed_s": max(0.0, end - self.started),
+            "workers": workers,
+            "events": list(self.events),
+            "log": list(self.log),
+            "loss_history": list(self.loss_history),
+        }

@@ -1,0 +1,61 @@
+"""The mesh snapshot (schema shared with meshtrain.ui), built from the membership view.
+
+Pure: members, events, jobs and counters in, one plain msgpack/JSON-able dict
+out. `meshtrain status --json` prints exactly this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from meshtrain import __version__
+
+EVENTS_KEPT = 50
+
+NODE_FACTS = ("platform", "device", "cores", "memory_gb", "load", "battery")
+
+
+def leader_of(members: Iterable[Any]) -> str | None:
+    """The leader as every node computes it from the same view: the smallest id among live agents.
+
+    The checkpoint-coordination leader (leader/) may replace this rule; the
+    snapshot only needs the mark.
+    """
+    alive = [m.id for m in members if m.state == "alive" and "control" in m.meta]
+    return min(alive) if alive else None
+
+
+def node_entry(member: Any) -> dict[str, Any]:
+    meta: Mapping[str, Any] = member.meta or {}
+    entry: dict[str, Any] = {
+        "id": member.id,
+        "name": member.name,
+        "addr": f"{member.addr[0]}:{member.addr[1]}",
+        "state": member.state,
+        "incarnation": member.incarnation,
+    }
+    for key in NODE_FACTS:
+        entry[key] = meta.get(key)
+    entry["job"] = meta.get("job")
+    entry["role"] = meta.get("role")
+    return entry
+
+
+def mesh_snapshot(
+    self_id: str,
+    members: Sequence[Any],
+    events: Iterable[dict[str, Any]],
+    jobs: Iterable[dict[str, Any]],
+    drops: Mapping[str, int],
+) -> dict[str, Any]:
+    ordered = sorted(members, key=lambda m: (m.id != self_id, m.name))
+    return {
+        "version": __version__,
+        "self": self_id,
+        "leader": leader_of(members),
+        "nodes": [node_entry(m) for m in ordered],
+        "events": list(events),
+        "jobs": list(jobs),
+        "drops": dict(drops),
+    }

@@ -1,0 +1,235 @@
+"""The participant's side of a job: one worker subprocess, tied to one control stream.
+
+The coordinator opens a control connection with `job.prepare` (rank, size,
+bundle). This node unpacks the bundle, starts `python -m meshtrain.worker`,
+waits for its ring port and answers with it. The same connection then
+carries `job.start` (the roster) and `job.cancel` one way, and the worker's
+output lines, metric batches, crash report and exit code the other way. The
+connection is the job's lifeline: if the coordinator goes away, the worker
+is killed, so no orphan keeps a GPU or a core busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from meshtrain.agent.bundle import Bundle
+from meshtrain.agent.control import Conn
+from meshtrain.errors import WireError
+from meshtrain.wire import StreamClosed
+
+KILL_GRACE_S = 3.0
+STDERR_TAIL = 20
+
+
+def worker_env(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a worker: fast BLAS for MLX on Linux, unbuffered output, agent extras."""
+    env = dict(base)
+    try:
+        from meshtrain import blas
+    except ImportError:  # pragma: no cover - blas.py lands separately
+        pass
+    else:
+        env = dict(blas.child_env(env))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class _ReportProtocol(asyncio.Protocol):
+    """Decodes the worker's msgpack report stream into a queue (None marks its end)."""
+
+    def __init__(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._queue = queue
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=16 * 1024 * 1024)
+
+    def data_received(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        for message in self._unpacker:
+            if isinstance(message, dict):
+                self._queue.put_nowait(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._queue.put_nowait(None)
+
+
+@dataclass
+class HostedWorker:
+    """What the agent shows about a worker it hosts (for the mesh snapshot)."""
+
+    job: str
+    rank: int
+    script: str
+    metrics: dict[str, Any]
+
+
+async def host_worker(
+    header: dict[str, Any],
+    payload: bytes,
+    conn: Conn,
+    *,
+    node: str,
+    bind: str,
+    jobs_dir: Path,
+    extra_env: dict[str, str],
+    on_change: Callable[[HostedWorker, bool], None],
+) -> None:
+    """Serve one `job.prepare` connection until the worker has exited and been reported."""
+    job, rank = str(header["job"]), int(header["rank"])
+    try:
+        bundle = Bundle.unpack(payload)
+        workdir = jobs_dir / f"{job}-{rank}"
+        script = bundle.extract(workdir)
+    except (ValueError, OSError, msgpack.UnpackException) as exc:
+        await conn.reply(False, error="bundle", message=f"cannot unpack the job's files on {node}: {exc}")
+        return
+    spec = {
+        "job": job,
+        "rank": rank,
+        "size": int(header["size"]),
+        "node": node,
+        "script": str(script),
+        "args": [str(a) for a in header.get("args", [])],
+        "generation": int(header.get("generation", 0)),
+        "bind": bind,
+    }
+    read_fd, write_fd = os.pipe()
+    spec["report_fd"] = write_fd
+    env = worker_env(dict(os.environ), {**extra_env, "MESHTRAIN_JOB_SPEC": json.dumps(spec)})
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshtrain.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=(write_fd,),
+            env=env,
+            cwd=str(script.parent),
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+    hosted = HostedWorker(job=job, rank=rank, script=str(header.get("script", bundle.script)), metrics={})
+    on_change(hosted, True)
+    reports: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: _ReportProtocol(reports), os.fdopen(read_fd, "rb", 0))
+    try:
+        await _serve(proc, conn, reports, hosted, node)
+    finally:
+        transport.close()
+        await _kill(proc)
+        on_change(hosted, False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _serve(
+    proc: asyncio.subprocess.Process,
+    conn: Conn,
+    reports: asyncio.Queue[dict[str, Any] | None],
+    hosted: HostedWorker,
+    node: str,
+) -> None:
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    stderr_tail: list[str] = []
+    first = await reports.get()
+    if first is None or first.get("k") != "ready":
+        code = await proc.wait()
+        err = (await proc.stderr.read()).decode(errors="replace").strip().splitlines()[-STDERR_TAIL:]
+        await conn.reply(
+            False,
+            error="worker",
+            message=f"the worker on {node} exited ({code}) before it was ready"
+            + (f": {err[-1]}" if err else ""),
+            stderr="\n".join(err),
+        )
+        return
+    await conn.reply(True, ring_port=first.get("ring_port"))
+
+    async def lines(stream: asyncio.StreamReader, name: str) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            if name == "stderr":
+                stderr_tail.append(text)
+                del stderr_tail[:-STDERR_TAIL]
+            await conn.send("log", {"node": node, "rank": hosted.rank, "stream": name, "line": text})
+
+    async def metrics() -> None:
+        while (message := await reports.get()) is not None:
+            if message.get("k") == "m":
+                batch = message.get("batch") or []
+                if batch and isinstance(batch[-1], list) and isinstance(batch[-1][1], dict):
+                    hosted.metrics.update(batch[-1][1])
+                await conn.send("event", {"type": "metrics", "rank": hosted.rank, "batch": batch})
+            elif message.get("k") == "crash":
+                await conn.send(
+                    "event",
+                    {
+                        "type": "crash",
+                        "rank": hosted.rank,
+                        "node": node,
+                        **{k: message.get(k) for k in ("summary", "traceback", "secondary")},
+                    },
+                )
+
+    async def commands() -> None:
+        while True:
+            try:
+                header, _ = await conn.recv()
+            except (StreamClosed, WireError, ConnectionError):
+                await _kill(proc)  # the coordinator is gone: so is the job
+                return
+            if header.get("op") == "job.start":
+                stdin.write((json.dumps({"addrs": header.get("addrs", [])}) + "\n").encode())
+                with contextlib.suppress(ConnectionError):
+                    await stdin.drain()
+            elif header.get("op") == "job.cancel":
+                await _kill(proc)
+
+    stdin = proc.stdin
+    command_task = asyncio.create_task(commands())
+    try:
+        await asyncio.gather(lines(proc.stdout, "stdout"), lines(proc.stderr, "stderr"), metrics())
+        code = await proc.wait()
+        await conn.send(
+            "event",
+            {
+                "type": "exit",
+                "rank": hosted.rank,
+                "node": node,
+                "code": code,
+                "stderr": "\n".join(stderr_tail),
+            },
+        )
+    finally:
+        command_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await command_task
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the worker's process group, SIGKILL it if it lingers."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()

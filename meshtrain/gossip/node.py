@@ -1,0 +1,393 @@
+"""GossipNode: the asyncio shell around `Membership` (UDP gossip, TCP push-pull, LAN beacons).
+
+It owns sockets and the clock and nothing else: every datagram, timer and TCP
+reply is handed to the state machine, and the actions it returns are carried out.
+Malformed, oversized or unknown datagrams are dropped and counted in `drops`;
+no exception from the network reaches the event loop.
+
+Identity: `id` defaults to `name` (names must be unique in a mesh, like
+memberlist). A node's first incarnation is its start time in milliseconds, so a
+restarted node keeps its id and is always newer than anything its previous life
+said: the mesh accepts it back (`alive` event) without waiting for tombstones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from meshtrain.errors import UserError
+from meshtrain.gossip.codec import (
+    META_MAX_BYTES,
+    TCP_ACK,
+    DatagramDropped,
+    _plain,
+    decode_packet,
+    decode_state,
+    decode_tcp_ping,
+    encode_meta,
+    encode_packet,
+    encode_state,
+    encode_tcp_ack,
+    encode_tcp_ping,
+)
+from meshtrain.gossip.discovery import DISCOVERY_PORT, Discovery, local_address
+from meshtrain.gossip.member import ALIVE, SUSPECT, Addr, Member, MemberEvent
+from meshtrain.gossip.membership import Action, Membership, Notify, PushPull, Send, TcpPing
+from meshtrain.gossip.messages import Ack, Alive, Packet
+from meshtrain.gossip.profiles import PROFILES, Profile
+from meshtrain.gossip.pushpull import frame, read_frame, request
+
+log = logging.getLogger(__name__)
+Subscriber = Callable[[MemberEvent], None]
+
+
+def run(main: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on uvloop when it is installed (it halves per-datagram overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _check_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    if not _plain(meta) or not all(isinstance(k, str) for k in meta):
+        raise UserError(
+            "node metadata must be a dict of str keys to plain values (str, numbers, lists, dicts)"
+        )
+    size = len(encode_meta(meta))
+    if size > META_MAX_BYTES:
+        raise UserError(f"node metadata is {size} bytes encoded; the limit is {META_MAX_BYTES}")
+    return meta
+
+
+def _route_address(seed: Addr) -> str:
+    """The local address the kernel would use to reach `seed` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(seed)
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: GossipNode) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.node._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.node._drop("socket")
+
+
+class GossipNode:
+    def __init__(
+        self,
+        name: str,
+        meta: dict[str, Any] | None = None,
+        profile: Profile = PROFILES["lan"],
+        host: str = "0.0.0.0",
+        port: int = 7946,
+        seeds: Sequence[Addr] = (),
+        interface: str | None = None,
+        discovery: bool = True,
+        *,
+        node_id: str | None = None,
+        advertise: str | None = None,
+        discovery_port: int = DISCOVERY_PORT,
+        incarnation: int | None = None,
+    ) -> None:
+        if not name or len(name) > 128:
+            raise UserError("node name must be 1 to 128 characters")
+        self.name = name
+        self.id = node_id or name
+        self.profile = profile
+        self.host = host
+        self.port = port
+        self.seeds = [(str(h), int(p)) for h, p in seeds]
+        self.interface = interface
+        self.discovery_enabled = discovery
+        self.discovery_port = discovery_port
+        self.drops: dict[str, int] = {}
+        self._meta = _check_meta(dict(meta or {}))
+        self._advertise = advertise
+        self._incarnation = incarnation
+        self._subscribers: list[Subscriber] = []
+        self._sm: Membership | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._discovery: Discovery | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = float("inf")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._joining: dict[str, float] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind UDP and TCP on `port` (0 picks a free one), then join seeds and start beaconing."""
+        loop = asyncio.get_running_loop()
+        await self._bind(loop)
+        host = self._advertise or self._advertised_host()
+        me = Alive(
+            self.id,
+            self.name,
+            (host, self.port),
+            self._incarnation or time.time_ns() // 1_000_000,
+            self._meta,
+        )
+        self._sm = Membership(me, self.profile, random.Random(), loop.time())
+        self._arm()
+        if self.discovery_enabled:
+            self._discovery = Discovery(
+                self.id,
+                self.port,
+                self.profile,
+                self._on_beacon,
+                lambda: self._sm is not None and self._sm.live_count <= 1,
+                self.drops,
+                interface=self.interface,
+                port=self.discovery_port,
+            )
+            await self._discovery.start()
+        if self.seeds:
+            await asyncio.gather(*(self._join(s) for s in self.seeds))
+            self._spawn(self._rejoin_while_alone())
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        for attempt in range(20):
+            try:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=(self.host, self.port)
+                )
+            except OSError as exc:
+                raise UserError(f"cannot bind gossip UDP {self.host}:{self.port}: {exc}") from None
+            port = udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port, reuse_address=True)
+            except OSError as exc:
+                udp.close()
+                if self.port == 0 and attempt < 19:
+                    continue  # the ephemeral UDP port was taken on TCP; pick another
+                raise UserError(f"cannot bind gossip TCP {self.host}:{port}: {exc}") from None
+            self._udp, self.port = udp, port
+            return
+
+    def _advertised_host(self) -> str:
+        if self.host not in ("0.0.0.0", ""):
+            return self.host
+        if self.interface is not None:
+            return local_address(self.interface)
+        if self.seeds:
+            return _route_address(self.seeds[0])
+        return local_address(None)
+
+    async def leave(self) -> None:
+        """Tell the mesh we are leaving (state `left`, not `dead`), give it a moment to spread, close."""
+        if self._sm is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._apply(self._sm.leave(loop.time()))
+            deadline = loop.time() + self.profile.leave_timeout
+            while self._sm.pending_updates and loop.time() < deadline:
+                await asyncio.sleep(self.profile.gossip_interval)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._discovery is not None:
+            await self._discovery.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._tcp.wait_closed(), 1.0)
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def incarnation(self) -> int:
+        return self._machine().incarnation
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self._meta)
+
+    def members(self) -> list[Member]:
+        """Everyone this node knows of, itself included, dead and left ones until they are reaped."""
+        return self._machine().members()
+
+    def alive_members(self) -> list[Member]:
+        return [m for m in self.members() if m.state in (ALIVE, SUSPECT)]
+
+    def update_meta(self, **kv: Any) -> None:
+        """Merge `kv` into this node's metadata and gossip it (a higher incarnation)."""
+        self._meta = _check_meta({**self._meta, **kv})
+        if self._sm is not None:
+            self._apply(self._sm.update_meta(asyncio.get_running_loop().time(), self._meta))
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(event)` on every membership change; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    # ------------------------------------------------------------ driving the state machine
+
+    def _machine(self) -> Membership:
+        if self._sm is None:
+            raise UserError("gossip node is not started (await node.start() first)")
+        return self._sm
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._sm is None or self._closed:
+            return
+        try:
+            packet = decode_packet(data, self.profile.max_datagram)
+        except DatagramDropped as exc:
+            self._drop(exc.reason)
+            return
+        except Exception:  # the codec is fuzzed; this is the last line of defence
+            log.exception("gossip codec failed")
+            self._drop("error")
+            return
+        self._guarded(lambda now: self._machine().receive(now, (addr[0], addr[1]), packet))
+
+    def _guarded(self, step: Callable[[float], list[Action]]) -> None:
+        """Run one state-machine step; a bug there is logged and counted, never kills the loop."""
+        try:
+            actions = step(asyncio.get_running_loop().time())
+            self._apply(actions)
+        except Exception:
+            log.exception("gossip state machine failed")
+            self._drop("error")
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if type(a) is Send:
+                if self._udp is not None and not self._udp.is_closing():
+                    try:
+                        self._udp.sendto(encode_packet(a.packet), a.addr)
+                    except (OSError, ValueError):
+                        self._drop("send")
+            elif type(a) is Notify:
+                for cb in list(self._subscribers):
+                    try:
+                        cb(a.event)
+                    except Exception:
+                        log.exception("gossip subscriber failed on %s", a.event.kind)
+            elif type(a) is PushPull:
+                self._spawn(self._push_pull(a.addr, join=False))
+            elif type(a) is TcpPing:
+                self._spawn(self._tcp_ping(a))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._sm is None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        when = max(self._sm.next_deadline(), loop.time())
+        if self._timer is not None:
+            if self._timer_when <= when:
+                return  # the armed timer fires first; poll() then re-arms
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_when = None, float("inf")
+        self._guarded(lambda now: self._machine().poll(now))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ TCP: push-pull and fallback ping
+
+    async def _push_pull(self, addr: Addr, join: bool) -> bool:
+        sm = self._machine()
+        try:
+            reply = await request(addr, encode_state(sm.state_rows(), join), self.profile.tcp_timeout)
+            rows, _ = decode_state(reply)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DatagramDropped) as exc:
+            log.debug("push-pull with %s failed: %s", addr, exc)
+            return False
+        self._guarded(lambda now: sm.merge(now, rows))
+        return True
+
+    async def _join(self, seed: Addr) -> bool:
+        return await self._push_pull(seed, join=True)
+
+    async def _rejoin_while_alone(self) -> None:
+        """Seeds may start after us: retry them with backoff for as long as we know nobody."""
+        delay = self.profile.beacon_interval
+        while True:
+            await asyncio.sleep(delay)
+            if self._machine().live_count <= 1:
+                await asyncio.gather(*(self._join(s) for s in self.seeds))
+                delay = min(delay * 2, self.profile.beacon_max_interval)
+            else:
+                delay = self.profile.beacon_interval
+
+    def _on_beacon(self, host: str, port: int, node: str) -> None:
+        state = self._machine().state_of(node)
+        if state in (ALIVE, SUSPECT):
+            return
+        now = time.monotonic()
+        if now - self._joining.get(node, -1e9) < self.profile.beacon_interval:
+            return
+        self._joining[node] = now
+        self._spawn(self._push_pull((host, port), join=True))
+
+    async def _tcp_ping(self, a: TcpPing) -> None:
+        try:
+            reply = await request(a.addr, encode_tcp_ping(a.target), self.profile.probe_interval)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DatagramDropped):
+            return
+        if decode_tcp_ping(reply, TCP_ACK) == a.target:
+            self._guarded(lambda now: self._machine().receive(now, a.addr, Packet(a.target, (Ack(a.seq),))))
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            body = await asyncio.wait_for(read_frame(reader), self.profile.tcp_timeout)
+            sm = self._machine()
+            target = decode_tcp_ping(body)
+            if target is not None:
+                if target == self.id:
+                    writer.write(frame(encode_tcp_ack(self.id)))
+            else:
+                rows, _ = decode_state(body)
+                writer.write(frame(encode_state(sm.state_rows(), False)))
+                self._guarded(lambda now: sm.merge(now, rows))
+            await writer.drain()
+        except DatagramDropped as exc:
+            self._drop(exc.reason)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, UserError):
+            self._drop("tcp")
+        finally:
+            writer.close()

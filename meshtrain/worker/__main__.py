@@ -1,0 +1,5 @@
+import sys
+
+from meshtrain.worker.runtime import main
+
+sys.exit(main())

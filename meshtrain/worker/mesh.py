@@ -1,0 +1,51 @@
+"""The `Mesh` a training script gets inside a job: a real ring behind the same API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from meshtrain.mesh import Mesh
+from meshtrain.worker.reporter import Reporter
+
+
+class WorkerMesh(Mesh):
+    """Rank `rank` of `size`; all-reduces go over `ring` (None when the job has one worker)."""
+
+    def __init__(self, *, rank: int, size: int, job: str, node: str, ring: Any, reporter: Reporter) -> None:
+        self.rank = rank
+        self.size = size
+        self.job = job
+        self.node = node
+        self._ring = ring
+        self._reporter = reporter
+        self._step = 0
+        self._ring_mb_s: float | None = None
+
+    def allreduce(self, tree: Any, weight: float = 1.0) -> Any:
+        """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size)."""
+        if self._ring is None:
+            return tree
+        step, self._step = self._step, self._step + 1
+        if isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype == np.float32:
+            out = self._ring.allreduce(tree, step=step, weight=weight)
+        else:
+            out = self._ring.allreduce_tree(tree, step=step, weight=weight)
+        stats = getattr(self._ring, "last_stats", None) or {}
+        busbw = stats.get("busbw")
+        if isinstance(busbw, (int, float)):
+            self._ring_mb_s = float(busbw) / 1e6
+        return out
+
+    def report(self, **metrics: float) -> None:
+        """Queue metrics for the live view; batched, never blocks the step."""
+        if self._ring_mb_s is not None:
+            metrics = {**metrics, "ring_mb_s": self._ring_mb_s}
+        self._reporter.report(metrics)
+
+    def close(self) -> None:
+        self._reporter.close()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None

@@ -1,0 +1,146 @@
+"""The worker process: runs one rank of a job's user script (`python -m meshtrain.worker`).
+
+The agent starts it with the job spec in $MESHTRAIN_JOB_SPEC (JSON: job,
+rank, size, node, generation, script, args, bind, report_fd). The handshake:
+
+1. bind the ring listener and tell the agent its port ("ready" on the report pipe);
+2. read the roster (every rank's ring address) as one JSON line on stdin;
+3. connect the ring, install the job's `Mesh` so `meshtrain.init()` returns it,
+   and run the script as `__main__`.
+
+An exception in the script is sent to the agent once, as a "crash" message
+with the traceback trimmed to the user's frames, instead of being printed:
+the submitter shows the first crash of the job, not one per worker. A
+`PeerLost` is marked secondary: it is the echo of another worker's crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import traceback
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from meshtrain import mesh as mesh_module
+from meshtrain.errors import PeerLost
+from meshtrain.worker.mesh import WorkerMesh
+from meshtrain.worker.reporter import Reporter
+
+SPEC_ENV = "MESHTRAIN_JOB_SPEC"
+RING_CONNECT_TIMEOUT_S = 30.0
+EXIT_CRASH = 1
+EXIT_NO_START = 3
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """This worker's part of a job."""
+
+    job: str
+    rank: int
+    size: int
+    node: str
+    script: str
+    args: list[str]
+    generation: int = 0
+    bind: str = "0.0.0.0"
+    report_fd: int | None = None
+
+    @staticmethod
+    def from_env(env: dict[str, str] | os._Environ[str]) -> JobSpec:
+        raw: dict[str, Any] = json.loads(env[SPEC_ENV])
+        return JobSpec(**raw)
+
+
+def _user_traceback(exc: BaseException, script: str) -> str:
+    """The traceback from the first frame of the user's script on (runtime frames hidden)."""
+    tb: TracebackType | None = exc.__traceback__
+    script_path = os.path.abspath(script)
+    probe = tb
+    while probe is not None and os.path.abspath(probe.tb_frame.f_code.co_filename) != script_path:
+        probe = probe.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, probe or tb))
+    return text.replace(os.path.dirname(script_path) + os.sep, "")  # the job's temp dir means nothing to users
+
+
+def _connect_ring(spec: JobSpec, reporter: Reporter) -> Any:
+    """Handshake with the agent and form the ring; None for a one-worker job."""
+    listener = None
+    if spec.size > 1:
+        from meshtrain.ring import RingListener
+
+        listener = RingListener.bind(host=spec.bind, port=0)
+    reporter.send({"k": "ready", "ring_port": listener.port if listener is not None else None})
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(EXIT_NO_START)  # the agent cancelled before the start
+    roster = json.loads(line)
+    if listener is None:
+        return None
+    from meshtrain.ring import Ring
+
+    addrs = [(str(h), int(p)) for h, p in roster["addrs"]]
+    return Ring.connect(
+        listener,
+        rank=spec.rank,
+        addrs=addrs,
+        job=spec.job,
+        generation=spec.generation,
+        timeout=RING_CONNECT_TIMEOUT_S,
+    )
+
+
+def run(spec: JobSpec) -> int:
+    """Run the script as this rank; the exit status the agent sees."""
+    reporter = Reporter(spec.report_fd)
+    try:
+        ring = _connect_ring(spec, reporter)
+    except PeerLost as exc:
+        reporter.send({"k": "crash", "summary": str(exc), "traceback": "", "secondary": True})
+        reporter.close()
+        return EXIT_CRASH
+    mesh = WorkerMesh(
+        rank=spec.rank, size=spec.size, job=spec.job, node=spec.node, ring=ring, reporter=reporter
+    )
+    mesh_module._MESH = mesh
+    script = os.path.abspath(spec.script)
+    sys.argv = [spec.script, *spec.args]
+    sys.path.insert(0, os.path.dirname(script))
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException as exc:  # noqa: BLE001 - every failure of user code is reported, once
+        summary = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        secondary = isinstance(exc, (PeerLost, ConnectionError, KeyboardInterrupt))
+        reporter.send(
+            {
+                "k": "crash",
+                "summary": summary,
+                "traceback": _user_traceback(exc, script),
+                "secondary": secondary,
+            }
+        )
+        code = EXIT_CRASH
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            mesh.close()
+        except Exception:  # noqa: BLE001 - closing a broken ring must not mask the script's status
+            pass
+    return code
+
+
+def main() -> int:
+    if SPEC_ENV not in os.environ:
+        print("meshtrain.worker is started by a meshtrain agent, not by hand", file=sys.stderr)
+        return 2
+    return run(JobSpec.from_env(os.environ))
