@@ -40,7 +40,7 @@ def joins(profile: Profile, n: int, count: int, seed: int) -> list[float]:
         sim.listeners = [watch]
         start = sim.now
         sim.join(seed_index=(k * 7919) % n)
-        if sim.run_until(start + 60, stop=lambda: len(watch.times) == len(sim.nodes) - 1):
+        if sim.run_until(start + 60, stop=lambda w=watch: len(w.times) == len(sim.nodes) - 1):
             out.append(sim.now - start)
         sim.run_until(sim.now + 1.0)
     return out
@@ -61,7 +61,7 @@ def deaths(profile: Profile, n: int, count: int, seed: int) -> list[tuple[float,
         start = sim.now
         sim.crash(victim)
         healthy = len(sim.nodes) - len(sim.crashed)
-        if sim.run_until(start + 120, stop=lambda: len(watch.times) == healthy):
+        if sim.run_until(start + 120, stop=lambda w=watch, h=healthy: len(w.times) == h):
             times = sorted(watch.times.values())
             out.append((times[0] - start, times[-1] - start))
         sim.run_until(sim.now + 2.0)
@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--losses", default="0,0.05,0.10")
     ap.add_argument("--minutes", type=float, default=10.0, help="virtual minutes of the false-death runs")
-    ap.add_argument("--crashes", type=int, default=30)
+    ap.add_argument("--crashes", type=int, default=100)
     ap.add_argument("--joins", type=int, default=10)
     ap.add_argument("--profile", default="lan", choices=sorted(PROFILES))
     ap.add_argument("--seed", type=int, default=1)
@@ -123,8 +123,8 @@ def main() -> int:
         js = joins(profile, n, args.joins, args.seed)
         r["join_known_by_all_s"] = {"median": statistics.median(js), "p99": pct(js, 0.99), "samples": len(js)}
         print(
-            f"N={n:5d} join known to all: median {statistics.median(js):.2f} s ({statistics.median(js) / gi:.1f}"
-            f" rounds), p99 {pct(js, 0.99):.2f} s, {len(js)} joins"
+            f"N={n:5d} join -> known to all: median {statistics.median(js):.2f} s"
+            f" ({statistics.median(js) / gi:.1f} rounds), p99 {pct(js, 0.99):.2f} s, {len(js)} joins"
         )
         ds = deaths(profile, n, min(args.crashes, max(1, n // 3)), args.seed)
         det = [d for d, _ in ds]
@@ -136,11 +136,12 @@ def main() -> int:
             "known_by_all_after_declared_s": {"median": statistics.median(spread), "p99": pct(spread, 0.99)},
             "samples": len(ds),
         }
+        med, p99 = statistics.median, pct
         print(
-            f"N={n:5d} crash: detection (first 'dead') median {statistics.median(det):.2f} s p99 {pct(det, 0.99):.2f} s;"
-            f" known to all after crash median {statistics.median(allk):.2f} s p99 {pct(allk, 0.99):.2f} s;"
-            f" after first declaration median {statistics.median(spread):.2f} s"
-            f" ({statistics.median(spread) / gi:.1f} rounds) p99 {pct(spread, 0.99):.2f} s; {len(ds)} crashes"
+            f"N={n:5d} crash -> first 'dead': median {med(det):.2f} s, p99 {p99(det, 0.99):.2f} s"
+            f" | crash -> known to all: median {med(allk):.2f} s, p99 {p99(allk, 0.99):.2f} s"
+            f" | first 'dead' -> known to all: median {med(spread):.2f} s ({med(spread) / gi:.1f} rounds),"
+            f" p99 {p99(spread, 0.99):.2f} s | {len(ds)} crashes"
         )
         for loss in losses:
             s = steady(profile, n, loss, args.minutes * 60, args.seed)

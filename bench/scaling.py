@@ -86,7 +86,8 @@ def _mesh_size(cluster: netns.Cluster, home: Path) -> int:
 def run_once(n: int, args: argparse.Namespace, cores: int) -> Result:
     home = Path(tempfile.mkdtemp(prefix=f"meshtrain-scaling-{n}-"))
     agents: list[subprocess.Popen[bytes]] = []
-    with netns.Cluster(n, prefix="msb", rate=args.rate) as cluster:
+    rate = None if args.rate == "none" else args.rate
+    with netns.Cluster(n, prefix="msb", rate=rate) as cluster:
         try:
             for i in range(n):
                 agents.append(_agent(cluster, i, home, cores))
@@ -112,6 +113,8 @@ def run_once(n: int, args: argparse.Namespace, cores: int) -> Result:
                 "--batch-size",
                 str(args.batch_size),
             ]
+            if args.model:
+                cmd += ["--model", args.model]
             if args.train_limit:
                 cmd += ["--train-limit", str(args.train_limit)]
             start = time.monotonic()
@@ -150,7 +153,8 @@ def _seconds(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--rate", default="1gbit", help="every host's link rate (tc tbf)")
+    parser.add_argument("--rate", default="1gbit", help="every host's link rate (tc tbf); none: unshaped")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default=None, help="examples/mnist.py --model")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, the same for every N")
     parser.add_argument("--train-limit", type=int, default=None)
@@ -161,7 +165,7 @@ def main() -> int:
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     print(
-        f"examples/mnist.py, {args.epochs} epochs, global batch {args.batch_size}, "
+        f"examples/mnist.py --model {args.model or 'default'}, {args.epochs} epochs, global batch {args.batch_size}, "
         f"{args.train_limit or 60000} training samples; links {args.rate} (tc tbf) between namespaces; "
         f"{cores} CPU cores here, each node pinned to core (i mod {cores})"
         + ("" if max(args.nodes) <= cores else ": with more nodes than cores, nodes share cores"),

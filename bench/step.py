@@ -3,9 +3,9 @@
 Both variants run examples/mnist.py's own model and compiled step functions on
 the same data. The meshtrain variant adds what a script pays for the mesh at
 world size 1: `mesh.batches`, `mesh.allreduce(grads, weight=...)` and
-`mesh.report(...)` every step. Rounds alternate which variant goes first, and
-the figure per variant is the median over rounds of the mean step time within
-a round, so drift on a shared machine hits both alike.
+`mesh.report(...)` every step. The variants alternate step by step (who goes
+first flips each time) and the figure per variant is its median step time, so
+drift and the bursts of other processes on a shared machine hit both alike.
 
     python bench/step.py --model mlp      # the CPU default
     python bench/step.py --model cnn      # the GPU default (slow on a CPU)
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--steps", type=int, default=20, help="steps per variant per round")
+    parser.add_argument("--no-compile", action="store_true", help="eager MLX in both variants")
     args = parser.parse_args()
 
     mesh = meshtrain.init()  # also gives MLX the fast BLAS on a Linux CPU, for both variants
@@ -62,7 +63,7 @@ def main() -> None:
     mx.random.seed(0)
     model = example.MODELS[model_name]()
     optimizer = optim.Adam(learning_rate=1e-3)
-    loss_and_grad, apply_update = example.train_functions(model, optimizer)
+    loss_and_grad, apply_update = example.train_functions(model, optimizer, compile=not args.no_compile)
     mx.eval(model.parameters())
 
     def plain_batches() -> Iterator[np.ndarray]:
@@ -98,15 +99,20 @@ def main() -> None:
         grads = mesh.allreduce(grads, weight=len(local))
         apply_update(grads)
         mx.eval(model.parameters(), optimizer.state, loss)
-        mesh.report(epoch=0, epochs=1, step=step_number, steps_per_epoch=n // args.batch_size,
-                    loss=float(loss.item()), samples=len(local))
+        mesh.report(
+            epoch=0,
+            epochs=1,
+            step=step_number,
+            steps_per_epoch=n // args.batch_size,
+            loss=float(loss.item()),
+            samples=len(local),
+        )
         step_number += 1
 
     def timed(step: Callable[[], None]) -> float:
         start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        return (time.perf_counter() - start) / args.steps
+        step()
+        return time.perf_counter() - start
 
     for _ in range(3):  # compile and warm both paths
         plain_step()
@@ -114,20 +120,24 @@ def main() -> None:
     plain_times: list[float] = []
     mesh_times: list[float] = []
     for r in range(args.rounds):
-        if r % 2 == 0:
-            plain_times.append(timed(plain_step))
-            mesh_times.append(timed(mesh_step))
-        else:
-            mesh_times.append(timed(mesh_step))
-            plain_times.append(timed(plain_step))
+        for i in range(args.steps):  # alternate step by step; who goes first flips every step and round
+            if (r + i) % 2 == 0:
+                plain_times.append(timed(plain_step))
+                mesh_times.append(timed(mesh_step))
+            else:
+                mesh_times.append(timed(mesh_step))
+                plain_times.append(timed(plain_step))
 
     plain_ms = statistics.median(plain_times) * 1e3
     mesh_ms = statistics.median(mesh_times) * 1e3
     ratio = mesh_ms / plain_ms
     print("bench/step.py: one training step of examples/mnist.py, meshtrain (world size 1) vs plain MLX")
-    print(f"  model {model_name}, global batch {args.batch_size}, real MNIST, mx.compile on both")
+    print(
+        f"  model {model_name}, global batch {args.batch_size}, real MNIST, "
+        f"{'eager' if args.no_compile else 'mx.compile'} on both"
+    )
     print(f"  device {mx.default_device()}, MLX {mx.__version__}, BLAS: {blas.describe()}")
-    print(f"  {args.rounds} interleaved rounds x {args.steps} steps per variant; median of round means")
+    print(f"  {args.rounds * args.steps} steps per variant, alternating step by step; median step time")
     print(f"  plain MLX step:          {plain_ms:8.3f} ms")
     print(f"  meshtrain step (size 1): {mesh_ms:8.3f} ms   (batches + allreduce + report)")
     verdict = "ok" if ratio <= 1.03 else "over target"

@@ -84,18 +84,35 @@ def loss_fn(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
 
 
 def train_functions(
-    model: nn.Module, optimizer: optim.Optimizer
+    model: nn.Module, optimizer: optim.Optimizer, compile: bool = True
 ) -> tuple[Callable[[mx.array, mx.array], tuple[mx.array, Any]], Callable[[Any], None]]:
-    """(loss_and_grad, apply_update), each compiled; the all-reduce runs between them, on the host."""
+    """(loss_and_grad, apply_update), compiled unless asked not to.
+
+    They are two functions, not one step, because the all-reduce runs between
+    them on the host; each is compiled on its own with its state captured.
+    """
     value_and_grad = nn.value_and_grad(model, loss_fn)
-    loss_and_grad = mx.compile(
-        lambda x, y: value_and_grad(model, x, y),
-        inputs=[model.state, mx.random.state],
-        outputs=[model.state, mx.random.state],
-    )
+
+    def loss_and_grad(x: mx.array, y: mx.array) -> tuple[mx.array, Any]:
+        return value_and_grad(model, x, y)
+
+    def apply_update(grads: Any) -> None:
+        optimizer.update(model, grads)
+
+    if not compile:
+        return loss_and_grad, apply_update
     state = [model.state, optimizer.state]
-    apply = mx.compile(lambda grads: optimizer.update(model, grads), inputs=state, outputs=state)
-    return loss_and_grad, apply
+    return (
+        mx.compile(
+            loss_and_grad, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state]
+        ),
+        mx.compile(apply_update, inputs=state, outputs=state),
+    )
+
+
+def make_optimizer(lr: float, total_steps: int) -> optim.Optimizer:
+    """Adam with the learning rate cosine-decayed to zero over the run."""
+    return optim.Adam(learning_rate=optim.cosine_decay(lr, max(1, total_steps)))
 
 
 def evaluate(model: nn.Module, x: mx.array, y: mx.array, batch: int = 1000) -> float:
@@ -111,12 +128,15 @@ def evaluate(model: nn.Module, x: mx.array, y: mx.array, batch: int = 1000) -> f
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: cnn on a GPU, mlp on CPU")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default=None, help="default: cnn on a GPU, mlp on CPU"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split across the mesh")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed to 0)")
     parser.add_argument("--seed", type=int, default=0, help="same on every worker: same init, same order")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
+    parser.add_argument("--no-compile", action="store_true", help="run MLX eagerly (for comparisons)")
     return parser.parse_args(argv)
 
 
@@ -137,9 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = MODELS[model_name]()
     mx.eval(model.parameters())
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    schedule = optim.cosine_decay(args.lr, max(1, args.epochs * steps_per_epoch))
-    optimizer = optim.Adam(learning_rate=schedule)
-    loss_and_grad, apply_update = train_functions(model, optimizer)
+    optimizer = make_optimizer(args.lr, args.epochs * steps_per_epoch)
+    loss_and_grad, apply_update = train_functions(model, optimizer, compile=not args.no_compile)
     zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())
 
     if mesh.is_main:

@@ -89,7 +89,9 @@ def test_unanswered_probe_leads_to_suspect_then_dead() -> None:
     assert t <= LAN.detection_bound(2)
 
 
-def _converged_sim(n: int, loss: float = 0.0, seed: int = 3) -> tuple[Simulator, list[tuple[float, int, MemberEvent]]]:
+def _converged_sim(
+    n: int, loss: float = 0.0, seed: int = 3
+) -> tuple[Simulator, list[tuple[float, int, MemberEvent]]]:
     sim = Simulator(LAN, loss=loss, seed=seed)
     log: list[tuple[float, int, MemberEvent]] = []
     sim.listeners.append(lambda now, i, ev: log.append((now, i, ev)))

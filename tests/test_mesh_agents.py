@@ -54,12 +54,24 @@ class AgentProcess:
         self.home, self.name = home, name
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MESHTRAIN_HOME": str(home)}
-        args = ["join", "--name", name, "--profile", "local", "--host", "127.0.0.1", "--port", "0",
-                "--no-discovery"]
+        args = [
+            "join",
+            "--name",
+            name,
+            "--profile",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-discovery",
+        ]
         if seed is not None:
             args += ["--seed", f"127.0.0.1:{seed}"]
         cmd = [sys.executable, "-c", python] if python else meshtrain_cmd(*args)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline()
         assert "gossip port" in first, first
@@ -108,8 +120,20 @@ def test_status_json_follows_the_schema(mesh: tuple[Path, Path, Path]) -> None:
     snap = json.loads(cli(home_a, "status", "--json").stdout)
     assert snap["self"] == "a" and snap["leader"] in ("a", "b")
     node = next(n for n in snap["nodes"] if n["name"] == "b")
-    for key in ("id", "addr", "state", "incarnation", "platform", "device", "cores", "memory_gb", "load",
-                "battery", "job", "role"):
+    for key in (
+        "id",
+        "addr",
+        "state",
+        "incarnation",
+        "platform",
+        "device",
+        "cores",
+        "memory_gb",
+        "load",
+        "battery",
+        "job",
+        "role",
+    ):
         assert key in node
     assert any(e["kind"] == "joined" and e["node"] == "b" for e in snap["events"])
 
@@ -128,10 +152,17 @@ def test_a_crash_on_one_node_is_shown_once_and_the_agents_survive(mesh: tuple[Pa
     out = cli(home_a, "run", str(script), "--boom")
     assert out.returncode != 0
     assert out.stderr.count("Traceback") == 1 and 'raise ValueError("boom on rank 1")' in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == "meshtrain: job failed: b (rank 1) failed: ValueError: boom on rank 1"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "meshtrain: job failed: b (rank 1) failed: ValueError: boom on rank 1"
+    )
     assert alive_names(home_a) == {"a", "b"} and alive_names(home_b) == {"a", "b"}
     again = cli(home_b, "run", str(script))  # and from the other node, the mesh still trains
-    assert again.returncode == 0 and "[a] weighted mean" not in again.stdout and "[b] weighted mean" in again.stdout
+    assert (
+        again.returncode == 0
+        and "[a] weighted mean" not in again.stdout
+        and "[b] weighted mean" in again.stdout
+    )
 
 
 def test_unknown_node_name_is_one_line(mesh: tuple[Path, Path, Path]) -> None:
@@ -164,11 +195,15 @@ OLD_AGENT = textwrap.dedent(
 )
 
 
-def test_an_agent_of_an_older_protocol_gets_one_clear_line(mesh: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_an_agent_of_an_older_protocol_gets_one_clear_line(
+    mesh: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     home_a, _, script = mesh
     env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "old")}
     port = json.loads(cli(home_a, "status", "--json").stdout)["nodes"][0]["addr"].split(":")[1]
-    old = subprocess.Popen([sys.executable, "-c", OLD_AGENT, port], env=env, stdout=subprocess.PIPE, text=True)
+    old = subprocess.Popen(
+        [sys.executable, "-c", OLD_AGENT, port], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert old.stdout is not None and "gossip port" in old.stdout.readline()
         wait_for(lambda: "old" in alive_names(home_a))
@@ -209,8 +244,9 @@ def test_ctrl_c_cancels_the_job_everywhere(mesh: tuple[Path, Path, Path]) -> Non
     forever = script.parent / "forever.py"
     forever.write_text(FOREVER)
     env = {**os.environ, "MESHTRAIN_HOME": str(home_a)}
-    proc = subprocess.Popen(meshtrain_cmd("run", str(forever)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        meshtrain_cmd("run", str(forever)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     started = set()
     while len(started) < 2:

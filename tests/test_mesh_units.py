@@ -24,7 +24,9 @@ def nodes(*specs: str, proto: int = 1) -> list[Candidate]:
     for i, spec in enumerate(specs):
         name, _, rest = spec.partition(":")
         state, _, p = rest.partition(":")
-        out.append(Candidate(name=name, state=state or "alive", protocol=int(p) if p else proto, is_self=i == 0))
+        out.append(
+            Candidate(name=name, state=state or "alive", protocol=int(p) if p else proto, is_self=i == 0)
+        )
     return out
 
 
@@ -37,7 +39,9 @@ def test_count_waits_then_says_who_is_missing() -> None:
     cands = nodes("a", "b", "c:dead")
     assert place(cands, Request.parse("3", None), 1).kind == "wait"
     d = place(cands, Request.parse("3", None), 1, timed_out=True)
-    assert d.kind == "error" and "only 2 of 3" in d.message and "c is dead" in d.message and d.missing == ("c",)
+    assert (
+        d.kind == "error" and "only 2 of 3" in d.message and "c is dead" in d.message and d.missing == ("c",)
+    )
 
 
 def test_min_nodes_starts_with_fewer_once_the_wait_is_over() -> None:
@@ -67,8 +71,11 @@ def test_jobstate_rates_shares_eta_and_one_based_progress() -> None:
     s.set_state("running", None, 100.0)
     for i in range(11):
         t = 100.0 + i
-        s.report(0, t, {"epoch": 0, "epochs": 2, "step": i, "steps_per_epoch": 20, "loss": 1.0 / (i + 1),
-                        "samples": 30})
+        s.report(
+            0,
+            t,
+            {"epoch": 0, "epochs": 2, "step": i, "steps_per_epoch": 20, "loss": 1.0 / (i + 1), "samples": 30},
+        )
         s.report(1, t, {"step": i, "samples": 10, "loss": 0.5})
     snap = s.snapshot(110.0)
     assert (snap["epoch"], snap["step"], snap["size"]) == (1, 11, 2)

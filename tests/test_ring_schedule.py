@@ -26,7 +26,13 @@ def simulate(
     n_members, count = len(xs), xs[0].size
     rng = np.random.default_rng(seed)
     reds = [
-        RingReduction(RingSchedule(n_members, r, count, chunk_elems), xs[r] * np.float32(w), w, wire)
+        RingReduction(
+            RingSchedule(n_members, r, count, chunk_elems),
+            xs[r] * np.float32(w),
+            np.full(count, np.nan, np.float32),  # garbage where the result goes: nothing may read it first
+            w,
+            wire,
+        )
         for r, w in enumerate(weights)
     ]
     links: list[list[tuple[float, bytes]]] = [[] for _ in range(n_members)]  # link r -> r+1

@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WIDTH, HEIGHT = 100, 30
+WIDTH, HEIGHT = 80, 24  # the classic terminal: the views must be readable on it
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -151,6 +151,20 @@ def test_join_and_run_live_views_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
     assert "(you)" in rows["tmux-a"] and "127.0.0.1:" in rows["tmux-a"]
     assert re.search(r"\+ joined +tmux-b", mesh), mesh  # the events log
 
+    # the same mesh through a pipe: `meshtrain status` falls back to plain text
+    status = subprocess.run(
+        [str(BIN / "meshtrain"), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**tmux.env, "MESHTRAIN_HOME": str(home_a)},
+    )
+    keep("status-piped", status.stdout)
+    assert status.returncode == 0, status.stderr
+    assert "\x1b" not in status.stdout and "╭" not in status.stdout
+    assert "2 alive; leader" in status.stdout and "tmux-b" in status.stdout
+
     tmux.start("run", f"MESHTRAIN_HOME={home_a} {RUN}")
     partly_done = re.compile(r"● running +━+╸?─+ ")  # an epoch bar with some still to go
     running = tmux.wait_for("run", lambda s: bool(partly_done.search(s)), 40, "the progress bar")
@@ -166,3 +180,11 @@ def test_join_and_run_live_views_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
 
     after = tmux.wait_for("join-a", lambda s: "job " in s, 10, "the job in the mesh view")
     keep("join-after", after)
+
+    # Ctrl-C: the agent leaves gracefully, its final frame is drawn once and cleanly
+    tmux.tmux("send-keys", "-t", "mt:join-b", "C-c")
+    left = tmux.wait_for("join-b", lambda s: "[exit " in s, 15, "the agent's exit")
+    keep("join-b-ctrl-c", left)
+    assert "[exit 0]" in left and left.count("╭─ meshtrain · mesh") == 1 and "^C" not in left
+    seen = tmux.wait_for("join-a", lambda s: "○ left" in s and "- left" in s, 15, "the node that left")
+    keep("join-a-after-leave", seen)

@@ -23,7 +23,7 @@ from meshtrain.ui import (
     samples,
 )
 from meshtrain.ui import format as fmt
-from meshtrain.ui.live import job_finished
+from meshtrain.ui.live import SCREEN_RESERVE, job_finished
 from meshtrain.ui.plain import new_tail
 
 
@@ -116,7 +116,8 @@ def test_live_mesh_frame_keeps_its_height_as_events_arrive(height: int) -> None:
 
 
 def test_live_mesh_frame_fills_an_80x24_terminal() -> None:
-    assert len(lines_of(render(MeshView(samples.mesh(), height=23)))) == 23
+    height = 24 - SCREEN_RESERVE
+    assert len(lines_of(render(MeshView(samples.mesh(), height=height)))) == height
 
 
 # ---------------------------------------------------------------- job view
@@ -162,6 +163,8 @@ def test_a_long_failure_wraps_so_the_whole_explanation_shows() -> None:
 def test_waiting_job_says_who_it_waits_for() -> None:
     out = render(JobView(samples.waiting_job()))
     assert "waiting for 3 nodes: have mac1, mac2" in out
+    assert "— samples/s on 2 nodes" in out and "step" not in out.split("\n")[1]
+    assert "on 0 nodes" not in render(JobView(dict(samples.waiting_job(), size=0)))
     assert "epoch —" in out
     assert "no workers yet" in out
 
@@ -219,7 +222,8 @@ def test_live_job_frame_has_one_height_whatever_the_content(height: int) -> None
 
 
 def test_live_job_frame_fills_an_80x24_terminal() -> None:
-    assert len(lines_of(render(JobView(samples.running_job(), height=23)))) == 23
+    height = 24 - SCREEN_RESERVE
+    assert len(lines_of(render(JobView(samples.running_job(), height=height)))) == height
 
 
 def test_sparkline_comes_from_history_kept_by_the_live_helper() -> None:
@@ -395,3 +399,55 @@ def test_fraction_bar_reads_without_colour() -> None:
     assert render(FractionBar(0.525, "green"), 20).strip() == "━" * 10 + "╸" + "─" * 9
     assert render(FractionBar(1.7, "green"), 8).strip() == "━" * 8
     assert render(FractionBar(0.0, "green"), 8).strip() == "─" * 8
+
+
+def test_live_mesh_note_stays_in_the_frame_or_is_logged_once() -> None:
+    note = "other machines: meshtrain join --seed 10.0.0.5:7946"
+    pipe = io.StringIO()
+    with LiveMesh(file=pipe, note=note) as view:
+        view.update(samples.mesh())
+        view.update(samples.mesh())
+    assert pipe.getvalue().count(note) == 1 and "leader mac1" in pipe.getvalue()
+    tty = io.StringIO()
+    with LiveMesh(console=Console(file=tty, force_terminal=True, width=80, height=24), note=note) as view:
+        view.update(samples.mesh())
+    assert note in tty.getvalue() and "old-laptop" in tty.getvalue()
+
+
+def test_update_copies_the_snapshot() -> None:
+    view = LiveJob(file=io.StringIO())
+    job = samples.running_job()
+    view.update(job)
+    job["workers"].clear()
+    assert view.snapshot is not None and len(view.snapshot["workers"]) == 3
+
+
+def test_quiet_input_turns_echo_off_and_restores_it() -> None:
+    import os
+    import pty
+    import termios
+
+    from meshtrain.ui.terminal import quiet_input
+
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "r", closefd=False) as stream:
+            before = termios.tcgetattr(slave)
+            assert before[3] & termios.ECHO
+            with quiet_input(stream) as changed:
+                assert changed
+                assert not termios.tcgetattr(slave)[3] & termios.ECHO
+            assert termios.tcgetattr(slave) == before
+        with quiet_input(io.StringIO()) as changed:  # not a terminal: nothing to do
+            assert not changed
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_narrow_terminal_keeps_state_address_and_load() -> None:
+    out = render(MeshView(samples.mesh()), 60)
+    assert all(len(line) <= 60 for line in lines_of(out))
+    assert "10.77.0.3:7946" in out and "✖ dead" in out and "91%" in out
+    job = render(JobView(samples.running_job()), 60)
+    assert all(len(line) <= 60 for line in lines_of(job)) and "5,120" in job

@@ -32,6 +32,7 @@ from meshtrain.agent.workers import HostedWorker, host_worker
 from meshtrain.errors import WireError
 
 LOAD_PERIOD_S = 5.0
+JOB_EVENTS_BEFORE = 5
 
 
 def node_facts() -> dict[str, Any]:
@@ -264,6 +265,8 @@ class Agent:
     async def submit(self, request: JobRequest, sink: JobSink, runner: JobRunner | None = None) -> JobResult:
         """Coordinate a job from this node until it ends."""
         runner = runner or JobRunner(request=request, membership=self, protocol=self.protocol)
+        for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
+            runner.add_event(event)  # the view opens on how the mesh got here
         self.runners[runner.job] = runner
         try:
             return await runner.run(sink)

@@ -158,6 +158,9 @@ def leave(args: argparse.Namespace) -> int:
 
     if asyncio.run(go()) is None:
         raise UserError(NO_AGENT)
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:  # its control socket goes when it has left
+        time.sleep(0.05)
     print("the agent on this machine left the mesh")
     return 0
 

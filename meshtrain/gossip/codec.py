@@ -150,21 +150,21 @@ def _port(v: Any) -> int:
     return _int(v, 65535)
 
 
-def _plain(v: Any, depth: int = 0) -> bool:
+def is_plain(v: Any, depth: int = 0) -> bool:
     """JSON-like values only (what meta is documented to hold), nested at most 8 deep."""
     if v is None or type(v) in (bool, int, float, str, bytes):
         return True
     if depth >= 8:
         return False
     if type(v) is list:
-        return all(_plain(x, depth + 1) for x in v)
+        return all(is_plain(x, depth + 1) for x in v)
     if type(v) is dict:
-        return all(type(k) is str and _plain(x, depth + 1) for k, x in v.items())
+        return all(type(k) is str and is_plain(x, depth + 1) for k, x in v.items())
     return False
 
 
 def _meta(v: Any) -> dict[str, Any]:
-    if type(v) is not dict or not _plain(v):
+    if type(v) is not dict or not is_plain(v):
         raise _bad("bad meta")
     return v
 

@@ -27,7 +27,6 @@ from meshtrain.gossip.codec import (
     META_MAX_BYTES,
     TCP_ACK,
     DatagramDropped,
-    _plain,
     decode_packet,
     decode_state,
     decode_tcp_ping,
@@ -36,6 +35,7 @@ from meshtrain.gossip.codec import (
     encode_state,
     encode_tcp_ack,
     encode_tcp_ping,
+    is_plain,
 )
 from meshtrain.gossip.discovery import DISCOVERY_PORT, Discovery, local_address
 from meshtrain.gossip.member import ALIVE, SUSPECT, Addr, Member, MemberEvent
@@ -58,7 +58,7 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _check_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    if not _plain(meta) or not all(isinstance(k, str) for k in meta):
+    if not is_plain(meta) or not all(isinstance(k, str) for k in meta):
         raise UserError(
             "node metadata must be a dict of str keys to plain values (str, numbers, lists, dicts)"
         )
@@ -339,6 +339,11 @@ class GossipNode:
             return False
         self._guarded(lambda now: sm.merge(now, rows))
         return True
+
+    async def join(self, seeds: Sequence[Addr]) -> int:
+        """Push-pull with each of `seeds` (e.g. `--seed host:port` given later); returns how many answered."""
+        results = await asyncio.gather(*(self._join((str(h), int(p))) for h, p in seeds))
+        return sum(results)
 
     async def _join(self, seed: Addr) -> bool:
         return await self._push_pull(seed, join=True)

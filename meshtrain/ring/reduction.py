@@ -27,22 +27,41 @@ from meshtrain.ring.schedule import RingSchedule
 class RingReduction:
     """Buffers and chunk semantics of one all-reduce at one member.
 
-    `acc` is float32, already multiplied by `weight`; it is reduced in place
-    and becomes the result.
+    `src` is this member's contribution, float32, already multiplied by
+    `weight`; it is only read. `acc` (float32, same length, a different
+    buffer) receives the result. Received partial sums land directly in
+    `acc` (or in the 16-bit `wire` buffer), so no scratch copy of the buffer
+    is ever made; pass `wire` to reuse a buffer across calls.
     """
 
-    def __init__(self, schedule: RingSchedule, acc: np.ndarray, weight: float, wire_dtype: str) -> None:
-        if acc.dtype != np.float32 or acc.ndim != 1 or acc.size != schedule.count:
-            raise ValueError("acc must be a 1-D float32 buffer of the schedule's length")
+    def __init__(
+        self,
+        schedule: RingSchedule,
+        src: np.ndarray,
+        acc: np.ndarray,
+        weight: float,
+        wire_dtype: str,
+        wire: np.ndarray | None = None,
+    ) -> None:
+        for name, a in (("src", src), ("acc", acc)):
+            if a.dtype != np.float32 or a.ndim != 1 or a.size != schedule.count or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a contiguous 1-D float32 buffer of the schedule's length")
+        if np.shares_memory(src, acc):
+            raise ValueError("src and acc must be different buffers")
         self.schedule = schedule
+        self.src = src
         self.acc = acc
         self.weight = float(weight)
         self.wire_dtype = wire_dtype
-        if wire_dtype == "float32":
-            self.wire = acc  # sends go straight from the accumulator
+        self.wide = wire_dtype == "float32"
+        if self.wide:
+            self.wire = acc  # sends go straight from the accumulator, receives land in it
+        elif (
+            wire is not None and wire.size == acc.size and wire.dtype == tensors.wire_numpy_dtype(wire_dtype)
+        ):
+            self.wire = wire
         else:
             self.wire = np.empty(acc.size, tensors.wire_numpy_dtype(wire_dtype))
-        self.scratch = np.empty(acc.size, np.float32) if schedule.size > 1 else acc
         self.recv_weight: dict[int, float] = {}
         self.total_weight: float | None = None
 
@@ -59,24 +78,26 @@ class RingReduction:
     def send_payload(self, i: int) -> memoryview:
         """The bytes of send i, cast for the wire (its `after` receive must be complete)."""
         t = self.schedule.sends[i]
-        acc, lo, hi = self.acc, t.start, t.stop
-        first_gather = t.phase == self.schedule.first_gather_phase
-        if first_gather:
+        lo, hi = t.start, t.stop
+        own = self.src if t.phase == 0 else self.acc  # phase 0 sends this member's own contribution
+        if t.phase == self.schedule.first_gather_phase:
             total = self._total()
             if total != 1.0:
-                np.multiply(acc[lo:hi], np.float32(1.0 / total), out=acc[lo:hi])
-        if self.wire is not acc and (t.reduce or first_gather):
-            tensors.encode(acc[lo:hi], self.wire[lo:hi], self.wire_dtype)
-            if first_gather:
-                tensors.decode(self.wire[lo:hi], acc[lo:hi], self.wire_dtype)
+                np.multiply(self.acc[lo:hi], np.float32(1.0 / total), out=self.acc[lo:hi])
+            if not self.wide:  # the owner keeps exactly what the others will receive
+                tensors.encode(self.acc[lo:hi], self.wire[lo:hi], self.wire_dtype)
+                tensors.decode(self.wire[lo:hi], self.acc[lo:hi], self.wire_dtype)
+        elif t.reduce:
+            if self.wide:
+                return own[lo:hi].data.cast("B")
+            tensors.encode(own[lo:hi], self.wire[lo:hi], self.wire_dtype)
         return self.wire[lo:hi].data.cast("B")
 
     # --- what to do with what arrives --------------------------------------------
     def recv_buffer(self, i: int) -> memoryview:
         """Where the payload of receive i is written."""
         t = self.schedule.recvs[i]
-        target = self.scratch if (t.reduce and self.wire is self.acc) else self.wire
-        return target[t.start : t.stop].data.cast("B")
+        return self.wire[t.start : t.stop].data.cast("B")
 
     def recv_nbytes(self, i: int) -> int:
         t = self.schedule.recvs[i]
@@ -86,17 +107,12 @@ class RingReduction:
         """Receive i has fully landed in `recv_buffer(i)`: reduce or store it."""
         t = self.schedule.recvs[i]
         lo, hi = t.start, t.stop
-        if t.chunk == 0 or t.phase not in self.recv_weight:
+        if True:
             self.recv_weight[t.phase] = float(weight)
-        if t.reduce:
-            if self.wire is self.acc:
-                incoming = self.scratch[lo:hi]
-            else:
-                incoming = self.scratch[lo:hi]
-                tensors.decode(self.wire[lo:hi], incoming, self.wire_dtype)
-            np.add(self.acc[lo:hi], incoming, out=self.acc[lo:hi])
-        elif self.wire is not self.acc:
+        if not self.wide:
             tensors.decode(self.wire[lo:hi], self.acc[lo:hi], self.wire_dtype)
+        if t.reduce:
+            np.add(self.acc[lo:hi], self.src[lo:hi], out=self.acc[lo:hi])
 
     def _total(self) -> float:
         if self.total_weight is None:

@@ -8,9 +8,11 @@ same copies one after the other. The logic stays out of here: the schedule
 and `RingReduction` decide what every byte means, this only moves them.
 
 Failure model: each blocking call has the ring's timeout (silence longer
-than that is a stall); any failure shuts both sockets down, which wakes the
-other thread at once and shows the neighbours end of stream, so the abort
-runs around the ring in milliseconds.
+than that is a stall). The member that sees a failure first records it and
+passes an abort frame naming the lost peer to its right (after the frame in
+flight, if any); each member forwards it, so every survivor raises PeerLost
+naming the same peer within a few chunk times; the member left of the lost
+one sees its sends fail and gets the abort from its left neighbour as well.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ _STAGING = 64 * 1024
 
 
 class LinkFailed(Exception):
-    """A neighbour's socket failed; `side` is "left" or "right", `reason` says how."""
+    """A neighbour's socket failed; `side` is "left" or "right", `reason` says how.
 
-    def __init__(self, side: str, reason: str) -> None:
+    `origin` is set when the failure was reported by an abort frame: the
+    (peer, rank) that the member which first saw the failure blamed.
+    """
+
+    def __init__(self, side: str, reason: str, origin: tuple[str, int] | None = None) -> None:
         super().__init__(f"{side}: {reason}")
         self.side = side
         self.reason = reason
+        self.origin = origin
 
 
 def _describe(exc: BaseException) -> str:
@@ -102,25 +109,6 @@ def send_frame(sock: socket.socket, head: bytes, payload: memoryview) -> None:
         sock.sendall(payload[sent - len(head) :])
 
 
-class FirstFailure:
-    """The failure that ended the ring first; later ones are its echoes (our own shutdown).
-
-    Recording happens before the sockets are shut down, so the echo of a
-    shutdown can never take the place of its cause.
-    """
-
-    def __init__(self, shutdown: Callable[[], None]) -> None:
-        self._lock = threading.Lock()
-        self._shutdown = shutdown
-        self.first: LinkFailed | None = None
-
-    def record(self, exc: LinkFailed) -> None:
-        with self._lock:
-            if self.first is None:
-                self.first = exc
-        self._shutdown()
-
-
 class _Progress:
     """Receives completed so far, shared by the receiving and the sending thread."""
 
@@ -147,101 +135,159 @@ class _Progress:
             return not self.failed
 
 
-class Sender:
-    """The persistent thread that writes one all-reduce's chunks to the right neighbour."""
+class RingLink:
+    """A member's two neighbour sockets, the sender thread, and the first failure of the ring.
 
-    def __init__(self, sock: socket.socket, failure: FirstFailure) -> None:
-        self.sock = sock
-        self.failure = failure
+    The caller's thread receives; a persistent daemon thread sends, running
+    queued jobs (one per all-reduce, then possibly one that forwards an abort).
+    """
+
+    def __init__(self, left: socket.socket, right: socket.socket, timeout: float) -> None:
+        self.left, self.right = left, right
+        for sock in (left, right):
+            sock.setblocking(True)
+            sock.settimeout(timeout)  # a neighbour silent for longer than this has stalled
+        self.reader = FrameReader(left)
+        self.first: LinkFailed | None = None
+        self._lock = threading.Lock()
+        self._progress = _Progress()
         self._jobs: list[Callable[[], None]] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="meshtrain-ring-send", daemon=True)
-        self._thread.start()
+        self._idle = threading.Event()
+        self._idle.set()
+        threading.Thread(target=self._serve, name="meshtrain-ring-send", daemon=True).start()
 
-    def start(self, job: Callable[[], None]) -> None:
-        self._done.clear()
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify()
+    # --- failures -------------------------------------------------------------------
+    def fail(self, exc: LinkFailed, abort_header: dict[str, Any]) -> None:
+        """Record `exc` if it is the first failure and start the abort it calls for.
 
-    def wait(self) -> None:
-        self._done.wait()
+        Recording comes before any shutdown, so the echo of our own shutdown on
+        the other socket can never take the place of its cause.
+        """
+        with self._lock:
+            if self.first is not None:
+                return
+            self.first = exc
+        self._progress.fail()
+        if exc.side == "left":  # tell the members on the right, after the frame in flight
+            self._queue(lambda: self._forward_abort(abort_header))
+        # A lost right neighbour needs nothing more: the receiver soon reads the abort that the
+        # lost member's right neighbour starts, which comes around the ring from the left.
+        # (Shutting our left socket instead would reset the left neighbour's sends, and it would
+        # blame us.)
 
-    def close(self) -> None:
+    def _forward_abort(self, header: dict[str, Any]) -> None:
+        try:
+            self.right.settimeout(min(self.right.gettimeout() or 1.0, 1.0))
+            self.right.sendall(wire.encode_header({**header, "kind": wire.FrameKind.ABORT, "nbytes": 0}))
+        except OSError:
+            pass
+        _shutdown(self.right, socket.SHUT_WR)
+
+    def close(self, linger: float = 1.0) -> None:
+        """Shut both sockets (FIN, no reset of unread data), stop the sender and release the sockets.
+
+        An abort still being forwarded gets up to `linger` seconds to reach the right neighbour.
+        """
+        if self.first is not None:
+            self._idle.wait(linger)
         with self._cond:
             self._closed = True
+            self._cond.notify()
+        for sock in (self.left, self.right):
+            _shutdown(sock, socket.SHUT_RDWR)
+            sock.close()
+
+    # --- the sender thread -------------------------------------------------------------
+    def _queue(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._idle.clear()
+            self._jobs.append(job)
             self._cond.notify()
 
     def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
+                    self._idle.set()
                     self._cond.wait()
                 if self._closed:
+                    self._idle.set()
                     return
                 job = self._jobs.pop(0)
             try:
                 job()
             except LinkFailed as exc:
-                self.failure.record(exc)
+                self.fail(exc, {})
             except BaseException as exc:  # noqa: BLE001 - every failure ends the ring, none is lost
-                self.failure.record(LinkFailed("right", _describe(exc)))
-            finally:
-                self._done.set()
+                self.fail(LinkFailed("right", _describe(exc)), {})
+
+    # --- one all-reduce -----------------------------------------------------------------
+    def run_allreduce(self, reduction: RingReduction, header_base: dict[str, Any], lost: Any) -> None:
+        """Stream one all-reduce: this thread receives and reduces while the sender thread sends.
+
+        Raises the first LinkFailed. `lost(exc)` gives the (peer, rank) a
+        failure blames, for the abort frame passed on to the right.
+        """
+        if self.first is not None:
+            raise self.first
+        self._progress = progress = _Progress()
+        sched = reduction.schedule
+        step, generation = header_base["step"], header_base["gen"]
+        sock = self.right
+
+        def send_all() -> None:
+            for i, t in enumerate(sched.sends):
+                if progress.failed or (t.after >= 0 and not progress.wait_for(t.after + 1)):
+                    return
+                payload = reduction.send_payload(i)
+                header = dict(header_base)
+                header.update(
+                    phase=t.phase,
+                    seg=t.segment,
+                    chunk=t.chunk,
+                    w=reduction.send_weight(i),
+                    nbytes=payload.nbytes,
+                )
+                try:
+                    send_frame(sock, wire.encode_header(header), payload)
+                except OSError as exc:
+                    raise LinkFailed("right", _describe(exc)) from None
+
+        self._queue(send_all)
+        failure: LinkFailed | None = None
+        try:
+            for i, t in enumerate(sched.recvs):
+                nbytes = reduction.recv_nbytes(i)
+                header = self.reader.read_header(max_payload=nbytes)
+                if header["kind"] == wire.FrameKind.ABORT:
+                    origin = (str(header.get("peer", "?")), int(header.get("rank", -1)))
+                    raise LinkFailed("left", str(header.get("reason", "aborted upstream")), origin)
+                fields = ("kind", "gen", "step", "phase", "chunk", "nbytes")
+                got = tuple(header.get(k) for k in fields)
+                expected = (wire.FrameKind.CHUNK, generation, step, t.phase, t.chunk, nbytes)
+                if got != expected:
+                    raise WireError(f"expected chunk {expected}, got {got}")
+                self.reader.read_into(reduction.recv_buffer(i))
+                reduction.received(i, float(header.get("w", 0.0)))
+                progress.advance(i + 1)
+        except LinkFailed as exc:
+            failure = exc
+        except (OSError, WireError, ValueError) as exc:
+            failure = LinkFailed("left", _describe(exc))
+        if failure is not None:
+            peer, rank = failure.origin or lost(failure)
+            self.fail(failure, {"gen": generation, "peer": peer, "rank": rank, "reason": failure.reason})
+            assert self.first is not None
+            raise self.first  # at once: the abort is forwarded by the sender thread meanwhile
+        self._idle.wait()  # the sends of this all-reduce are done (or failed)
+        if self.first is not None:
+            raise self.first
 
 
-def run_allreduce(
-    reduction: RingReduction,
-    reader: FrameReader,
-    sender: Sender,
-    header_base: dict[str, Any],
-    progress: _Progress | None = None,
-) -> None:
-    """Stream one all-reduce: the calling thread receives and reduces while `sender` sends.
-
-    Raises LinkFailed naming the side that failed first.
-    """
-    progress = progress or _Progress()
-    sched = reduction.schedule
-    step, generation = header_base["step"], header_base["gen"]
-
-    def send_all() -> None:
-        for i, t in enumerate(sched.sends):
-            if t.after >= 0 and not progress.wait_for(t.after + 1):
-                return
-            payload = reduction.send_payload(i)
-            header = dict(header_base)
-            header.update(
-                phase=t.phase, seg=t.segment, chunk=t.chunk, w=reduction.send_weight(i), nbytes=payload.nbytes
-            )
-            try:
-                send_frame(sender.sock, wire.encode_header(header), payload)
-            except OSError as exc:
-                raise LinkFailed("right", _describe(exc)) from None
-
-    sender.start(send_all)
+def _shutdown(sock: socket.socket, how: int) -> None:
     try:
-        for i, t in enumerate(sched.recvs):
-            nbytes = reduction.recv_nbytes(i)
-            header = reader.read_header(max_payload=nbytes)
-            if header["kind"] == wire.FrameKind.ABORT:
-                raise LinkFailed("left", f"aborted upstream: {header.get('reason', '')}")
-            got = (header["kind"], header.get("gen"), header.get("step"), header.get("phase"))
-            got += (header.get("chunk"), header["nbytes"])
-            expected = (wire.FrameKind.CHUNK, generation, step, t.phase, t.chunk, nbytes)
-            if got != expected:
-                raise WireError(f"expected chunk {expected}, got {got}")
-            reader.read_into(reduction.recv_buffer(i))
-            reduction.received(i, float(header.get("w", 0.0)))
-            progress.advance(i + 1)
-    except LinkFailed as exc:
-        sender.failure.record(exc)
-    except (OSError, WireError, ValueError) as exc:
-        sender.failure.record(LinkFailed("left", _describe(exc)))
-    if sender.failure.first is not None:
-        progress.fail()
-    sender.wait()
-    if sender.failure.first is not None:
-        raise sender.failure.first
+        sock.shutdown(how)
+    except OSError:
+        pass

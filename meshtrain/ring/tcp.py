@@ -1,15 +1,13 @@
-"""Sockets of a ring: the listener, the neighbour handshake, and a framed channel.
+"""Sockets of a ring: the listener and the neighbour handshake.
 
-Each member connects to its right neighbour and accepts from its left. The
-handshake is plain blocking code (it runs once per ring generation); the
-data path is a `Channel` on the background asyncio loop that reads frame
-headers through a small staging buffer and payloads straight into the
-caller's memoryview, and writes payload memoryviews straight to the kernel.
+Each member connects to its right neighbour and accepts from its left, and
+both ends check job, generation and rank in a hello frame before a byte of
+data flows, so a connection left over from an older generation, another
+job or a stray client is dropped instead of corrupting a reduction.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from typing import Any
@@ -18,7 +16,6 @@ from meshtrain import wire
 from meshtrain.errors import PeerLost, WireError
 
 PROTOCOL_VERSION = 1
-_STAGING = 64 * 1024
 
 
 def peer_lost(peer: str, rank: int, generation: int, reason: str) -> PeerLost:
@@ -184,98 +181,3 @@ def _accept_left(
         except (OSError, WireError, ConnectionError):
             pass
         conn.close()  # another job, an old generation, or garbage: not our neighbour
-
-
-# --- asyncio data channel ---------------------------------------------------------
-
-
-class ChannelClosed(Exception):
-    """The neighbour's side of the stream is gone (EOF or reset); `reason` says which."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Channel:
-    """A non-blocking socket on the ring loop that reads and writes frames without payload copies."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        self.sock = sock
-        self.loop = loop
-        self._staging = bytearray(_STAGING)
-        self._view = memoryview(self._staging)
-        self._lo = 0
-        self._hi = 0
-        self.last_progress = loop.time()
-        self.blocked = False  # inside a send or receive that is waiting on the peer
-
-    async def _recv_some(self, into: memoryview) -> int:
-        self.blocked = True
-        try:
-            n = await self.loop.sock_recv_into(self.sock, into)
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise ChannelClosed(f"connection reset ({exc.__class__.__name__})") from None
-        except OSError as exc:
-            raise ChannelClosed(f"socket error ({exc})") from None
-        finally:
-            self.blocked = False
-        if n == 0:
-            raise ChannelClosed("connection closed")
-        self.last_progress = self.loop.time()
-        return n
-
-    async def _fill(self, need: int) -> None:
-        """Make at least `need` bytes available in the staging buffer."""
-        if self._hi - self._lo >= need:
-            return
-        if self._lo:
-            pending = self._hi - self._lo
-            self._staging[:pending] = self._staging[self._lo : self._hi]
-            self._lo, self._hi = 0, pending
-        while self._hi < need:
-            self._hi += await self._recv_some(self._view[self._hi :])
-
-    async def read_header(self, max_payload: int) -> dict[str, Any]:
-        await self._fill(wire.LENGTH_PREFIX.size)
-        length = wire.header_length(self._view[self._lo : self._lo + 4], max_header=_STAGING - 4)
-        self._lo += 4
-        await self._fill(length)
-        header = wire.decode_header(self._view[self._lo : self._lo + length], max_payload=max_payload)
-        self._lo += length
-        return header
-
-    async def read_into(self, target: memoryview) -> None:
-        """Fill `target` exactly: first from what the header read over-fetched, then from the socket."""
-        n = target.nbytes
-        staged = min(n, self._hi - self._lo)
-        if staged:
-            target[:staged] = self._view[self._lo : self._lo + staged]
-            self._lo += staged
-        while staged < n:
-            staged += await self._recv_some(target[staged:])
-
-    async def write(self, head: bytes, payload: memoryview | None = None) -> None:
-        self.blocked = True
-        try:
-            await self.loop.sock_sendall(self.sock, head)
-            if payload is not None and payload.nbytes:
-                await self.loop.sock_sendall(self.sock, payload)
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise ChannelClosed(f"connection reset ({exc.__class__.__name__})") from None
-        except OSError as exc:
-            raise ChannelClosed(f"socket error ({exc})") from None
-        finally:
-            self.blocked = False
-        self.last_progress = self.loop.time()
-
-    def shutdown(self) -> None:
-        """Tell the neighbour at once (FIN) without risking a reset of data it has not read."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.shutdown()
-        self.sock.close()

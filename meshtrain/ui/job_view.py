@@ -99,7 +99,7 @@ def bar_rows(job: Mapping[str, Any]) -> Table:
     grid.add_row(
         Text(f"{glyph} {state}", style=styles.job_style(state)),
         _bar(epoch_fraction(job), state),
-        Text(f"{epoch_label}  step {step}/{steps or '?'}"),
+        Text(f"{epoch_label}  step {step}/{steps}" if steps else epoch_label),
     )
     overall = overall_fraction(job)
     timing = Text(f"{fmt.percent(overall):>4}  ")
@@ -131,9 +131,13 @@ def metric_rows(job: Mapping[str, Any], history: Sequence[float]) -> Table:
 
     workers = items(job, "workers")
     size = integer(job, "size") or len(workers)
-    speed = Text(fmt.count(number(job, "samples_per_s")), style="bold")
+    rate = number(job, "samples_per_s")
+    if not rate and text(job, "state") in ("waiting", "starting"):
+        rate = None  # nothing measured yet, rather than a misleading 0
+    speed = Text(fmt.count(rate), style="bold")
     speed.append(" samples/s", style="dim")
-    speed.append(f" on {size} node{'s' if size != 1 else ''}")
+    if size:
+        speed.append(f" on {size} node{'s' if size != 1 else ''}")
     speed.append("   ring ", style="dim")
     speed.append(fmt.mb_per_s(number(job, "ring_mb_s")))
     grid.add_row(Text("throughput", style="dim"), speed)
@@ -173,7 +177,7 @@ def message_height(job: Mapping[str, Any], console: Console, width: int) -> int:
     return min(max(len(lines), 1), MAX_MESSAGE_LINES)
 
 
-def worker_table(job: Mapping[str, Any], rows: int | None) -> Table:
+def worker_table(job: Mapping[str, Any], rows: int | None, width: int = 80) -> Table:
     workers = sorted(items(job, "workers"), key=lambda w: integer(w, "rank"))
     fastest = max((number(w, "samples_per_s") or 0.0 for w in workers), default=0.0) or 1.0
     table = Table(
@@ -193,7 +197,7 @@ def worker_table(job: Mapping[str, Any], rows: int | None) -> Table:
     shown = workers if rows is None else workers[:rows]
     for w in shown:
         rate = number(w, "samples_per_s")
-        rate_cell = Text(fmt.bar((rate or 0.0) / fastest, 10), style="green")
+        rate_cell = Text(fmt.bar((rate or 0.0) / fastest, 10 if width >= 72 else 4), style="green")
         rate_cell.append(f" {fmt.count(rate):>7}")
         table.add_row(
             Text(text(w, "node", "?"), style="bold"),
@@ -255,7 +259,7 @@ class JobView:
             bar_rows(job),
             metric_rows(job, self.loss_history),
             message_block(job, console, inner),
-            worker_table(job, worker_rows),
+            worker_table(job, worker_rows, inner),
         ]
         body.append(section("mesh events"))
         body.extend(event_section(items(job, "events"), event_lines, pad=pad))

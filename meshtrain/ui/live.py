@@ -17,6 +17,7 @@ nothing is redrawn: `MeshLog`/`JobLog` decide which lines to append.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import threading
@@ -29,8 +30,9 @@ from rich.live import Live
 
 from meshtrain.ui.job_view import JobView
 from meshtrain.ui.mesh_view import MeshView
-from meshtrain.ui.plain import JobLog, MeshLog, final_line
+from meshtrain.ui.plain import JobLog, MeshLog, final_line, render_job_text, render_mesh_text
 from meshtrain.ui.snapshot import FINISHED_JOB_STATES, integer, number, text
+from meshtrain.ui.terminal import quiet_input
 
 Snapshot = Mapping[str, Any]
 Fetch = Callable[[], "Snapshot | None | Awaitable[Snapshot | None]"]
@@ -42,14 +44,21 @@ def is_interactive(console: Console) -> bool:
     return console.is_terminal and not console.is_dumb_terminal
 
 
+SCREEN_RESERVE = 3  # lines left for a banner printed just before the view and the cursor line
+
+
 class _FitToScreen:
-    """Builds the view at render time with the terminal's current height, so a resize just works."""
+    """Builds the view at render time with the terminal's current height, so a resize just works.
+
+    The frame stays SCREEN_RESERVE lines short of the screen: a frame whose top
+    has scrolled off cannot be redrawn in place (the cursor cannot go above the
+    screen), which would leave a stale copy of its first line behind."""
 
     def __init__(self, build: Callable[[int | None], RenderableType]) -> None:
         self.build = build
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        yield self.build(max(console.size.height - 1, 12))
+        yield self.build(max(console.size.height - SCREEN_RESERVE, 12))
 
 
 class _LiveView:
@@ -69,6 +78,7 @@ class _LiveView:
         self.snapshot: Snapshot | None = None
         self._lock = threading.Lock()
         self._live: Live | None = None
+        self._quiet: contextlib.ExitStack | None = None
 
     # what subclasses provide
     def _view(self, snapshot: Snapshot | None, height: int | None) -> RenderableType:
@@ -82,6 +92,8 @@ class _LiveView:
 
     def __enter__(self) -> _LiveView:
         if not self.plain:
+            self._quiet = contextlib.ExitStack()
+            self._quiet.enter_context(quiet_input())
             self._live = Live(
                 _FitToScreen(self._render),
                 console=self.console,
@@ -109,6 +121,9 @@ class _LiveView:
             live.stop()
             if snapshot is not None:
                 self._after(snapshot)
+        if self._quiet is not None:
+            self._quiet.close()
+            self._quiet = None
 
     def _after(self, snapshot: Snapshot) -> None:
         """Hook: what to print under the final frame."""
@@ -129,10 +144,7 @@ class _LiveView:
         if self.plain:
             for line in self._log_lines(snapshot):
                 self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
-        elif self._live is None:
-            pass  # not entered yet: shown on __enter__
-        else:
-            self._live.refresh() if self._live.auto_refresh is False else None
+        # on a terminal, Live's own thread redraws the latest snapshot refresh_per_second times a second
 
     def print_once(self, snapshot: Snapshot | None) -> None:
         """One frame (terminal) or the plain rendering (pipe), no live redraw: `status` without --watch."""
@@ -193,8 +205,6 @@ class LiveMesh(_LiveView):
         return self._log.feed(snapshot)
 
     def _plain_text(self, snapshot: Snapshot | None) -> str:
-        from meshtrain.ui.plain import render_mesh_text
-
         return render_mesh_text(snapshot)
 
 
@@ -231,8 +241,6 @@ class LiveJob(_LiveView):
         return self._log.feed(snapshot)
 
     def _plain_text(self, snapshot: Snapshot | None) -> str:
-        from meshtrain.ui.plain import render_job_text
-
         return render_job_text(snapshot)
 
 

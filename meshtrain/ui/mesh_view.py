@@ -35,6 +35,7 @@ from meshtrain.ui.snapshot import (
 )
 
 WIDE = 110  # columns from which the extra node columns are shown
+NARROW = 72  # below this the device column gives way
 DEFAULT_EVENT_LINES = 8  # when the height is unknown (not live)
 MAX_EVENT_LINES = 14  # a tall terminal gets a taller log, not a screen of blank lines
 
@@ -82,11 +83,14 @@ def _self_name(mesh: Mapping[str, Any]) -> str:
     return text(mesh, "self")
 
 
-def load_cell(load: float | None) -> Text:
-    """A 5-cell bar and percent, red above 85% so a busy machine stands out."""
+def load_cell(load: float | None, *, compact: bool = False) -> Text:
+    """A 5-cell bar and percent (just the percent when compact), red above 85% so a busy
+    machine stands out."""
     if load is None:
         return Text(fmt.MISSING, style="dim")
     style = "red" if load > 0.85 else "yellow" if load > 0.6 else "green"
+    if compact:
+        return Text(f"{fmt.percent(load):>4}", style=style)
     cell = Text(fmt.bar(load, 5), style=style)
     cell.append(f" {fmt.percent(load):>4}")
     return cell
@@ -104,6 +108,7 @@ def battery_cell(battery: Any) -> Text:
 
 def node_table(mesh: Mapping[str, Any], width: int) -> Table:
     wide = width >= WIDE
+    narrow = width < NARROW
     table = Table(
         box=box.SIMPLE_HEAD,
         expand=True,
@@ -115,15 +120,16 @@ def node_table(mesh: Mapping[str, Any], width: int) -> Table:
     table.add_column("state", no_wrap=True, min_width=9)
     table.add_column("node", no_wrap=True, overflow="ellipsis", min_width=8)
     table.add_column("address", no_wrap=True, overflow="ellipsis", min_width=15)
-    table.add_column("device", no_wrap=True, overflow="ellipsis", min_width=5)
+    if not narrow:
+        table.add_column("device", no_wrap=True, overflow="ellipsis", min_width=5)
     if wide:
         table.add_column("cores", justify="right", no_wrap=True)
-    table.add_column("mem", justify="right", no_wrap=True)
-    table.add_column("load", no_wrap=True, min_width=10)
+    table.add_column("mem", justify="right", no_wrap=True, min_width=6)
+    table.add_column("load", no_wrap=True, min_width=4 if narrow else 10)
     if wide:
         table.add_column("battery", no_wrap=True)
         table.add_column("inc", justify="right", no_wrap=True, style="dim")
-    table.add_column("job", no_wrap=True, overflow="ellipsis", min_width=4)
+    table.add_column("job", no_wrap=True, overflow="ellipsis", min_width=7)  # a job id is 7 chars
 
     for node in items(mesh, "nodes"):
         state = text(node, "state", "unknown")
@@ -149,13 +155,14 @@ def node_table(mesh: Mapping[str, Any], width: int) -> Table:
             Text(f"{styles.node_glyph(state)} {state}", style=style),
             name,
             Text(text(node, "addr", fmt.MISSING), style="dim" if dead else ""),
-            Text(device, style="dim" if dead else ""),
         ]
+        if not narrow:
+            row.append(Text(device, style="dim" if dead else ""))
         if wide:
             cores = integer(node, "cores", 0)
             row.append(str(cores) if cores else fmt.MISSING)
         row.append(fmt.size_gb(number(node, "memory_gb")))
-        row.append(Text("", style="dim") if dead else load_cell(number(node, "load")))
+        row.append(Text("", style="dim") if dead else load_cell(number(node, "load"), compact=narrow))
         if wide:
             row.append(battery_cell(node.get("battery")))
             row.append(str(integer(node, "incarnation")))
@@ -173,9 +180,6 @@ def job_lines(mesh: Mapping[str, Any]) -> list[Text]:
         line.append(text(job, "job", "?"), style="bold cyan")
         line.append(f" {text(job, 'script')} ")
         line.append(state, style=styles.job_style(state))
-        nodes = strings(job, "nodes")
-        if nodes:
-            line.append(f" on {', '.join(nodes)}", style="dim")
         epochs = integer(job, "epochs")
         if epochs:
             line.append(f" · epoch {integer(job, 'epoch')}/{epochs}")
@@ -184,6 +188,9 @@ def job_lines(mesh: Mapping[str, Any]) -> list[Text]:
         if number(job, "test_accuracy") is not None:
             line.append(" · acc ")
             line.append(fmt.accuracy(number(job, "test_accuracy")), style="bold")
+        nodes = strings(job, "nodes")
+        if nodes:  # last: the first thing to give way on a narrow terminal
+            line.append(f" · on {', '.join(nodes)}", style="dim")
         line.no_wrap = True
         line.overflow = "ellipsis"
         lines.append(line)

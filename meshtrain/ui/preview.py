@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.rule import Rule
 
 from meshtrain.ui import samples
@@ -29,7 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--live", type=float, metavar="SECONDS", help="play an example job live for this long"
     )
+    parser.add_argument("--cost", action="store_true", help="measure the time to render one live frame")
     args = parser.parse_args(argv)
+    if args.cost:
+        render_cost()
+        return 0
     console = Console(width=args.width) if args.width else Console()
     if args.live:
         play(console, args.live)
@@ -49,6 +53,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             console.print(view)
     return 0
+
+
+def render_cost(frames: int = 200) -> None:
+    """Milliseconds to render one live frame of each view: the CPU a live view costs at 4 frames/s."""
+    import io
+
+    for width, height in ((80, 21), (200, 50)):
+        console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
+        views: list[tuple[str, RenderableType]] = [
+            ("MeshView", MeshView(samples.mesh(), height=height)),
+            ("JobView", JobView(samples.running_job(), height=height)),
+        ]
+        for name, view in views:
+            for _ in range(5):
+                console.print(view)
+            start = time.perf_counter()
+            for _ in range(frames):
+                console.print(view)
+            ms = (time.perf_counter() - start) / frames * 1000
+            share = ms * 4 / 1000 * 100
+            print(
+                f"{name} {width}x{height}: {ms:.2f} ms/frame over {frames} frames"
+                f" = {share:.1f}% of a core at 4 fps"
+            )
 
 
 def frames(seconds: float, fps: float = 8.0) -> list[dict[str, Any]]:

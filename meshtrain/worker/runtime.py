@@ -64,7 +64,7 @@ def _user_traceback(exc: BaseException, script: str) -> str:
     while probe is not None and os.path.abspath(probe.tb_frame.f_code.co_filename) != script_path:
         probe = probe.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, probe or tb))
-    return text.replace(os.path.dirname(script_path) + os.sep, "")  # the job's temp dir means nothing to users
+    return text.replace(os.path.dirname(script_path) + os.sep, "")  # the job's temp dir means nothing here
 
 
 def _connect_ring(spec: JobSpec, reporter: Reporter) -> Any:
