@@ -163,7 +163,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def run_round(backend: str, wire: str, n: int, sizes: list[int], iters: int, cluster: object | None) -> dict:
+def run_round(
+    backend: str,
+    wire: str,
+    n: int,
+    sizes: list[int],
+    iters: int,
+    cluster: object | None,
+    torch_path: str = "",
+) -> dict:
     if cluster is None:
         addrs = [("127.0.0.1", p) for p in free_ports(n)]
     else:
@@ -173,13 +181,17 @@ def run_round(backend: str, wire: str, n: int, sizes: list[int], iters: int, clu
     env = dict(os.environ)
     if os.path.exists(OPENBLAS):
         env["LD_PRELOAD"] = OPENBLAS
+    if backend == "gloo" and torch_path:
+        env["PYTHONPATH"] = torch_path + os.pathsep + env.get("PYTHONPATH", "")
     procs = []
     for rank in range(n):
         prefix = cluster.exec_prefix(rank) if cluster is not None else []  # type: ignore[attr-defined]
+        if backend == "gloo":  # gloo must be told which interface carries the ring
+            env["GLOO_SOCKET_IFNAME"] = f"{cluster.prefix}h{rank}" if cluster is not None else "lo"  # type: ignore[attr-defined]
         cmd = [*prefix, sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend]
         cmd += ["--rank", str(rank), "--addrs", addr_arg, "--sizes", ",".join(map(str, sizes))]
         cmd += ["--iters", str(iters), "--wire", wire]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"{backend} N={n} failed: exit codes {[p.returncode for p in procs]}")
@@ -207,11 +219,17 @@ def main() -> None:
     )
     ap.add_argument("--netns", action="store_true", help="one host per namespace on a shaped LAN")
     ap.add_argument("--rate", default="1gbit", help="link rate with --netns")
+    ap.add_argument("--torch-path", default="", help="extra PYTHONPATH where torch is installed (for gloo)")
+    ap.add_argument(
+        "--chunk-kib", type=int, default=0, help="meshtrain sub-chunk size (default: the library's)"
+    )
     args = ap.parse_args()
     if args.worker:
         worker_main(args)
         return
 
+    if args.chunk_kib:
+        os.environ["MESHTRAIN_CHUNK_KIB"] = str(args.chunk_kib)
     variants = [(b, "float32") for b in args.backends.split(",")]
     if args.wire_dtype:
         variants.insert(1, ("meshtrain", args.wire_dtype))
@@ -232,7 +250,7 @@ def main() -> None:
         try:
             for _ in range(args.rounds):
                 for backend, wire in variants:
-                    result = run_round(backend, wire, n, sizes, args.iters, cluster)
+                    result = run_round(backend, wire, n, sizes, args.iters, cluster, args.torch_path)
                     for size, ts in result.items():
                         times[(n, size, f"{backend}" + ("" if wire == "float32" else f"-{wire}"))] += ts
         finally:
@@ -255,7 +273,12 @@ def report(n: int, sizes: list[int], variants: list[tuple[str, str]], times: dic
             else:
                 bw[name] = 2 * (n - 1) / n * size / t / 1e6
             cells.append(f"{t * 1e3:10.2f} | {bw[name]:9.1f}")
-        ratios = [f"meshtrain/{o}={bw['meshtrain'] / bw[o]:.2f}" for o in names if o != "meshtrain"]
+        ratios = [
+            f"meshtrain/{o}={bw['meshtrain'] / bw[o]:.2f}" for o in names if o.split("-")[0] != "meshtrain"
+        ]
+        ratios += [
+            f"{o}/meshtrain={bw[o] / bw['meshtrain']:.2f}" for o in names if o.startswith("meshtrain-")
+        ]
         print(f"{size / MiB:6.0f}Mi " + " ".join(f"{c:>24}" for c in cells) + "   " + " ".join(ratios))
     sys.stdout.flush()
 

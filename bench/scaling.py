@@ -5,8 +5,10 @@ with every link shaped to `--rate` (meshtrain.netns), runs `meshtrain join`
 in each (pinned to its own core with taskset, round-robin when there are
 fewer cores than nodes), then `meshtrain run examples/mnist.py --nodes N`
 from host 0, with the same global batch and epochs for every N. It prints
-samples/s, seconds to reach `--target` test accuracy, speed-up and efficiency
-against N = 1. Needs root and iproute2.
+samples/s (training only: the job's own average, from the workers' step
+reports, as `meshtrain run` prints it), seconds to reach `--target` test
+accuracy (the script's epoch times summed, evaluation included), speed-up and
+efficiency against N = 1. Needs root and iproute2.
 
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/scaling.py --nodes 1 2 4 --epochs 2
 """
@@ -29,6 +31,7 @@ from meshtrain import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+loss ([\d.]+)\s+test accuracy ([\d.]+)%\s+([\d.]+) s")
+THROUGHPUT_LINE = re.compile(r"throughput: ([\d,]+) samples/s")
 GOSSIP_PORT = 7946
 
 
@@ -135,15 +138,16 @@ def run_once(n: int, args: argparse.Namespace, cores: int) -> Result:
     epochs = [(int(m[1]), float(m[4]), float(m[5])) for m in EPOCH_LINE.finditer(out.stdout)]
     if len(epochs) != args.epochs:
         raise SystemExit(f"N={n}: expected {args.epochs} epoch lines in:\n{out.stdout[-2000:]}")
-    samples = args.train_limit or 60000
-    train_s = sum(e[2] for e in epochs)
+    rate = THROUGHPUT_LINE.search(out.stdout)
+    if rate is None:
+        raise SystemExit(f"N={n}: no throughput line in:\n{out.stdout[-2000:]}")
     elapsed, to_target = 0.0, None
     for _, acc, secs in epochs:
         elapsed += secs
         if to_target is None and acc >= args.target:
             to_target = elapsed
     shutil.rmtree(home, ignore_errors=True)
-    return Result(n, samples * args.epochs / train_s, to_target, epochs[-1][1], wall)
+    return Result(n, float(rate[1].replace(",", "")), to_target, epochs[-1][1], wall)
 
 
 def _seconds(value: float | None) -> str:
@@ -165,7 +169,8 @@ def main() -> int:
         return 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     print(
-        f"examples/mnist.py --model {args.model or 'default'}, {args.epochs} epochs, global batch {args.batch_size}, "
+        f"examples/mnist.py --model {args.model or 'default'}, {args.epochs} epochs, "
+        f"global batch {args.batch_size}, "
         f"{args.train_limit or 60000} training samples; links {args.rate} (tc tbf) between namespaces; "
         f"{cores} CPU cores here, each node pinned to core (i mod {cores})"
         + ("" if max(args.nodes) <= cores else ": with more nodes than cores, nodes share cores"),

@@ -87,7 +87,7 @@ def main() -> None:
         loss, grads = loss_and_grad(x_all[idx], y_all[idx])
         apply_update(grads)
         mx.eval(model.parameters(), optimizer.state, loss)
-        float(loss.item())
+        float(loss)
 
     step_number = 0
 
@@ -104,7 +104,7 @@ def main() -> None:
             epochs=1,
             step=step_number,
             steps_per_epoch=n // args.batch_size,
-            loss=float(loss.item()),
+            loss=float(loss),
             samples=len(local),
         )
         step_number += 1
@@ -136,7 +136,7 @@ def main() -> None:
         f"  model {model_name}, global batch {args.batch_size}, real MNIST, "
         f"{'eager' if args.no_compile else 'mx.compile'} on both"
     )
-    print(f"  device {mx.default_device()}, MLX {mx.__version__}, BLAS: {blas.describe()}")
+    print(f"  device {mx.default_device()}, MLX {getattr(mx, '__version__', '?')}, BLAS: {blas.describe()}")
     print(f"  {args.rounds * args.steps} steps per variant, alternating step by step; median step time")
     print(f"  plain MLX step:          {plain_ms:8.3f} ms")
     print(f"  meshtrain step (size 1): {mesh_ms:8.3f} ms   (batches + allreduce + report)")

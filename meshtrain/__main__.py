@@ -1,3 +1,7 @@
-from meshtrain.cli import main
+"""`python -m meshtrain` is the `meshtrain` command."""
+
 import sys
+
+from meshtrain.cli import main
+
 sys.exit(main())

@@ -191,18 +191,26 @@ def ensure_fast_blas() -> None:
     OpenBLAS exists it prints one warning line, once per process tree.
     """
     if not needs_preload():
+        os.environ.pop(REEXEC_MARKER, None)  # done its job; children start clean
         return
     openblas = find_openblas()
     if openblas is None or os.environ.get(REEXEC_MARKER):
         _warn_once()
         return
-    if hasattr(sys, "ps1") or sys.flags.interactive or "_pytest" in sys.modules or not sys.orig_argv:
+    if not _can_reexec():
         return
     env = child_env(os.environ)
     env[REEXEC_MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _can_reexec() -> bool:
+    """False where running the command line again would not resume this program."""
+    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
+    from_stdin = bool(sys.argv) and sys.argv[0] in ("", "-")  # the script was read and is gone
+    return bool(sys.orig_argv) and not interactive and not from_stdin and "_pytest" not in sys.modules
 
 
 def _warn_once() -> None:

@@ -99,6 +99,18 @@ def test_plain_script_is_re_executed_with_openblas(tmp_path: Path) -> None:
 
 
 @reference_mlx
+@has_openblas
+def test_script_from_stdin_is_not_re_executed(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MESHTRAIN_BLAS") and k != "LD_PRELOAD"}
+    result = subprocess.run(
+        [sys.executable, "-"], input=PROBE, env=clean, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("pid") == 1
+    assert "describe OpenBLAS (preloaded into training processes" in result.stdout
+
+
+@reference_mlx
 def test_missing_openblas_warns_once_and_does_not_loop(tmp_path: Path) -> None:
     result = run_probe(tmp_path, MESHTRAIN_BLAS=str(tmp_path / "no-such-libblas.so"))
     assert result.returncode == 0, result.stderr

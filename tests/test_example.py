@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_cnn_and_mlp_have_the_documented_sizes() -> None:
     example = load_example()
     sizes = {}
     for name, build in example.MODELS.items():
-        params = tree_flatten(build().trainable_parameters())
+        params: Any = tree_flatten(build().trainable_parameters())
         sizes[name] = sum(p.nbytes for _, p in params)
     assert sizes["cnn"] == 4_799_528  # gradients per step, as DATA.md states
     assert sizes["mlp"] == 4 * (784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10)

@@ -37,8 +37,13 @@ JOB_EVENTS_BEFORE = 5
 
 def node_facts() -> dict[str, Any]:
     """What this machine offers, in the snapshot's terms, for gossip metadata."""
-    facts: dict[str, Any] = {"platform": f"{platform.system()} {platform.machine()}", "device": "CPU",
-                             "cores": os.cpu_count() or 1, "memory_gb": None, "battery": None}
+    facts: dict[str, Any] = {
+        "platform": f"{platform.system()} {platform.machine()}",
+        "device": "CPU",
+        "cores": os.cpu_count() or 1,
+        "memory_gb": None,
+        "battery": None,
+    }
     try:
         from meshtrain import sysinfo
 
@@ -146,6 +151,12 @@ class Agent:
         return int(self.node.port)
 
     @property
+    def advertised(self) -> tuple[str, int]:
+        """The (host, gossip port) other nodes reach this one at."""
+        me = next((m for m in self.members() if m.id == self.node.id), None)
+        return (str(me.addr[0]), int(me.addr[1])) if me is not None else (self.host, self.gossip_port)
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 
@@ -250,9 +261,9 @@ class Agent:
                     "script": hosted.script,
                     "state": "running",
                     "nodes": [x.name for x in self.members() if (x.meta or {}).get("job") == hosted.job],
-                    "epoch": m.get("epoch", 0),
+                    "epoch": _count(m.get("epoch")),  # loop indices reported, counts shown
                     "epochs": m.get("epochs", 0),
-                    "step": m.get("step", 0),
+                    "step": _count(m.get("step")),
                     "loss": m.get("loss"),
                     "test_accuracy": m.get("test_accuracy"),
                 }
@@ -346,6 +357,10 @@ class Agent:
                 exit_code=result.exit_code,
                 job=runner.job,
             )
+
+
+def _count(index: Any) -> int:
+    return index + 1 if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 def _is_unix(conn: Conn) -> bool:

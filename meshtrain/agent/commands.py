@@ -87,9 +87,10 @@ async def _join(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.leave()))
+    host, port = agent.advertised
     print(
-        f"joined the mesh as {agent.name} (gossip port {agent.gossip_port}); other machines: "
-        f"`meshtrain join` on the same LAN, or `meshtrain join --seed THIS_HOST:{agent.gossip_port}`",
+        f"joined the mesh as {agent.name} (gossip port {agent.gossip_port}); on other machines: "
+        f"`meshtrain join` (same LAN) or `meshtrain join --seed {host}:{port}`",
         flush=True,
     )
     view = LiveMesh()
@@ -235,7 +236,14 @@ def run(args: argparse.Namespace) -> int:
         wait=wait,
     )
     _use_uvloop()
-    result = asyncio.run(_run(request, args.local))
+    renderer = Renderer()
+    result = asyncio.run(_run(request, args.local, renderer))
+    last = renderer.last or {}
+    if result.state == "done" and last.get("train_s"):
+        print(
+            f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
+            f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
+        )
     if result.state == "failed":
         if result.traceback:
             print(result.traceback.rstrip(), file=sys.stderr)
@@ -245,11 +253,9 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-
-async def _run(request: JobRequest, local: int | None) -> JobResult:
+async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> JobResult:
     from meshtrain.launcher import run_embedded
 
-    renderer = Renderer()
     path = socket_path()
     loop = asyncio.get_running_loop()
     if local is None and await agent_alive(path) is None:

@@ -27,9 +27,14 @@ class WorkerProgress:
     loss: float | None = None
     samples_total: float = 0.0
     samples_seen: deque[tuple[float, float]] = field(default_factory=deque)  # (t, cumulative samples)
+    first: tuple[float, float] | None = None  # (t, cumulative samples) of the first report
+    last_t: float = 0.0
 
     def add_samples(self, t: float, samples: float) -> None:
         self.samples_total += samples
+        if self.first is None:
+            self.first = (t, self.samples_total)
+        self.last_t = t
         self.samples_seen.append((t, self.samples_total))
         while len(self.samples_seen) > 2 and t - self.samples_seen[0][0] > RATE_WINDOW_S:
             self.samples_seen.popleft()
@@ -130,6 +135,16 @@ class JobState:
         left = self.epochs * self.steps_per_epoch - self._global_step()
         return max(0.0, left * (t1 - t0) / (s1 - s0))
 
+    def average_rate(self) -> tuple[float, float]:
+        """(samples/s, seconds) over the whole run: every worker's samples after its first report,
+        over the longest span between a worker's first and last report (each on its own clock)."""
+        spans = [
+            (w.samples_total - w.first[1], w.last_t - w.first[0]) for w in self.workers.values() if w.first
+        ]
+        seconds = max((span for _, span in spans), default=0.0)
+        samples = sum(n for n, _ in spans)
+        return (samples / seconds if seconds > 0 else 0.0), seconds
+
     def summary(self) -> dict[str, Any]:
         """The short form listed in the mesh snapshot's `jobs`."""
         return {
@@ -160,6 +175,7 @@ class JobState:
             for rank, w in sorted(self.workers.items())
         ]
         end = self.finished if self.finished is not None else now
+        average, train_s = self.average_rate()
         return {
             "job": self.job,
             "script": self.script,
@@ -181,4 +197,6 @@ class JobState:
             "events": list(self.events),
             "log": list(self.log),
             "loss_history": list(self.loss_history),
+            "avg_samples_per_s": average,
+            "train_s": train_s,
         }

@@ -4,6 +4,7 @@ node = GossipNode(name="mac-mini", meta={...}, profile=PROFILES["lan"], port=794
 await node.start(); node.members(); node.subscribe(cb); await node.leave()
 """
 
+from meshtrain.gossip.discovery import DISCOVERY_PORT
 from meshtrain.gossip.member import ALIVE, DEAD, LEFT, SUSPECT, Addr, Member, MemberEvent
 from meshtrain.gossip.membership import Membership
 from meshtrain.gossip.node import GossipNode, run
@@ -12,6 +13,7 @@ from meshtrain.gossip.profiles import PROFILES, Profile
 __all__ = [
     "ALIVE",
     "DEAD",
+    "DISCOVERY_PORT",
     "LEFT",
     "SUSPECT",
     "PROFILES",

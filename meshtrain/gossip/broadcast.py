@@ -28,6 +28,9 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
     def push(self, key: str, message: Update, size: int) -> None:
         self._order += 1
         self._items[key] = _Item(0, self._order, message, size)

@@ -200,7 +200,7 @@ class Membership:
         p = self._probe
         if p is not None and not p.acked and not p.indirect_sent and p.timeout_at < t:
             t = p.timeout_at
-        if self._queue._items and self._next_gossip < t:
+        if self._queue and self._next_gossip < t:
             t = self._next_gossip
         for r in self._relays.values():
             if r.deadline < t:
@@ -257,7 +257,7 @@ class Membership:
             gi = self.profile.gossip_interval
             steps = int((now - self._next_gossip) / gi) + 1
             self._next_gossip += steps * gi
-            if self._queue._items:
+            if self._queue:
                 self._gossip(now)
         if now >= self._next_push_pull:
             self._next_push_pull = now + self.profile.push_pull_period(self._live)
@@ -486,7 +486,7 @@ class Membership:
     def _send(self, addr: Addr, m: Message) -> None:
         """Send one probe message, with as many pending updates piggy-backed as fit."""
         extra: list[Update] = []
-        if self._queue._items:
+        if self._queue:
             budget = self.profile.max_datagram - PACKET_OVERHEAD - len(self.id) - message_size(m)
             extra = self._queue.take(budget, self.profile.retransmit_limit(self._live))
         self._out.append(Send(addr, Packet(self.id, (m, *extra))))

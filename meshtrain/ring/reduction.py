@@ -107,7 +107,7 @@ class RingReduction:
         """Receive i has fully landed in `recv_buffer(i)`: reduce or store it."""
         t = self.schedule.recvs[i]
         lo, hi = t.start, t.stop
-        if True:
+        if t.phase not in self.recv_weight:
             self.recv_weight[t.phase] = float(weight)
         if not self.wide:
             tensors.decode(self.wire[lo:hi], self.acc[lo:hi], self.wire_dtype)

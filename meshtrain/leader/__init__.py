@@ -1,0 +1,21 @@
+"""The mesh's one leader and what it leads: checkpoint rounds.
+
+election.py: who leads (sticky, term-numbered, from the gossip view).
+checkpoint.py: the two-phase checkpoint protocol (leader's coordinator, workers' participant).
+Both are pure state machines; the agent and worker shells carry out their actions.
+"""
+
+from meshtrain.leader.checkpoint import CheckpointCoordinator, CheckpointParticipant, CheckpointPolicy
+from meshtrain.leader.election import LEADER_META_KEY, Claim, Election, LeaderChanged, Leadership, Resign
+
+__all__ = [
+    "LEADER_META_KEY",
+    "CheckpointCoordinator",
+    "CheckpointParticipant",
+    "CheckpointPolicy",
+    "Claim",
+    "Election",
+    "LeaderChanged",
+    "Leadership",
+    "Resign",
+]

@@ -1,0 +1,186 @@
+"""Who coordinates checkpoints: a sticky, term-numbered leader computed from the membership view.
+
+Pure: `Election.observe(members)` takes this node's current view (the gossip
+`Member` snapshots, ourselves included) and returns what to do: `Claim(term)`
+or `Resign()` (publish or clear ``leader_term`` in our gossip metadata) and
+`LeaderChanged` (tell the checkpoint layer). No sockets, no clock.
+
+The rule every node applies to the same view, so equal views give equal answers:
+
+1. Eligible members are those alive *or suspect* (a suspected leader is kept
+   until SWIM declares it dead or it refutes: suspicion alone must not flap
+   the leader), that pass the `eligible` filter (agents only, by default
+   those that publish a control port).
+2. If any eligible member claims leadership (``leader_term`` in its meta), the
+   leader is the claimant with the highest term, ties broken by priority.
+   An incumbent therefore stays leader while it lives, even when a better
+   machine joins: moving the leader costs an aborted checkpoint and buys
+   nothing but a slightly better coordinator, so we never do it on purpose.
+3. With no claimant, the best eligible member by priority -- on AC power
+   first, then most memory, then lowest id -- becomes leader: that node alone
+   claims, with a term one above every term it has ever seen (in anyone's
+   metadata, dead members' included), and publishes it.
+4. A claimant that sees a winning claimant other than itself resigns.
+
+Split views: each side of a partition elects its own leader (both are right
+for the members they can reach). Once gossip converges every node sees the
+same claims, rule 2 picks the same winner everywhere (higher term, then
+priority), and the loser resigns on its own rule 4. Terms only grow, so a
+checkpoint message carrying an older term is recognisably stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshtrain.gossip.member import ALIVE, SUSPECT, Member
+
+__all__ = [
+    "LEADER_META_KEY",
+    "Claim",
+    "Election",
+    "ElectionAction",
+    "LeaderChanged",
+    "Leadership",
+    "Resign",
+    "claimed_term",
+    "is_agent",
+    "on_ac_power",
+    "priority_key",
+]
+
+LEADER_META_KEY = "leader_term"
+"""Gossip metadata key under which the leader publishes its term (absent or None: not leading)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    """The leader as this node sees it. `settled`: the leader has published its term, so
+    every node that sees the same view agrees on both leader and term."""
+
+    leader: str | None
+    term: int
+    settled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """We lead now: publish ``{LEADER_META_KEY: term}`` in our gossip metadata."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resign:
+    """We no longer lead: publish ``{LEADER_META_KEY: None}``."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderChanged:
+    """The (leader, term) pair changed; the checkpoint layer aborts what the old term had in flight."""
+
+    previous: Leadership
+    current: Leadership
+
+
+ElectionAction = Claim | Resign | LeaderChanged
+
+
+def on_ac_power(meta: Mapping[str, Any]) -> bool:
+    """No battery (a desktop) or a plugged-in one: a laptop on battery may sleep or be carried away."""
+    battery = meta.get("battery")
+    if not isinstance(battery, Mapping):
+        return True
+    return bool(battery.get("plugged"))
+
+
+def _memory_gb(meta: Mapping[str, Any]) -> float:
+    for key in ("memory_gb", "mem_gb"):
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+def priority_key(member: Member) -> tuple[int, float, str]:
+    """Smaller is better: on AC power, then most memory, then lowest id (a total order)."""
+    meta = member.meta or {}
+    return (0 if on_ac_power(meta) else 1, -_memory_gb(meta), member.id)
+
+
+def claimed_term(member: Member) -> int | None:
+    term = (member.meta or {}).get(LEADER_META_KEY)
+    if isinstance(term, int) and not isinstance(term, bool) and term > 0:
+        return term
+    return None
+
+
+def is_agent(member: Member) -> bool:
+    """Only agents (which publish a control port) can coordinate; a bare gossip node cannot."""
+    return "control" in (member.meta or {})
+
+
+def _any_member(member: Member) -> bool:
+    return True
+
+
+class Election:
+    """One node's leader election; call `observe` whenever its membership view changes
+    (and on a slow timer, so a view that stops changing still settles)."""
+
+    def __init__(self, self_id: str, *, eligible: Callable[[Member], bool] | None = None) -> None:
+        self.self_id = self_id
+        self.eligible = eligible or _any_member
+        self.claim: int | None = None
+        self.highest_term = 0
+        self.current = Leadership(None, 0, False)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.claim is not None
+
+    def observe(self, members: Iterable[Member]) -> list[ElectionAction]:
+        members = list(members)
+        for m in members:
+            term = claimed_term(m)
+            if term is not None and term > self.highest_term:
+                self.highest_term = term
+        me = next((m for m in members if m.id == self.self_id), None)
+        live = [m for m in members if m.state in (ALIVE, SUSPECT) and self.eligible(m)]
+        i_am_live = any(m.id == self.self_id for m in live)
+        actions: list[ElectionAction] = []
+        if self.claim is not None and not i_am_live:
+            actions.append(Resign(self.claim))  # leaving, or no longer eligible
+            self.claim = None
+
+        claimants = [
+            (term, m) for m in live if m.id != self.self_id and (term := claimed_term(m)) is not None
+        ]
+        if self.claim is not None and me is not None:
+            claimants.append((self.claim, me))
+        if claimants:
+            term, winner = min(claimants, key=lambda c: (-c[0], priority_key(c[1])))
+            if self.claim is not None and winner.id != self.self_id:
+                actions.append(Resign(self.claim))
+                self.claim = None
+            now = Leadership(winner.id, term, True)
+        elif live:
+            best = min(live, key=priority_key)
+            if best.id == self.self_id:
+                self.highest_term += 1
+                self.claim = self.highest_term
+                actions.append(Claim(self.claim))
+                now = Leadership(self.self_id, self.claim, True)
+            else:
+                now = Leadership(best.id, self.highest_term, False)
+        else:
+            now = Leadership(None, self.highest_term, False)
+
+        if now != self.current:
+            previous, self.current = self.current, now
+            actions.append(LeaderChanged(previous, now))
+        return actions
