@@ -40,7 +40,11 @@ def joins(profile: Profile, n: int, count: int, seed: int) -> list[float]:
         sim.listeners = [watch]
         start = sim.now
         sim.join(seed_index=(k * 7919) % n)
-        if sim.run_until(start + 60, stop=lambda w=watch: len(w.times) == len(sim.nodes) - 1):
+
+        def everyone(w: Watch = watch) -> bool:
+            return len(w.times) == len(sim.nodes) - 1
+
+        if sim.run_until(start + 60, stop=everyone):
             out.append(sim.now - start)
         sim.run_until(sim.now + 1.0)
     return out
@@ -61,7 +65,11 @@ def deaths(profile: Profile, n: int, count: int, seed: int) -> list[tuple[float,
         start = sim.now
         sim.crash(victim)
         healthy = len(sim.nodes) - len(sim.crashed)
-        if sim.run_until(start + 120, stop=lambda w=watch, h=healthy: len(w.times) == h):
+
+        def all_healthy(w: Watch = watch, h: int = healthy) -> bool:
+            return len(w.times) == h
+
+        if sim.run_until(start + 120, stop=all_healthy):
             times = sorted(watch.times.values())
             out.append((times[0] - start, times[-1] - start))
         sim.run_until(sim.now + 2.0)

@@ -83,3 +83,13 @@ def test_queue_sends_each_update_a_bounded_number_of_times_newest_first() -> Non
 
 def test_broadcast_addresses_skip_loopback() -> None:
     assert all(not a.startswith("127.") for a in broadcast_addresses())
+
+
+def test_local_meta_fits_in_a_datagram_and_is_accepted() -> None:
+    from meshtrain.gossip import GossipNode
+    from meshtrain.gossip.codec import META_MAX_BYTES, encode_meta
+    from meshtrain.gossip.meta import local_meta
+
+    meta = local_meta(control_port=7948, ring_port=7950, device="cpu", speed=1.5)
+    assert len(encode_meta(meta)) < META_MAX_BYTES / 2
+    assert GossipNode("x", meta=meta).meta["cores"] >= 1

@@ -154,3 +154,48 @@ def test_worker_slices_are_disjoint_and_cover_the_global_batch() -> None:
         assert len(set(union.tolist())) == len(union)
     everything = np.concatenate([p for r in range(3) for p in slices[r]])
     assert sorted(everything.tolist()) == list(range(100))
+
+
+def test_the_primary_crash_wins_over_the_peer_lost_echoes_that_arrive_first() -> None:
+    from meshtrain.agent.jobs import JobRequest, JobRunner, _Participant
+
+    runner = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
+    parts = [_Participant(name=n, rank=r, host="h", control_port=1) for r, n in enumerate(["a", "b", "c"])]
+    runner.state.assign(["a", "b", "c"])
+    logs: list[tuple[str, int, str, str]] = []
+    echo = {"kind": "event", "type": "crash", "summary": "PeerLost: lost ring peer", "secondary": True}
+    runner._handle(parts[0], echo, logs)
+    for p in parts:  # the coordinator cancels everyone on the first failure
+        p.killed = True
+    runner._handle(
+        parts[1],
+        {
+            "kind": "event",
+            "type": "crash",
+            "summary": "ValueError: boom",
+            "traceback": "Traceback ...\nValueError: boom",
+            "secondary": False,
+        },
+        logs,
+    )
+    assert runner._handle(parts[2], {"kind": "event", "type": "exit", "code": -15}, logs)  # killed by us
+    verdict = runner._verdict()
+    assert (verdict.state, verdict.message) == ("failed", "b (rank 1) failed: ValueError: boom")
+    assert verdict.traceback is not None and verdict.traceback.endswith("ValueError: boom")
+    assert verdict.exit_code == 1
+
+
+def test_a_silent_non_zero_exit_and_a_lost_agent_are_failures_too() -> None:
+    from meshtrain.agent.jobs import JobRequest, JobRunner, _Participant
+
+    runner = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
+    a, b = _Participant("a", 0, "h", 1), _Participant("b", 1, "h", 1)
+    runner.state.assign(["a", "b"])
+    runner._handle(a, {"kind": "event", "type": "exit", "code": 3, "stderr": "out of memory"}, [])
+    assert runner._verdict().message == "a (rank 0) exited with code 3: out of memory"
+    other = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
+    assert other._handle(b, None, [])
+    assert other._verdict().message == "lost contact with b (rank 1)"
+    done = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
+    assert done._handle(a, {"kind": "event", "type": "exit", "code": 0}, [])
+    assert done._verdict().state == "done" and done._verdict().exit_code == 0

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -178,8 +179,6 @@ class Agent:
                 await asyncio.wait_for(self.node.leave(), 3.0)
             with contextlib.suppress(Exception):
                 await self.node.close()
-        import shutil
-
         shutil.rmtree(self._jobs_dir, ignore_errors=True)
 
     # membership as the job coordinator sees it

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ async def _join(args: argparse.Namespace) -> int:
     )
     try:
         await agent.start()
+    except UserError:
+        await agent.leave()  # e.g. the gossip port is taken: no stale control socket left behind
+        raise
     except OSError as exc:
         await agent.leave()
         raise UserError(f"cannot start the agent on port {args.port}: {exc.strerror or exc}") from None
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     renderer = Renderer()
     result = asyncio.run(_run(request, args.local, renderer))
     last = renderer.last or {}
-    if result.state == "done" and last.get("train_s"):
+    if result.state == "done" and (last.get("train_s") or 0) >= 0.5:
         print(
             f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
             f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
@@ -278,7 +282,7 @@ async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> Jo
         return await _run_on_agent(path, request, renderer, loop)
 
 
-def _on_interrupt(loop: asyncio.AbstractEventLoop, cancel: Any) -> None:
+def _on_interrupt(loop: asyncio.AbstractEventLoop, cancel: Callable[[], object]) -> None:
     """First Ctrl-C cancels the job everywhere (and waits for that); a second one quits at once."""
     hits = {"n": 0}
 

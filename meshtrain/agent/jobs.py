@@ -245,9 +245,8 @@ class JobRunner:
             while running:
                 timeout = max(0.0, next_snapshot - self.clock())
                 getter = asyncio.create_task(queue.get())
-                await asyncio.wait(
-                    {getter, cancel_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
+                waiters = {getter} if cancelling else {getter, cancel_wait}  # a set event would spin
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     p, header = getter.result()
                     logs: list[tuple[str, int, str, str]] = []

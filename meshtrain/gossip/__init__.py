@@ -7,6 +7,7 @@ await node.start(); node.members(); node.subscribe(cb); await node.leave()
 from meshtrain.gossip.discovery import DISCOVERY_PORT
 from meshtrain.gossip.member import ALIVE, DEAD, LEFT, SUSPECT, Addr, Member, MemberEvent
 from meshtrain.gossip.membership import Membership
+from meshtrain.gossip.meta import local_meta
 from meshtrain.gossip.node import GossipNode, run
 from meshtrain.gossip.profiles import PROFILES, Profile
 
@@ -23,5 +24,6 @@ __all__ = [
     "MemberEvent",
     "Membership",
     "Profile",
+    "local_meta",
     "run",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from meshtrain.errors import UserError
 from meshtrain.gossip.discovery import DISCOVERY_PORT
 from meshtrain.gossip.member import MemberEvent
+from meshtrain.gossip.meta import local_meta
 from meshtrain.gossip.node import GossipNode, run
 from meshtrain.gossip.profiles import PROFILES
 
@@ -36,7 +38,7 @@ def _say(**fields: object) -> None:
 async def _main(args: argparse.Namespace) -> None:
     node = GossipNode(
         args.name,
-        meta={"pid": __import__("os").getpid()},
+        meta={**local_meta(), "pid": os.getpid()},
         profile=PROFILES[args.profile],
         host=args.host,
         port=args.port,

@@ -283,13 +283,12 @@ class CheckpointCoordinator:
         self, now: float, message: Message, *, mesh: Iterable[str] = (), wall: float = 0.0
     ) -> list[CoordinatorAction]:
         r = self.round
-        if (
-            r is None
-            or getattr(message, "run", None) != self.run
-            or getattr(message, "term", None) != self.term
-        ):
+        if getattr(message, "run", None) != self.run or getattr(message, "term", None) != self.term:
             return []
-        if getattr(message, "step", None) != r.step:
+        if r is None or getattr(message, "step", None) != r.step:
+            if isinstance(message, Written) and message.step not in self.committed:
+                # a part for a round we already aborted (its Abort was overtaken): drop it too
+                return [Send((message.node,), Abort(self.run, self.term, message.step, "no such round"))]
             return []
         if isinstance(message, Failed):
             return self._abort(f"{message.node}: {message.reason}")
@@ -370,6 +369,7 @@ class CheckpointParticipant:
         self.step = step
         self.highest_term = 0
         self.parts: dict[int, _Part] = {}
+        self.aborted: set[tuple[int, int]] = set()
 
     def on_message(self, message: Message) -> list[ParticipantAction]:
         if getattr(message, "run", None) != self.run:
@@ -384,11 +384,11 @@ class CheckpointParticipant:
             if part is not None and part.term == message.term and part.state == "written":
                 actions.append(CommitPart(self.run, message.step, dict(message.manifest)))
         elif isinstance(message, Abort):
-            doomed = [
-                s
-                for s, p in self.parts.items()
-                if message.step is None or (s == message.step and p.term == message.term)
-            ]
+            if message.step is None:  # a new leader: everything of older terms (its own are newer)
+                doomed = [s for s, p in self.parts.items() if p.term < message.term]
+            else:
+                doomed = [s for s, p in self.parts.items() if s == message.step and p.term == message.term]
+                self.aborted.add((message.term, message.step))  # in case its Prepare is still on the way
             for s in doomed:
                 del self.parts[s]
                 actions.append(Discard(self.run, s))
@@ -401,6 +401,7 @@ class CheckpointParticipant:
     def step_done(self, step: int) -> list[ParticipantAction]:
         """The training loop finished `step`. Returns WritePart for a prepared checkpoint at it."""
         self.step = step
+        self.aborted = {(t, s) for t, s in self.aborted if s >= step}  # older Prepares fail anyway
         actions: list[ParticipantAction] = []
         for s, part in list(self.parts.items()):
             if part.state != "pending":
@@ -430,19 +431,28 @@ class CheckpointParticipant:
         return actions
 
     def _on_prepare(self, p: Prepare) -> list[ParticipantAction]:
-        if self.node not in p.writers:
+        if self.node not in p.writers or (p.term, p.step) in self.aborted:
             return []
+        # A leader runs one round at a time: its Prepare for another step ends any older round of it.
+        actions: list[ParticipantAction] = []
+        for s in [s for s, part in self.parts.items() if part.term == p.term and s != p.step]:
+            del self.parts[s]
+            actions.append(Discard(self.run, s))
         if p.step < self.step:
-            return [Send((p.leader,), Failed(self.run, p.term, p.step, self.node, "already past that step"))]
+            return [
+                *actions,
+                Send((p.leader,), Failed(self.run, p.term, p.step, self.node, "already past that step")),
+            ]
         self.parts[p.step] = _Part(p.term, p.step, p.leader, "pending")
         if p.step == self.step:
-            return self.step_done(self.step)
-        return []
+            actions += self.step_done(self.step)
+        return actions
 
     def _advance_term(self, term: int) -> list[ParticipantAction]:
         if term <= self.highest_term:
             return []
         self.highest_term = term
+        self.aborted = {(t, s) for t, s in self.aborted if t >= term}
         doomed = [s for s, p in self.parts.items() if p.term < term]
         for s in doomed:
             del self.parts[s]

@@ -23,15 +23,15 @@ class WorkerMesh(Mesh):
         self._step = 0
         self._ring_mb_s: float | None = None
 
-    def allreduce(self, tree: Any, weight: float = 1.0) -> Any:
+    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = None) -> Any:
         """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size)."""
         if self._ring is None:
             return tree
         step, self._step = self._step, self._step + 1
         if isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype == np.float32:
-            out = self._ring.allreduce(tree, step=step, weight=weight)
+            out = self._ring.allreduce(tree, step=step, weight=weight, wire_dtype=wire_dtype)
         else:
-            out = self._ring.allreduce_tree(tree, step=step, weight=weight)
+            out = self._ring.allreduce_tree(tree, step=step, weight=weight, wire_dtype=wire_dtype)
         stats = getattr(self._ring, "last_stats", None) or {}
         busbw = stats.get("busbw")
         if isinstance(busbw, (int, float)):
