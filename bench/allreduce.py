@@ -186,7 +186,8 @@ def run_round(
     procs = []
     for rank in range(n):
         prefix = cluster.exec_prefix(rank) if cluster is not None else []  # type: ignore[attr-defined]
-        if backend == "gloo":  # gloo must be told which interface carries the ring
+        if backend == "gloo":  # gloo must be told which interface carries the ring; quiet c10d warnings
+            env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
             env["GLOO_SOCKET_IFNAME"] = f"{cluster.prefix}h{rank}" if cluster is not None else "lo"  # type: ignore[attr-defined]
         cmd = [*prefix, sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend]
         cmd += ["--rank", str(rank), "--addrs", addr_arg, "--sizes", ",".join(map(str, sizes))]

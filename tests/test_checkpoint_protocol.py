@@ -342,3 +342,51 @@ def test_any_interleaving_never_leaves_a_torn_checkpoint(
     for n in w.nodes:
         for step in w.complete(n):
             assert w.stores[n].load(RUN, step, verify=True).state["cursor"] == step
+
+
+# ------------------------------------------------------------------ the worker-side shell
+
+
+def test_sessions_and_coordinator_end_to_end(tmp_path: Path) -> None:
+    """Two workers' CheckpointSessions and a coordinator exchanging wire dicts; then resume + restore."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from meshtrain.checkpoints.session import CheckpointSession, restore
+
+    inbox: list[tuple[str, dict[str, Any]]] = []
+    coordinator = CheckpointCoordinator(RUN, 7, "w0", CheckpointPolicy(every_steps=2), now=0.0, replicas=1)
+    sessions = {
+        n: CheckpointSession(n, RUN, lambda to, m: inbox.append((to, m)), CheckpointStore(tmp_path / n))
+        for n in ("w0", "w1")
+    }
+
+    def pump() -> None:
+        while inbox:
+            to, data = inbox.pop(0)
+            if data["type"] in ("written", "failed"):
+                for a in coordinator.on_message(1.0, message_from_wire(data)):
+                    if isinstance(a, Send):
+                        inbox.extend((t, to_wire(a.message)) for t in a.to)
+            else:
+                sessions[to].on_message(data)
+
+    mx.random.seed(3)
+    model, opt = nn.Linear(4, 2), optim.SGD(learning_rate=0.1, momentum=0.9)
+    opt.init(model.trainable_parameters())
+    for step in range(1, 5):
+        model.update({"weight": model.weight + 1.0, "bias": model.bias})
+        for s in sessions.values():
+            s.step_done(step, params=model.parameters(), optimizer=opt.state, cursor=step * 32)
+        for a in coordinator.progress(float(step), step, sessions):
+            assert isinstance(a, Send)
+            inbox.extend((t, to_wire(a.message)) for t in a.to)
+        pump()
+    assert coordinator.committed == [3] and all(s.committed == [3] for s in sessions.values())
+    ck = sessions["w1"].resume()
+    assert ck is not None and ck.state["cursor"] == 96 and ck.state["term"] == 7
+    fresh = nn.Linear(4, 2)
+    assert restore(ck, fresh, optim.SGD(learning_rate=0.1, momentum=0.9)) == 3
+    assert float(fresh.weight.sum()) == float((model.weight - 1.0).sum())  # the state after step 3
+    empty = CheckpointSession("w9", RUN, lambda to, m: None, CheckpointStore(tmp_path / "none"))
+    assert empty.resume() is None

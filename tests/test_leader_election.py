@@ -124,6 +124,20 @@ def test_a_leaving_leader_resigns() -> None:
     assert Resign(1) in actions and not e.is_leader and e.current.leader == "b"
 
 
+def test_a_per_job_election_keeps_to_its_nodes_and_its_key() -> None:
+    job = {"control": 1, "job": "j1"}
+    view = [
+        Member(
+            "a", "a", ("h", 1), ALIVE, 1, {"control": 1, LEADER_META_KEY: 3}
+        ),  # mesh leader, not in the job
+        Member("b", "b", ("h", 1), ALIVE, 1, {**job, "memory_gb": 8}),
+        Member("c", "c", ("h", 1), ALIVE, 1, {**job, "memory_gb": 64}),
+    ]
+    e = Election("c", eligible=lambda m: m.meta.get("job") == "j1", meta_key="job_leader_term")
+    assert e.observe(view)[0] == Claim(1)  # the mesh's term 3 under the other key is not its business
+    assert e.current.leader == "c"
+
+
 def test_healed_split_brain_keeps_the_higher_term() -> None:
     view = [member("a", term=3), member("b"), member("c", mem=99, term=4)]
     elections = {"a": Election("a"), "b": Election("b"), "c": Election("c")}

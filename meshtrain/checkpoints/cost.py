@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--dir", help="filesystem to measure on (default: a temp dir)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="meshtrain-ckpt-cost-", dir=args.dir))
-    print(f"MLX {mx.__version__} on {mx.default_device()}, files under {base}")
+    print(f"MLX {importlib.metadata.version('mlx')} on {mx.default_device()}, files under {base}")
     try:
         for name in args.models.split(","):
             label, build = MODELS[name]

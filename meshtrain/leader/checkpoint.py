@@ -263,12 +263,9 @@ class CheckpointCoordinator:
         """A new leader's first act: every node drops what older terms left uncommitted."""
         return [Send(tuple(sorted(set(nodes))), Abort(self.run, self.term, None, "new leader"))]
 
-    def progress(
-        self, now: float, step: int, participants: Iterable[str], *, wall: float = 0.0
-    ) -> list[CoordinatorAction]:
+    def progress(self, now: float, step: int, participants: Iterable[str]) -> list[CoordinatorAction]:
         """The job finished step `step` with these workers; maybe start a checkpoint a little ahead
         (workers run on while the Prepare travels, so it names step + lead_steps)."""
-        del wall
         if self.round is not None or not self.policy.due(step, now, self.last_step, self.last_time):
             return []
         nodes = sorted(set(participants))

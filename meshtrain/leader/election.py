@@ -67,14 +67,14 @@ class Leadership:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """We lead now: publish ``{LEADER_META_KEY: term}`` in our gossip metadata."""
+    """We lead now: publish ``{election.meta_key: term}`` in our gossip metadata."""
 
     term: int
 
 
 @dataclass(frozen=True, slots=True)
 class Resign:
-    """We no longer lead: publish ``{LEADER_META_KEY: None}``."""
+    """We no longer lead: publish ``{election.meta_key: None}``."""
 
     term: int
 
@@ -112,8 +112,8 @@ def priority_key(member: Member) -> tuple[int, float, str]:
     return (0 if on_ac_power(meta) else 1, -_memory_gb(meta), member.id)
 
 
-def claimed_term(member: Member) -> int | None:
-    term = (member.meta or {}).get(LEADER_META_KEY)
+def claimed_term(member: Member, key: str = LEADER_META_KEY) -> int | None:
+    term = (member.meta or {}).get(key)
     if isinstance(term, int) and not isinstance(term, bool) and term > 0:
         return term
     return None
@@ -132,9 +132,18 @@ class Election:
     """One node's leader election; call `observe` whenever its membership view changes
     (and on a slow timer, so a view that stops changing still settles)."""
 
-    def __init__(self, self_id: str, *, eligible: Callable[[Member], bool] | None = None) -> None:
+    def __init__(
+        self,
+        self_id: str,
+        *,
+        eligible: Callable[[Member], bool] | None = None,
+        meta_key: str = LEADER_META_KEY,
+    ) -> None:
+        """`eligible` narrows the candidates (e.g. to one job's nodes for a per-job leader, which then
+        publishes under its own `meta_key` so it never collides with the mesh-wide one)."""
         self.self_id = self_id
         self.eligible = eligible or _any_member
+        self.meta_key = meta_key
         self.claim: int | None = None
         self.highest_term = 0
         self.current = Leadership(None, 0, False)
@@ -146,7 +155,7 @@ class Election:
     def observe(self, members: Iterable[Member]) -> list[ElectionAction]:
         members = list(members)
         for m in members:
-            term = claimed_term(m)
+            term = claimed_term(m, self.meta_key)
             if term is not None and term > self.highest_term:
                 self.highest_term = term
         me = next((m for m in members if m.id == self.self_id), None)
@@ -158,7 +167,9 @@ class Election:
             self.claim = None
 
         claimants = [
-            (term, m) for m in live if m.id != self.self_id and (term := claimed_term(m)) is not None
+            (term, m)
+            for m in live
+            if m.id != self.self_id and (term := claimed_term(m, self.meta_key)) is not None
         ]
         if self.claim is not None and me is not None:
             claimants.append((self.claim, me))
