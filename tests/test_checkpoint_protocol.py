@@ -272,12 +272,12 @@ def test_a_writer_past_the_step_fails_the_round(tmp_path: Path) -> None:
     w.train_to(13)  # ... but the workers ran on before it arrived
     w.flush()
     assert w.committed == [] and w.aborted and "already past" in w.aborted[0][1]
-    assert w.leftovers() == []
-    w.train_to(23)  # policy: due again 10 steps after the last commit (0): immediately, at step 13+
+    assert w.coordinator is not None and w.coordinator.lead_steps == 2  # it aims further ahead next time
+    w.train_to(14)  # due again (nothing committed yet): Prepare(14 + 2)
     w.flush()
-    w.train_to(25)
+    w.train_to(16)
     w.flush()
-    assert w.committed and w.leftovers() == []
+    assert w.committed == [16] and w.leftovers() == []
 
 
 def test_timeout_and_lost_writer_abort_and_clean_up(tmp_path: Path) -> None:
@@ -332,7 +332,7 @@ def test_any_interleaving_never_leaves_a_torn_checkpoint(
             assert set(w.complete(n)) <= set(w.committed)
     w.flush()
     before = len(w.committed)
-    for _ in range(40):  # then a calm network: the live leader's next round completes (or times out first)
+    for _ in range(200):  # then a calm network: the live leader's next round completes (or times out first)
         w.train_to(w.step + 1)
         w.flush()
         if len(w.committed) > before:
@@ -357,7 +357,9 @@ def test_sessions_and_coordinator_end_to_end(tmp_path: Path) -> None:
     inbox: list[tuple[str, dict[str, Any]]] = []
     coordinator = CheckpointCoordinator(RUN, 7, "w0", CheckpointPolicy(every_steps=2), now=0.0, replicas=1)
     sessions = {
-        n: CheckpointSession(n, RUN, lambda to, m: inbox.append((to, m)), CheckpointStore(tmp_path / n))
+        n: CheckpointSession(
+            n, RUN, lambda to, m: inbox.append((to, m)), CheckpointStore(tmp_path / n), keep=1
+        )
         for n in ("w0", "w1")
     }
 
@@ -371,10 +373,13 @@ def test_sessions_and_coordinator_end_to_end(tmp_path: Path) -> None:
             else:
                 sessions[to].on_message(data)
 
+    def same(a: mx.array, b: mx.array) -> bool:
+        return bool(mx.array_equal(a, b).item())
+
     mx.random.seed(3)
     model, opt = nn.Linear(4, 2), optim.SGD(learning_rate=0.1, momentum=0.9)
     opt.init(model.trainable_parameters())
-    for step in range(1, 5):
+    for step in range(1, 7):
         model.update({"weight": model.weight + 1.0, "bias": model.bias})
         for s in sessions.values():
             s.step_done(step, params=model.parameters(), optimizer=opt.state, cursor=step * 32)
@@ -382,11 +387,73 @@ def test_sessions_and_coordinator_end_to_end(tmp_path: Path) -> None:
             assert isinstance(a, Send)
             inbox.extend((t, to_wire(a.message)) for t in a.to)
         pump()
-    assert coordinator.committed == [3] and all(s.committed == [3] for s in sessions.values())
+    assert coordinator.committed == [3, 6] and all(s.committed == [3, 6] for s in sessions.values())
+    assert [i.step for i in sessions["w0"].store.checkpoints(RUN)] == [6]  # keep=1 pruned step 3
     ck = sessions["w1"].resume()
-    assert ck is not None and ck.state["cursor"] == 96 and ck.state["term"] == 7
+    assert ck is not None and ck.state["cursor"] == 192 and ck.state["term"] == 7
     fresh = nn.Linear(4, 2)
-    assert restore(ck, fresh, optim.SGD(learning_rate=0.1, momentum=0.9)) == 3
-    assert float(fresh.weight.sum()) == float((model.weight - 1.0).sum())  # the state after step 3
+    assert restore(ck, fresh, optim.SGD(learning_rate=0.1, momentum=0.9)) == 6
+    assert same(fresh.weight, model.weight)  # the state after step 6
     empty = CheckpointSession("w9", RUN, lambda to, m: None, CheckpointStore(tmp_path / "none"))
     assert empty.resume() is None
+    empty.store.write_part(RUN, 9, {"w": mx.ones((2,))})  # left by a previous process of this worker
+    empty.on_message(to_wire(Abort(RUN, 8, None, "new leader")))
+    assert not empty.store.step_dir(RUN, 9).exists()
+
+
+def test_leader_shell_commits_replicates_and_times_out(tmp_path: Path) -> None:
+    """The asyncio shell: real event loop, real timer for the ack timeout, sessions on real stores."""
+    import asyncio
+
+    from meshtrain.checkpoints.leading import CheckpointLeader
+    from meshtrain.checkpoints.session import CheckpointSession
+
+    async def scenario() -> None:
+        commits: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
+        aborts: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue()
+        replicated: list[tuple[str, int, str, str]] = []
+        deaf: set[str] = set()
+        leader: CheckpointLeader | None = None
+
+        def to_leader(to: str, data: dict[str, Any]) -> None:
+            assert leader is not None
+            asyncio.get_running_loop().call_soon(leader.on_message, data)
+
+        sessions = {n: CheckpointSession(n, RUN, to_leader, CheckpointStore(tmp_path / n)) for n in ("w0",)}
+
+        async def send(node: str, data: dict[str, Any]) -> None:
+            if node in sessions and node not in deaf:
+                sessions[node].on_message(data)
+
+        async def replicate(run: str, step: int, source: str, target: str) -> None:
+            replicated.append((run, step, source, target))
+
+        leader = CheckpointLeader(
+            RUN,
+            1,
+            "w0",
+            CheckpointPolicy(every_steps=1),
+            send=send,
+            replicate=replicate,
+            on_commit=lambda r, s, m: commits.put_nowait((r, s, m)),
+            on_abort=lambda r, s, why: aborts.put_nowait((r, s, why)),
+            nodes=["w0", "idle1", "idle2"],
+            replicas=2,
+            ack_timeout=0.3,
+        )
+        params = {"w": mx.ones((4,))}
+        sessions["w0"].step_done(1, params=params)
+        leader.progress(1, ["w0"])  # Prepare(2)
+        await asyncio.sleep(0)
+        sessions["w0"].step_done(2, params=params)
+        run, step, manifest = await asyncio.wait_for(commits.get(), 5)
+        assert (run, step) == (RUN, 2) and manifest["replicas"] == ["w0", "idle1", "idle2"]
+        await asyncio.sleep(0)
+        assert replicated == [(RUN, 2, "w0", "idle1"), (RUN, 2, "w0", "idle2")]
+        deaf.add("w0")  # the next Prepare is lost: the ack timer must abort the round
+        leader.progress(3, ["w0"])
+        assert await asyncio.wait_for(aborts.get(), 5) == (RUN, 4, "timed out waiting for acks")
+        await leader.close()
+
+    asyncio.run(scenario())
+    assert [i.step for i in CheckpointStore(tmp_path / "w0").checkpoints(RUN)] == [2]

@@ -17,6 +17,7 @@ from meshtrain.leader.election import (
     Claim,
     Election,
     LeaderChanged,
+    Leadership,
     Resign,
     claimed_term,
     is_agent,
@@ -115,6 +116,13 @@ def test_sticky_when_a_better_node_joins_reelected_when_the_leader_goes() -> Non
     assert {(e.current.leader, e.current.term) for e in elections.values()} == {
         ("z", 2)
     }  # term above the dead one's
+
+
+def test_restart_floor_and_settle_time() -> None:
+    e = Election("a", term_floor=5, started=100.0, settle=2.0)
+    assert [type(a) for a in e.observe([member("a")], now=101.0)] == [LeaderChanged]  # alone, too early
+    assert not e.is_leader and e.current == Leadership("a", 5, False)
+    assert e.observe([member("a")], now=102.0)[0] == Claim(6)  # above anything it saw before the restart
 
 
 def test_a_leaving_leader_resigns() -> None:
@@ -260,18 +268,32 @@ class Mesh:
         for i in range(n):
             self._add(i)
 
-    def _add(self, i: int) -> None:
-        self.elections.append(Election(self.sim.nodes[i].id, eligible=is_agent))
+    def _add(self, i: int, settle: float = 0.0) -> None:
+        election = Election(self.sim.nodes[i].id, eligible=is_agent, started=self.sim.now, settle=settle)
+        self.elections.append(election)
         self.changes.append([])
 
-    def join(self, seed: int, mem_gb: float) -> int:
+    def join(self, seed: int, mem_gb: float, settle: float = 0.0) -> int:
+        """A new agent starts and runs its election at once, before its join push-pull has landed."""
         i = self.sim.join(seed)
         node = self.sim.nodes[i]
         me = node.member(node.id)
         assert me is not None
         self.sim._apply(i, node.update_meta(self.sim.now, {**me.meta, "mem_gb": mem_gb}))
-        self._add(i)
+        self._add(i, settle)
+        self.observe(i)
         return i
+
+    def observe(self, i: int) -> None:
+        node = self.sim.nodes[i]
+        for a in self.elections[i].observe(node.members(), self.sim.now):
+            if isinstance(a, (Claim, Resign)):
+                me = node.member(node.id)
+                assert me is not None
+                term = a.term if isinstance(a, Claim) else None
+                self.sim._apply(i, node.update_meta(self.sim.now, {**me.meta, LEADER_META_KEY: term}))
+            elif isinstance(a, LeaderChanged) and a.current.settled:
+                self.changes[i].append((self.sim.now, a.current.leader, a.current.term))
 
     def beacons(self) -> None:
         """One LAN discovery round, as GossipNode._on_beacon does it: a node hearing the beacon of a
@@ -290,16 +312,7 @@ class Mesh:
         while self.sim.now < end - 1e-9:
             self.sim.run_until(self.sim.now + tick)
             for i in self.live():
-                node = self.sim.nodes[i]
-                actions = self.elections[i].observe(node.members())
-                for a in actions:
-                    if isinstance(a, (Claim, Resign)):
-                        me = node.member(node.id)
-                        assert me is not None
-                        term = a.term if isinstance(a, Claim) else None
-                        self.sim._apply(i, node.update_meta(self.sim.now, {**me.meta, LEADER_META_KEY: term}))
-                    elif isinstance(a, LeaderChanged) and a.current.settled:
-                        self.changes[i].append((self.sim.now, a.current.leader, a.current.term))
+                self.observe(i)
 
     def agreed(self, group: list[int] | None = None) -> tuple[str | None, int] | None:
         answers = {
@@ -325,11 +338,22 @@ def test_simulator_no_flapping_under_loss_and_sticky_on_join() -> None:
     first = mesh.agreed()
     assert first is not None and first[0] == "n0" and first[1] == 1  # mem equal in sim_meta: lowest id
     marks = [len(c) for c in mesh.changes]
-    mesh.join(3, mem_gb=512)  # a much better machine arrives
+    mesh.join(3, mem_gb=512, settle=LAN.beacon_interval)  # a much better machine arrives
     mesh.run(30.0)
     assert mesh.agreed() == first  # same leader, same term, everywhere
     assert [len(c) for c in mesh.changes[:8]] == marks  # no node saw a single change in 30 s at 5% loss
     assert mesh.claimants(mesh.live()) == [0]
+
+
+def test_simulator_without_a_settle_time_a_better_newcomer_would_steal() -> None:
+    """Why `settle` exists: alone for its first instant, a newcomer claims term 1, ties the incumbent's
+    term 1 and wins on priority. With the settle time (previous test) it never claims."""
+    mesh = Mesh(4)
+    mesh.run(3.0)
+    assert mesh.agreed() == ("n0", 1)
+    mesh.join(1, mem_gb=512, settle=0.0)
+    mesh.run(5.0)
+    assert mesh.agreed() == ("n4", 1)
 
 
 def test_simulator_leader_crash_gives_one_new_leader_within_the_gossip_bound() -> None:

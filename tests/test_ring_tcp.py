@@ -19,6 +19,7 @@ import pytest
 from meshtrain import wire
 from meshtrain.errors import PeerLost
 from meshtrain.ring import Ring, RingListener
+from meshtrain.ring.tcp import RingPeerLost
 
 
 def in_threads(n: int, body: Callable[[int, RingListener, list[tuple[str, int]]], Any]) -> list[Any]:
@@ -154,7 +155,9 @@ def test_closing_member_makes_the_others_raise_peer_lost() -> None:
     for rank in (0, 1, 3):
         exc, elapsed = results[rank]
         assert isinstance(exc, PeerLost) and exc.generation == 9 and elapsed < 2.0
-        assert exc.rank == 2 and exc.peer == f"127.0.0.1:{addrs_of[0][2][1]}"
+        assert (
+            isinstance(exc, RingPeerLost) and exc.rank == 2 and exc.peer == f"127.0.0.1:{addrs_of[0][2][1]}"
+        )
 
 
 def test_stalled_member_is_peer_lost_after_the_timeout() -> None:
@@ -182,7 +185,7 @@ def test_stalled_member_is_peer_lost_after_the_timeout() -> None:
     for rank in (0, 1):
         exc, elapsed = results[rank]
         # rank 1's own wait on rank 0 may time out a hair before rank 0's abort arrives
-        assert isinstance(exc, PeerLost) and exc.rank in (2, 0) and 0.3 < elapsed < 2.0
+        assert isinstance(exc, RingPeerLost) and exc.rank in (2, 0) and 0.3 < elapsed < 2.0
 
 
 MEMBER = r"""
@@ -190,6 +193,7 @@ import sys, time
 import numpy as np
 from meshtrain.errors import PeerLost
 from meshtrain.ring import Ring, RingListener
+from meshtrain.ring.tcp import RingPeerLost
 rank, n, port0 = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 addrs = [("127.0.0.1", port0 + i) for i in range(n)]
 listener = RingListener(__import__("socket").socket())

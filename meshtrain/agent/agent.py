@@ -28,12 +28,14 @@ from meshtrain import PROTOCOL_VERSION, __version__
 from meshtrain.agent.control import Conn, ControlServer, socket_path, state_dir
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
 from meshtrain.agent.placement import Candidate
-from meshtrain.agent.snapshot import EVENTS_KEPT, leader_of, mesh_snapshot
+from meshtrain.agent.snapshot import EVENTS_KEPT, mesh_snapshot
 from meshtrain.agent.workers import HostedWorker, host_worker
 from meshtrain.errors import WireError
 
 LOAD_PERIOD_S = 5.0
 JOB_EVENTS_BEFORE = 5
+ELECTION_SETTLE_S = 1.0  # a new node waits for its join to land before it may claim leadership
+ELECTION_PERIOD_S = 0.5
 
 
 def node_facts() -> dict[str, Any]:
@@ -110,7 +112,7 @@ class Agent:
         self._server = ControlServer(self._handle, protocol=protocol)
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()
-        self._leader: str | None = None
+        self.election: Any = None  # meshtrain.leader.Election, once the node has an id
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
         self.control_port = 0
@@ -144,8 +146,15 @@ class Agent:
         )
         self.node.subscribe(self._on_member_event)
         await self.node.start()
+        from meshtrain.leader.election import Election, is_agent
+
+        loop = asyncio.get_running_loop()
+        self.election = Election(
+            self.node.id, eligible=is_agent, started=loop.time(), settle=ELECTION_SETTLE_S
+        )
         self._event("joined", self.name, f"this node, gossip port {self.node.port}")
         self._tasks.append(asyncio.create_task(self._publish_load()))
+        self._tasks.append(asyncio.create_task(self._elect_periodically()))
 
     @property
     def gossip_port(self) -> int:
@@ -218,11 +227,29 @@ class Agent:
         if event.kind != "updated":
             member = event.member
             self._event(event.kind, member.name, f"{member.addr[0]}:{member.addr[1]}")
-        leader = leader_of(self.members())
-        if leader != self._leader:
-            self._leader = leader
-            name = next((m.name for m in self.members() if m.id == leader), leader or "none")
-            self._event("leader", name, "checkpoint leader")
+        self._elect()
+
+    def _elect(self) -> None:
+        """Feed the view to the leader election; publish our claim, log a change of leader."""
+        if self.election is None or self.closed:
+            return
+        from meshtrain.leader.election import Claim, LeaderChanged, Resign
+
+        for action in self.election.observe(self.members(), asyncio.get_running_loop().time()):
+            if isinstance(action, Claim):
+                self.node.update_meta(**{self.election.meta_key: action.term})
+            elif isinstance(action, Resign):
+                self.node.update_meta(**{self.election.meta_key: None})
+            elif isinstance(action, LeaderChanged) and action.current.leader != action.previous.leader:
+                leader = action.current.leader
+                name = next((m.name for m in self.members() if m.id == leader), leader or "none")
+                self._event("leader", name, f"checkpoint leader, term {action.current.term}")
+
+    async def _elect_periodically(self) -> None:
+        """A view that stops changing must still settle (the election's claim waits out its settle time)."""
+        while True:
+            await asyncio.sleep(ELECTION_PERIOD_S)
+            self._elect()
 
     def _event(self, kind: str, node: str, detail: str) -> None:
         event = {"t": time.time(), "kind": kind, "node": node, "detail": detail}
@@ -268,7 +295,8 @@ class Agent:
                 }
             )
         drops = dict(getattr(self.node, "drops", {}) or {})
-        return mesh_snapshot(self.node.id, self.members(), self.events, jobs, drops)
+        leader = self.election.current.leader if self.election is not None else None
+        return mesh_snapshot(self.node.id, leader, self.members(), self.events, jobs, drops)
 
     # jobs
 

@@ -16,16 +16,6 @@ EVENTS_KEPT = 50
 NODE_FACTS = ("platform", "device", "cores", "memory_gb", "load", "battery")
 
 
-def leader_of(members: Iterable[Any]) -> str | None:
-    """The leader as every node computes it from the same view: the smallest id among live agents.
-
-    The checkpoint-coordination leader (leader/) may replace this rule; the
-    snapshot only needs the mark.
-    """
-    alive = [m.id for m in members if m.state == "alive" and "control" in m.meta]
-    return min(alive) if alive else None
-
-
 def node_entry(member: Any) -> dict[str, Any]:
     meta: Mapping[str, Any] = member.meta or {}
     entry: dict[str, Any] = {
@@ -44,6 +34,7 @@ def node_entry(member: Any) -> dict[str, Any]:
 
 def mesh_snapshot(
     self_id: str,
+    leader: str | None,
     members: Sequence[Any],
     events: Iterable[dict[str, Any]],
     jobs: Iterable[dict[str, Any]],
@@ -53,7 +44,7 @@ def mesh_snapshot(
     return {
         "version": __version__,
         "self": self_id,
-        "leader": leader_of(members),
+        "leader": leader,
         "nodes": [node_entry(m) for m in ordered],
         "events": list(events),
         "jobs": list(jobs),

@@ -1,5 +1,5 @@
-"""Checkpoints on disk (store.py), between nodes (transfer.py) and on the command line (commands.py)."""
+"""Checkpoints: on disk (store.py), between nodes (transfer.py), in a worker (session.py), in the
+leader's agent (leading.py), on the command line (commands.py); cost.py measures what one costs.
 
-from meshtrain.checkpoints.store import Checkpoint, CheckpointInfo, CheckpointStore, checkpoints_root
-
-__all__ = ["Checkpoint", "CheckpointInfo", "CheckpointStore", "checkpoints_root"]
+Import the submodules directly; this package stays free of MLX so the CLI starts fast.
+"""

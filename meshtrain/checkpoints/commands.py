@@ -10,13 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+from meshtrain.errors import UserError
 
-from meshtrain.checkpoints.store import CheckpointInfo, CheckpointStore, parse_target
-from meshtrain.ui import format as fmt
+# The store pulls in MLX: it is imported only when a handler runs, so `meshtrain --help` stays fast.
+if TYPE_CHECKING:
+    from meshtrain.checkpoints.store import CheckpointInfo, CheckpointStore
 
 __all__ = ["add_parsers", "checkpoints_command", "export_command"]
 
@@ -55,6 +55,12 @@ def _entry(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def checkpoints_command(args: argparse.Namespace, store: CheckpointStore | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshtrain.checkpoints.store import CheckpointStore
+    from meshtrain.ui import format as fmt
+
     store = store or CheckpointStore()
     run = getattr(args, "run", None)
     keep = getattr(args, "keep", None)
@@ -62,8 +68,6 @@ def checkpoints_command(args: argparse.Namespace, store: CheckpointStore | None 
     console = Console(file=sys.stdout, highlight=False)
     if run is None:
         if keep is not None:
-            from meshtrain.errors import UserError
-
             raise UserError("--keep needs a RUN")
         rows = [(name, store.checkpoints(name)) for name in store.runs()]
         rows = [(name, found) for name, found in rows if found]
@@ -117,6 +121,8 @@ def checkpoints_command(args: argparse.Namespace, store: CheckpointStore | None 
 
 
 def export_command(args: argparse.Namespace, store: CheckpointStore | None = None) -> int:
+    from meshtrain.checkpoints.store import CheckpointStore, parse_target
+
     store = store or CheckpointStore()
     run, step = parse_target(str(args.target))
     info, path = store.export(run, step, Path(args.path))

@@ -61,7 +61,14 @@ class CheckpointLeader:
         self.on_abort = on_abort
         self.mesh: list[str] = list(nodes)
         self.coordinator = CheckpointCoordinator(
-            run, term, leader, policy, now=clock(), replicas=replicas, ack_timeout=ack_timeout, last_step=last_step
+            run,
+            term,
+            leader,
+            policy,
+            now=clock(),
+            replicas=replicas,
+            ack_timeout=ack_timeout,
+            last_step=last_step,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None

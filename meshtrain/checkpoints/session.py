@@ -19,6 +19,7 @@ from typing import Any
 from meshtrain.checkpoints.store import Checkpoint, CheckpointStore, restore_rng
 from meshtrain.errors import UserError
 from meshtrain.leader.checkpoint import (
+    Abort,
     CheckpointParticipant,
     CommitPart,
     Discard,
@@ -37,9 +38,18 @@ Sender = Callable[[str, dict[str, Any]], None]
 
 class CheckpointSession:
     def __init__(
-        self, node: str, run: str, send: Sender, store: CheckpointStore | None = None, *, step: int = 0
+        self,
+        node: str,
+        run: str,
+        send: Sender,
+        store: CheckpointStore | None = None,
+        *,
+        step: int = 0,
+        keep: int | None = None,
     ) -> None:
+        """`keep`: after each commit, prune this node's copies of the run to the `keep` newest."""
         self.store = store or CheckpointStore()
+        self.keep = keep
         self.participant = CheckpointParticipant(node, run, step=step)
         self.send = send
         self.run = run
@@ -48,7 +58,12 @@ class CheckpointSession:
         self._state: dict[str, Any] = {}  # the last boundary's results, for a Prepare naming that very step
 
     def on_message(self, data: Mapping[str, Any]) -> None:
-        self._execute(self.participant.on_message(message_from_wire(dict(data))))
+        message = message_from_wire(dict(data))
+        self._execute(self.participant.on_message(message))
+        newest = message.term >= self.participant.highest_term
+        if isinstance(message, Abort) and message.step is None and newest:
+            # a new leader: also sweep parts an earlier process of ours left behind (it crashed, we restarted)
+            self.store.clean(self.run, keep_steps=list(self.participant.parts), incoming=False)
 
     def leader_changed(self, term: int) -> None:
         self._execute(self.participant.leader_changed(term))
@@ -93,6 +108,8 @@ class CheckpointSession:
             elif isinstance(a, CommitPart):
                 self.store.commit(self.run, a.step, a.manifest)
                 self.committed.append(a.step)
+                if self.keep is not None:
+                    self.store.prune(self.run, self.keep)
             elif isinstance(a, Discard):
                 self.store.discard(self.run, a.step)
 

@@ -387,9 +387,12 @@ class CheckpointStore:
 
     # ------------------------------------------------------------ housekeeping
 
-    def clean(self, run: str | None = None, *, keep_steps: Iterable[int] = ()) -> list[Path]:
-        """Remove what a crash or an abort left: parts without a manifest (except `keep_steps`,
-        the ones in flight), torn complete ones, fetches that never finished, stray temp files."""
+    def clean(
+        self, run: str | None = None, *, keep_steps: Iterable[int] = (), incoming: bool = True
+    ) -> list[Path]:
+        """Remove what a crash or an abort left: parts without a manifest, torn complete ones, stray
+        temp files and (with `incoming`) transfers that never finished. `keep_steps` (the parts in
+        flight) are not touched at all; pass ``incoming=False`` while transfers may be running."""
         protect = {str(s) for s in keep_steps}
         removed: list[Path] = []
         for name in [run] if run is not None else self.runs():
@@ -397,12 +400,16 @@ class CheckpointStore:
             if not directory.is_dir():
                 continue
             for p in directory.iterdir():
-                if p.name.startswith(INCOMING_PREFIX) or (
-                    p.is_dir() and p.name.isdigit() and p.name not in protect and self._info(name, p) is None
-                ):
+                if p.name.startswith(INCOMING_PREFIX):
+                    if incoming:
+                        shutil.rmtree(p, ignore_errors=True)
+                        removed.append(p)
+                elif not p.is_dir() or not p.name.isdigit() or p.name in protect:
+                    continue
+                elif self._info(name, p) is None:
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
-                elif p.is_dir() and p.name.isdigit():
+                else:
                     for tmp in p.glob(f"{TMP_PREFIX}*"):
                         tmp.unlink(missing_ok=True)
                         removed.append(tmp)

@@ -151,6 +151,7 @@ class Membership:
         self._next_reap = now + profile.dead_retention
         self.leaving = False
         self._out: list[Action] = []
+        self._broadcast(me.node, me)  # announce ourselves once we know anyone (memberlist does the same)
         self._handlers: dict[type, Any] = {
             Ping: self._on_ping,
             IndirectPing: self._on_indirect,

@@ -66,7 +66,8 @@ class Profile:
         return self.suspicion_max_mult * self.suspicion_min(n)
 
     def retransmit_limit(self, n: int) -> int:
-        return int(self.retransmit_mult * math.ceil(math.log10(n + 1)))
+        """Sends per update per holder; at least two full gossip rounds so tiny meshes never miss one."""
+        return max(int(self.retransmit_mult * math.ceil(math.log10(n + 1))), 2 * self.gossip_nodes)
 
     def push_pull_period(self, n: int) -> float:
         return self.push_pull_interval * max(1.0, n / self.push_pull_scale_nodes)

@@ -130,6 +130,9 @@ class Abort:
 
 
 Message = Prepare | Written | Failed | Commit | Abort
+TOO_LATE = "already past that step"
+"""Failed reason of a worker the Prepare reached after it had run past the named step."""
+MAX_LEAD_STEPS = 1024
 _MESSAGES: dict[str, type[Any]] = {c.__name__.lower(): c for c in (Prepare, Written, Failed, Commit, Abort)}
 
 
@@ -288,6 +291,8 @@ class CheckpointCoordinator:
                 return [Send((message.node,), Abort(self.run, self.term, message.step, "no such round"))]
             return []
         if isinstance(message, Failed):
+            if message.reason == TOO_LATE:  # our Prepares travel slower than the steps run: aim further
+                self.lead_steps = min(2 * self.lead_steps, MAX_LEAD_STEPS)
             return self._abort(f"{message.node}: {message.reason}")
         if isinstance(message, Written) and message.node in r.writers:
             r.acked[message.node] = message.bytes
@@ -408,9 +413,7 @@ class CheckpointParticipant:
                 actions.append(WritePart(self.run, part.term, s))
             elif s < step:  # we ran past it (the Prepare came late): this round cannot complete
                 del self.parts[s]
-                actions.append(
-                    Send((part.leader,), Failed(self.run, part.term, s, self.node, "already past that step"))
-                )
+                actions.append(Send((part.leader,), Failed(self.run, part.term, s, self.node, TOO_LATE)))
         return actions
 
     def part_written(self, term: int, step: int, nbytes: int = 0) -> list[ParticipantAction]:
@@ -438,7 +441,7 @@ class CheckpointParticipant:
         if p.step < self.step:
             return [
                 *actions,
-                Send((p.leader,), Failed(self.run, p.term, p.step, self.node, "already past that step")),
+                Send((p.leader,), Failed(self.run, p.term, p.step, self.node, TOO_LATE)),
             ]
         self.parts[p.step] = _Part(p.term, p.step, p.leader, "pending")
         if p.step == self.step:

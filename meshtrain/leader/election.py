@@ -138,21 +138,32 @@ class Election:
         *,
         eligible: Callable[[Member], bool] | None = None,
         meta_key: str = LEADER_META_KEY,
+        term_floor: int = 0,
+        started: float = 0.0,
+        settle: float = 0.0,
     ) -> None:
         """`eligible` narrows the candidates (e.g. to one job's nodes for a per-job leader, which then
-        publishes under its own `meta_key` so it never collides with the mesh-wide one)."""
+        publishes under its own `meta_key` so it never collides with the mesh-wide one).
+
+        `term_floor`: the highest term this node saw before a restart (the shell persists it), so a
+        restarted leader never claims a term lower than one the workers already know.
+        `started`/`settle`: no claim before ``started + settle`` (pass ``now`` to `observe`). A node
+        that has just started sees only itself until its join lands; claiming then would let a better
+        newcomer tie the incumbent's term and win on priority, a flap. A beacon interval or two is enough.
+        """
         self.self_id = self_id
         self.eligible = eligible or _any_member
         self.meta_key = meta_key
         self.claim: int | None = None
-        self.highest_term = 0
-        self.current = Leadership(None, 0, False)
+        self.highest_term = term_floor
+        self.claim_from = started + settle
+        self.current = Leadership(None, term_floor, False)
 
     @property
     def is_leader(self) -> bool:
         return self.claim is not None
 
-    def observe(self, members: Iterable[Member]) -> list[ElectionAction]:
+    def observe(self, members: Iterable[Member], now: float = float("inf")) -> list[ElectionAction]:
         members = list(members)
         for m in members:
             term = claimed_term(m, self.meta_key)
@@ -178,20 +189,20 @@ class Election:
             if self.claim is not None and winner.id != self.self_id:
                 actions.append(Resign(self.claim))
                 self.claim = None
-            now = Leadership(winner.id, term, True)
+            view = Leadership(winner.id, term, True)
         elif live:
             best = min(live, key=priority_key)
-            if best.id == self.self_id:
+            if best.id == self.self_id and now >= self.claim_from:
                 self.highest_term += 1
                 self.claim = self.highest_term
                 actions.append(Claim(self.claim))
-                now = Leadership(self.self_id, self.claim, True)
+                view = Leadership(self.self_id, self.claim, True)
             else:
-                now = Leadership(best.id, self.highest_term, False)
+                view = Leadership(best.id, self.highest_term, False)
         else:
-            now = Leadership(None, self.highest_term, False)
+            view = Leadership(None, self.highest_term, False)
 
-        if now != self.current:
-            previous, self.current = self.current, now
-            actions.append(LeaderChanged(previous, now))
+        if view != self.current:
+            previous, self.current = self.current, view
+            actions.append(LeaderChanged(previous, view))
         return actions

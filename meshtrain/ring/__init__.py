@@ -10,6 +10,6 @@ asyncio shell; tensors.py fuses trees and casts for the wire.
 
 from meshtrain.ring.ring import DEFAULT_CHUNK_BYTES, Ring
 from meshtrain.ring.schedule import RingSchedule, Transfer
-from meshtrain.ring.tcp import RingListener
+from meshtrain.ring.tcp import RingListener, RingPeerLost
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Ring", "RingListener", "RingSchedule", "Transfer"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Ring", "RingListener", "RingPeerLost", "RingSchedule", "Transfer"]

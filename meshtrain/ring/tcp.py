@@ -18,11 +18,16 @@ from meshtrain.errors import PeerLost, WireError
 PROTOCOL_VERSION = 1
 
 
-def peer_lost(peer: str, rank: int, generation: int, reason: str) -> PeerLost:
-    """A PeerLost that also says which rank the peer had (`exc.rank`)."""
-    exc = PeerLost(peer, generation, reason)
-    exc.rank = rank  # type: ignore[attr-defined]
-    return exc
+class RingPeerLost(PeerLost):
+    """PeerLost raised by a ring: also says which rank the lost peer had in this generation."""
+
+    def __init__(self, peer: str, rank: int, generation: int, reason: str = "") -> None:
+        super().__init__(peer, generation, reason)
+        self.rank = rank
+
+
+def peer_lost(peer: str, rank: int, generation: int, reason: str) -> RingPeerLost:
+    return RingPeerLost(peer, rank, generation, reason)
 
 
 def tune(sock: socket.socket, sockbuf: int | None) -> None:
