@@ -153,6 +153,7 @@ class Agent:
             self.node.id, eligible=is_agent, started=loop.time(), settle=ELECTION_SETTLE_S
         )
         self._event("joined", self.name, f"this node, gossip port {self.node.port}")
+        self._elect()
         self._tasks.append(asyncio.create_task(self._publish_load()))
         self._tasks.append(asyncio.create_task(self._elect_periodically()))
 
@@ -243,7 +244,8 @@ class Agent:
             elif isinstance(action, LeaderChanged) and action.current.leader != action.previous.leader:
                 leader = action.current.leader
                 name = next((m.name for m in self.members() if m.id == leader), leader or "none")
-                self._event("leader", name, f"checkpoint leader, term {action.current.term}")
+                term = f", term {action.current.term}" if action.current.settled else ""
+                self._event("leader", name, f"checkpoint leader{term}")
 
     async def _elect_periodically(self) -> None:
         """A view that stops changing must still settle (the election's claim waits out its settle time)."""
