@@ -15,6 +15,10 @@ all-reduce reaches busbw equal to it.
 
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py --netns --wire-dtype bfloat16
+
+``--auth both`` adds "meshtrain-auth" (the same ring with the mesh secret:
+challenge-response hello, HMAC-SHA256 tag on every frame) interleaved with
+the unauthenticated one, and prints the ratio meshtrain-auth/meshtrain.
 """
 
 from __future__ import annotations
@@ -52,17 +56,29 @@ def _timed(fn, iters: int, warmup: int) -> list[float]:  # type: ignore[no-untyp
 
 
 def worker_meshtrain(
-    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str
+    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str, auth: bool = False
 ) -> dict:
     from meshtrain.ring import DEFAULT_CHUNK_BYTES, Ring, RingListener
+    from meshtrain.security import load_keyring
+
+    keyring = load_keyring(create=False)[0] if auth else None  # from MESHTRAIN_SECRET, set by the driver
 
     host, port = addrs[rank]
     with RingListener.bind(host, port) as listener:
         chunk = int(os.environ.get("MESHTRAIN_CHUNK_KIB", "0")) * 1024 or DEFAULT_CHUNK_BYTES
         sockbuf = int(os.environ.get("MESHTRAIN_SOCKBUF_KIB", "0")) * 1024 or None
         ring = Ring.connect(
-            listener, rank, addrs, job="bench", generation=1, timeout=60.0, chunk_bytes=chunk, sockbuf=sockbuf
+            listener,
+            rank,
+            addrs,
+            job="bench",
+            generation=1,
+            timeout=60.0,
+            chunk_bytes=chunk,
+            sockbuf=sockbuf,
+            keyring=keyring,
         )
+        assert ring.authenticated == auth
         out = {}
         for size in sizes:
             buf = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
@@ -139,7 +155,19 @@ def worker_tcp(rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters:
     return out
 
 
-WORKERS = {"meshtrain": worker_meshtrain, "mlx": worker_mlx, "tcp": worker_tcp, "gloo": worker_gloo}
+def worker_meshtrain_auth(
+    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str
+) -> dict:
+    return worker_meshtrain(rank, addrs, sizes, iters, wire, auth=True)
+
+
+WORKERS = {
+    "meshtrain": worker_meshtrain,
+    "meshtrain-auth": worker_meshtrain_auth,
+    "mlx": worker_mlx,
+    "tcp": worker_tcp,
+    "gloo": worker_gloo,
+}
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -218,6 +246,13 @@ def main() -> None:
         choices=["bfloat16", "float16"],
         help="also run meshtrain with this wire dtype (busbw counted in fp32 bytes)",
     )
+    ap.add_argument(
+        "--auth",
+        default="off",
+        choices=["off", "on", "both"],
+        help="ring authentication: off, on, or both interleaved (ratio meshtrain-auth/meshtrain)",
+    )
+    ap.add_argument("--prefix", default="rg", help="network namespace prefix with --netns")
     ap.add_argument("--netns", action="store_true", help="one host per namespace on a shaped LAN")
     ap.add_argument("--rate", default="1gbit", help="link rate with --netns")
     ap.add_argument("--torch-path", default="", help="extra PYTHONPATH where torch is installed (for gloo)")
@@ -232,6 +267,14 @@ def main() -> None:
     if args.chunk_kib:
         os.environ["MESHTRAIN_CHUNK_KIB"] = str(args.chunk_kib)
     variants = [(b, "float32") for b in args.backends.split(",")]
+    if args.auth != "off":
+        from meshtrain.security import Keyring, generate_secret
+
+        os.environ["MESHTRAIN_SECRET"] = Keyring([generate_secret()]).to_text()  # inherited by workers
+        at = next((i for i, (b, _) in enumerate(variants) if b == "meshtrain"), 0)
+        variants.insert(at + 1, ("meshtrain-auth", "float32"))
+        if args.auth == "on":
+            variants = [v for v in variants if v[0] != "meshtrain"]
     if args.wire_dtype:
         variants.insert(1, ("meshtrain", args.wire_dtype))
     sizes = [int(float(s) * MiB) for s in args.sizes.split(",")]
@@ -247,7 +290,7 @@ def main() -> None:
         if args.netns:
             from meshtrain.netns import Cluster
 
-            cluster = Cluster(n, prefix="rg", rate=args.rate).up()
+            cluster = Cluster(n, prefix=args.prefix, rate=args.rate).up()
         try:
             for _ in range(args.rounds):
                 for backend, wire in variants:
@@ -274,11 +317,10 @@ def report(n: int, sizes: list[int], variants: list[tuple[str, str]], times: dic
             else:
                 bw[name] = 2 * (n - 1) / n * size / t / 1e6
             cells.append(f"{t * 1e3:10.2f} | {bw[name]:9.1f}")
-        ratios = [
-            f"meshtrain/{o}={bw['meshtrain'] / bw[o]:.2f}" for o in names if o.split("-")[0] != "meshtrain"
-        ]
+        base = "meshtrain" if "meshtrain" in bw else names[0]  # with --auth on: the authenticated ring
+        ratios = [f"{base}/{o}={bw[base] / bw[o]:.2f}" for o in names if o.split("-")[0] != "meshtrain"]
         ratios += [
-            f"{o}/meshtrain={bw[o] / bw['meshtrain']:.2f}" for o in names if o.startswith("meshtrain-")
+            f"{o}/{base}={bw[o] / bw[base]:.2f}" for o in names if o.startswith("meshtrain-") and o != base
         ]
         print(f"{size / MiB:6.0f}Mi " + " ".join(f"{c:>24}" for c in cells) + "   " + " ".join(ratios))
     sys.stdout.flush()

@@ -2,13 +2,18 @@
 
 For each N (default 1, 2, 4) this builds N network namespaces on one bridge
 with every link shaped to `--rate` (meshtrain.netns), runs `meshtrain join`
-in each (pinned to its own core with taskset, round-robin when there are
-fewer cores than nodes), then `meshtrain run examples/mnist.py --nodes N`
-from host 0, with the same global batch and epochs for every N. It prints
-samples/s (training only: the job's own average, from the workers' step
-reports, as `meshtrain run` prints it), seconds to reach `--target` test
+in each, pinned to its own `--cores-per-node` cores (node i gets cores
+k*i .. k*i+k-1 when the machine has k*N of them; otherwise nodes share cores
+round-robin, and the header says so), then `meshtrain run examples/mnist.py
+--nodes N` from host 0, with the same global batch and epochs for every N. It
+prints samples/s (training only: the job's own average, from the workers'
+step reports, as `meshtrain run` prints it), seconds to reach `--target` test
 accuracy (the script's epoch times summed, evaluation included), speed-up and
-efficiency against N = 1. Needs root and iproute2.
+efficiency against the first N. Needs root and iproute2.
+
+Where namespaces or `tc` do not work (a sandboxed kernel), `--loopback` runs
+the same agents on 127.0.0.1 with distinct ports: the links are then unshaped
+loopback, and the output says so.
 
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/scaling.py --nodes 1 2 4 --epochs 2
 """
@@ -20,12 +25,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from meshtrain import netns
 
@@ -33,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+loss ([\d.]+)\s+test accuracy ([\d.]+)%\s+([\d.]+) s")
 THROUGHPUT_LINE = re.compile(r"throughput: ([\d,]+) samples/s")
 GOSSIP_PORT = 7946
+MESH_FORM_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -44,17 +54,87 @@ class Result:
     wall_s: float
 
 
-def _agent(cluster: netns.Cluster, i: int, home: Path, cores: int) -> subprocess.Popen[bytes]:
+class Hosts(Protocol):
+    """Where the N agents live: how to start a program on host i and how to reach it."""
+
+    def exec_prefix(self, i: int) -> list[str]: ...
+
+    def ip(self, i: int) -> str: ...
+
+    def port(self, i: int) -> int: ...
+
+
+class NamespaceHosts:
+    """Host i is network namespace i of a meshtrain.netns cluster; every agent on the usual port."""
+
+    def __init__(self, cluster: netns.Cluster) -> None:
+        self.cluster = cluster
+
+    def exec_prefix(self, i: int) -> list[str]:
+        return self.cluster.exec_prefix(i)
+
+    def ip(self, i: int) -> str:
+        return self.cluster.ip(i)
+
+    def port(self, i: int) -> int:
+        return GOSSIP_PORT
+
+
+class LoopbackHosts:
+    """Every host on 127.0.0.1, told apart by its gossip port (free UDP ports picked up front)."""
+
+    def __init__(self, n: int) -> None:
+        self.ports = _free_udp_ports(n)
+
+    def exec_prefix(self, i: int) -> list[str]:
+        return []
+
+    def ip(self, i: int) -> str:
+        return "127.0.0.1"
+
+    def port(self, i: int) -> int:
+        return self.ports[i]
+
+
+def _free_udp_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextmanager
+def hosts_for(n: int, args: argparse.Namespace) -> Iterator[Hosts]:
+    if args.loopback:
+        yield LoopbackHosts(n)
+        return
+    rate = None if args.rate == "none" else args.rate
+    with netns.Cluster(n, prefix="msb", rate=rate, delay=args.delay) as cluster:
+        yield NamespaceHosts(cluster)
+
+
+def node_cores(i: int, n: int, per_node: int, available: Sequence[int]) -> list[int]:
+    """Node i's cores: a block of its own when there are enough, else shared round-robin."""
+    if per_node * n <= len(available):
+        return list(available[per_node * i : per_node * (i + 1)])
+    return sorted({available[(per_node * i + j) % len(available)] for j in range(per_node)})
+
+
+def _agent(hosts: Hosts, i: int, n: int, home: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    cores = node_cores(i, n, args.cores_per_node, args.available_cores)
     env = {
         **os.environ,
         "MESHTRAIN_HOME": str(home / f"h{i}"),
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
+        # One BLAS thread per pinned core: more would only fight over them.
+        "OPENBLAS_NUM_THREADS": str(len(cores)),
+        "OMP_NUM_THREADS": str(len(cores)),
     }
-    cmd = [*cluster.exec_prefix(i)]
-    if shutil.which("taskset"):
-        cmd += ["taskset", "-c", str(i % cores)]
-    cmd += [
+    cmd = [
+        *hosts.exec_prefix(i),
         sys.executable,
         "-m",
         "meshtrain",
@@ -62,21 +142,29 @@ def _agent(cluster: netns.Cluster, i: int, home: Path, cores: int) -> subprocess
         "--name",
         f"host{i}",
         "--port",
-        str(GOSSIP_PORT),
+        str(hosts.port(i)),
         "--host",
-        cluster.ip(i),
+        hosts.ip(i),
         "--no-discovery",
     ]
     if i:
-        cmd += ["--seed", f"{cluster.ip(0)}:{GOSSIP_PORT}"]
+        cmd += ["--seed", f"{hosts.ip(0)}:{hosts.port(0)}"]
     log = open(home / f"agent{i}.log", "wb")  # noqa: SIM115 - lives as long as the agent
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # Affinity is inherited across exec, so the agent and its workers stay on these cores.
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
 
 
-def _mesh_size(cluster: netns.Cluster, home: Path) -> int:
+def _mesh_size(hosts: Hosts, home: Path) -> int:
     env = {**os.environ, "MESHTRAIN_HOME": str(home / "h0")}
     out = subprocess.run(
-        [*cluster.exec_prefix(0), sys.executable, "-m", "meshtrain", "status", "--json"],
+        [*hosts.exec_prefix(0), sys.executable, "-m", "meshtrain", "status", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -86,47 +174,49 @@ def _mesh_size(cluster: netns.Cluster, home: Path) -> int:
     return sum(1 for n in json.loads(out.stdout)["nodes"] if n["state"] == "alive")
 
 
-def run_once(n: int, args: argparse.Namespace, cores: int) -> Result:
+def _run_job(hosts: Hosts, n: int, home: Path, args: argparse.Namespace) -> tuple[str, float]:
+    env = {**os.environ, "MESHTRAIN_HOME": str(home / "h0")}
+    cmd = [
+        *hosts.exec_prefix(0),
+        sys.executable,
+        "-m",
+        "meshtrain",
+        "run",
+        str(ROOT / "examples/mnist.py"),
+        "--nodes",
+        str(n),
+        "--wait",
+        "30",
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.train_limit:
+        cmd += ["--train-limit", str(args.train_limit)]
+    start = time.monotonic()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    if out.returncode != 0:
+        raise SystemExit(f"N={n}: run failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return out.stdout, wall
+
+
+def run_once(n: int, args: argparse.Namespace) -> Result:
     home = Path(tempfile.mkdtemp(prefix=f"meshtrain-scaling-{n}-"))
     agents: list[subprocess.Popen[bytes]] = []
-    rate = None if args.rate == "none" else args.rate
-    with netns.Cluster(n, prefix="msb", rate=rate) as cluster:
+    with hosts_for(n, args) as hosts:
         try:
             for i in range(n):
-                agents.append(_agent(cluster, i, home, cores))
-            deadline = time.monotonic() + 30
-            while _mesh_size(cluster, home) < n:
+                agents.append(_agent(hosts, i, n, home, args))
+            deadline = time.monotonic() + MESH_FORM_TIMEOUT_S
+            while _mesh_size(hosts, home) < n:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"the {n}-node mesh did not form; see {home}/agent*.log")
                 time.sleep(0.3)
-            env = {**os.environ, "MESHTRAIN_HOME": str(home / "h0")}
-            cmd = [
-                *cluster.exec_prefix(0),
-                sys.executable,
-                "-m",
-                "meshtrain",
-                "run",
-                str(ROOT / "examples/mnist.py"),
-                "--nodes",
-                str(n),
-                "--wait",
-                "30",
-                "--epochs",
-                str(args.epochs),
-                "--batch-size",
-                str(args.batch_size),
-            ]
-            if args.model:
-                cmd += ["--model", args.model]
-            if args.train_limit:
-                cmd += ["--train-limit", str(args.train_limit)]
-            start = time.monotonic()
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            wall = time.monotonic() - start
-            if out.returncode != 0:
-                raise SystemExit(
-                    f"N={n}: run failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-                )
+            stdout, wall = _run_job(hosts, n, home, args)
         finally:
             for proc in agents:
                 proc.terminate()
@@ -135,12 +225,12 @@ def run_once(n: int, args: argparse.Namespace, cores: int) -> Result:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    epochs = [(int(m[1]), float(m[4]), float(m[5])) for m in EPOCH_LINE.finditer(out.stdout)]
+    epochs = [(int(m[1]), float(m[4]), float(m[5])) for m in EPOCH_LINE.finditer(stdout)]
     if len(epochs) != args.epochs:
-        raise SystemExit(f"N={n}: expected {args.epochs} epoch lines in:\n{out.stdout[-2000:]}")
-    rate = THROUGHPUT_LINE.search(out.stdout)
+        raise SystemExit(f"N={n}: expected {args.epochs} epoch lines in:\n{stdout[-2000:]}")
+    rate = THROUGHPUT_LINE.search(stdout)
     if rate is None:
-        raise SystemExit(f"N={n}: no throughput line in:\n{out.stdout[-2000:]}")
+        raise SystemExit(f"N={n}: no throughput line in:\n{stdout[-2000:]}")
     elapsed, to_target = 0.0, None
     for _, acc, secs in epochs:
         elapsed += secs
@@ -154,31 +244,54 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+def _describe_setup(args: argparse.Namespace) -> str:
+    available = args.available_cores
+    k = args.cores_per_node
+    if args.loopback:
+        links = "UNSHAPED LOOPBACK links (127.0.0.1, no namespaces, no tc): not a LAN"
+    else:
+        links = f"links {args.rate} (tc tbf)" + (f" + {args.delay} delay" if args.delay else "")
+        links += " between namespaces"
+    shared = [n for n in args.nodes if k * n > len(available)]
+    pinning = f"each node pinned to {k} core(s) of its own (node i: cores {k}i..{k}i+{k - 1})"
+    if shared:
+        pinning += f"; at N={','.join(map(str, shared))} there are too few cores and nodes share them"
+    return (
+        f"examples/mnist.py --model {args.model or 'default'}, {args.epochs} epochs, "
+        f"global batch {args.batch_size}, {args.train_limit or 60000} training samples; {links}; "
+        f"{len(available)} CPU cores here; {pinning}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rate", default="1gbit", help="every host's link rate (tc tbf); none: unshaped")
+    parser.add_argument("--delay", default=None, help="every host's link delay (tc netem), e.g. 2ms")
+    parser.add_argument(
+        "--loopback", action="store_true", help="no namespaces: agents on 127.0.0.1 (unshaped links)"
+    )
+    parser.add_argument("--cores-per-node", type=int, default=None, help="default: 2 where there are enough")
     parser.add_argument("--model", choices=("mlp", "cnn"), default=None, help="examples/mnist.py --model")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, the same for every N")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--target", type=float, default=95.0, help="test accuracy (%%) for time-to-accuracy")
     args = parser.parse_args()
-    if not netns.available():
-        print("scaling.py needs root and iproute2 (network namespaces)", file=sys.stderr)
+    if not args.loopback and not netns.available():
+        print("scaling.py needs root and iproute2 (network namespaces), or --loopback", file=sys.stderr)
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    print(
-        f"examples/mnist.py --model {args.model or 'default'}, {args.epochs} epochs, "
-        f"global batch {args.batch_size}, "
-        f"{args.train_limit or 60000} training samples; links {args.rate} (tc tbf) between namespaces; "
-        f"{cores} CPU cores here, each node pinned to core (i mod {cores})"
-        + ("" if max(args.nodes) <= cores else ": with more nodes than cores, nodes share cores"),
-        flush=True,
+    args.available_cores = (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
     )
+    if args.cores_per_node is None:
+        args.cores_per_node = 2 if 2 * max(args.nodes) <= len(args.available_cores) else 1
+    print(_describe_setup(args), flush=True)
     results = []
     for n in args.nodes:
-        r = run_once(n, args, cores)
+        r = run_once(n, args)
         results.append(r)
         print(
             f"  N={n}: {r.samples_per_s:8.0f} samples/s, final accuracy {r.final_accuracy:.2f}%, "
@@ -189,14 +302,19 @@ def main() -> int:
     base = results[0]
     print(
         f"\n{'N':>3} {'samples/s':>10} {'speed-up':>9} {'efficiency':>10} {f't->{args.target}%':>10}"
-        f" {'accuracy':>9}"
+        f" {'tta speed-up':>12} {'accuracy':>9}"
     )
     for r in results:
         speedup = r.samples_per_s / base.samples_per_s
         tta = _seconds(r.time_to_target_s)
+        tta_speedup = (
+            f"{base.time_to_target_s / r.time_to_target_s:.2f}x"
+            if base.time_to_target_s and r.time_to_target_s
+            else "-"
+        )
         print(
             f"{r.nodes:>3} {r.samples_per_s:>10.0f} {speedup:>8.2f}x {speedup / r.nodes * base.nodes:>9.0%}"
-            f" {tta:>10} {r.final_accuracy:>8.2f}%"
+            f" {tta:>10} {tta_speedup:>12} {r.final_accuracy:>8.2f}%"
         )
     return 0
 

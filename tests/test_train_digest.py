@@ -43,14 +43,18 @@ def test_step_and_one_flipped_bit_change_the_digest() -> None:
 
 def test_optimizer_state_is_covered() -> None:
     a, b = trained_state(steps=2), trained_state(steps=2)
-    b["opt"] = tree_map(lambda v: v * 1.0001 if isinstance(v, mx.array) and v.dtype == mx.float32 else v, b["opt"])
+    b["opt"] = tree_map(
+        lambda v: v * 1.0001 if isinstance(v, mx.array) and v.dtype == mx.float32 else v, b["opt"]
+    )
     assert state_digest(a, 2) != state_digest(b, 2)
 
 
 def test_dtype_and_shape_are_part_of_the_digest() -> None:
     x = mx.zeros((4,), mx.float32)
     assert state_digest({"w": x}, 0) != state_digest({"w": x.reshape(2, 2)}, 0)
-    assert state_digest({"w": mx.zeros((8,), mx.bfloat16)}, 0) != state_digest({"w": mx.zeros((8,), mx.float16)}, 0)
+    assert state_digest({"w": mx.zeros((8,), mx.bfloat16)}, 0) != state_digest(
+        {"w": mx.zeros((8,), mx.float16)}, 0
+    )
 
 
 def test_leaf_bytes_are_the_row_major_bytes() -> None:

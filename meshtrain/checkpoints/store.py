@@ -28,6 +28,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,10 +247,14 @@ class CheckpointStore:
             raise UserError(f"checkpoint {run}@{step} is already committed")
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"run": run, "step": str(step)}
-        _save_arrays_atomic(directory / PARAMS, flatten_tree(params), meta)
-        _save_arrays_atomic(
-            directory / OPTIMIZER, flatten_tree(optimizer) if optimizer is not None else {}, meta
-        )
+        with ThreadPoolExecutor(max_workers=1) as hasher:  # hash each file while the next is written
+            _save_arrays_atomic(directory / PARAMS, flatten_tree(params), meta)
+            params_digest = hasher.submit(sha256_of, directory / PARAMS)
+            _save_arrays_atomic(
+                directory / OPTIMIZER, flatten_tree(optimizer) if optimizer is not None else {}, meta
+            )
+            digests = {PARAMS: params_digest, OPTIMIZER: hasher.submit(sha256_of, directory / OPTIMIZER)}
+            digests_done = {name: future.result() for name, future in digests.items()}
         state: dict[str, Any] = {
             "run": run,
             "step": step,
@@ -261,8 +266,9 @@ class CheckpointStore:
             **dict(extra or {}),
         }
         write_json_atomic(directory / STATE, state)
+        digests_done[STATE] = sha256_of(directory / STATE)
         files: dict[str, dict[str, Any]] = {
-            name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
+            name: {"bytes": (directory / name).stat().st_size, "sha256": digests_done[name]}
             for name in (PARAMS, OPTIMIZER, STATE)
         }
         total = sum(int(f["bytes"]) for f in files.values())

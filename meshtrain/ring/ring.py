@@ -22,7 +22,8 @@ from meshtrain.ring import tensors
 from meshtrain.ring.reduction import RingReduction
 from meshtrain.ring.schedule import RingSchedule
 from meshtrain.ring.streams import LinkFailed, RingLink
-from meshtrain.ring.tcp import RingListener, connect_neighbours, peer_lost
+from meshtrain.ring.tcp import Neighbours, RingListener, connect_neighbours, peer_lost
+from meshtrain.security.secret import Keyring
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -37,7 +38,7 @@ class Ring:
         job: str,
         generation: int,
         timeout: float,
-        sockets: tuple[socket.socket, socket.socket] | None,
+        sockets: tuple[socket.socket, socket.socket] | Neighbours | None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.rank = rank
@@ -47,7 +48,14 @@ class Ring:
         self.generation = generation
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._link = RingLink(*sockets, timeout) if sockets is not None else None
+        if isinstance(sockets, tuple):
+            sockets = Neighbours(*sockets)
+        self.authenticated = sockets is not None and sockets.right_key is not None
+        self._link = (
+            RingLink(sockets.left, sockets.right, timeout, sockets.left_key, sockets.right_key)
+            if sockets is not None
+            else None
+        )
         self._broken: PeerLost | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self.last_stats: dict[str, float] = {}
@@ -64,15 +72,21 @@ class Ring:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sockbuf: int | None = None,
+        keyring: Keyring | None = None,
     ) -> Ring:
-        """Form the ring (blocking): connect right, accept left, both checked for job and generation."""
+        """Form the ring (blocking): connect right, accept left, both checked for job and generation.
+
+        With `keyring` (the mesh secret) both neighbours must prove they hold it, and
+        every frame carries an HMAC-SHA256 tag under a per-connection session key; a
+        neighbour without the secret is PeerLost ("authentication failed: ...").
+        """
         addrs = [(str(h), int(p)) for h, p in addrs]
         if not 0 <= rank < len(addrs):
             raise ValueError(f"rank {rank} outside a ring of {len(addrs)}")
         if len(addrs) == 1:
             return cls(rank, addrs, job, generation, timeout, None, chunk_bytes)
-        left, right = connect_neighbours(listener, rank, addrs, job, generation, timeout, sockbuf)
-        return cls(rank, addrs, job, generation, timeout, (left, right), chunk_bytes)
+        neighbours = connect_neighbours(listener, rank, addrs, job, generation, timeout, sockbuf, keyring)
+        return cls(rank, addrs, job, generation, timeout, neighbours, chunk_bytes)
 
     # --- public all-reduce -----------------------------------------------------------
     def allreduce(

@@ -13,6 +13,12 @@ passes an abort frame naming the lost peer to its right (after the frame in
 flight, if any); each member forwards it, so every survivor raises PeerLost
 naming the same peer within a few chunk times; the member left of the lost
 one sees its sends fail and gets the abort from its left neighbour as well.
+
+Authentication (when the handshake gave session keys): every frame is
+followed by a 32-byte HMAC-SHA256 tag over (implicit sequence number, header
+bytes, payload), made in the sender thread and checked in the receiving
+thread before the chunk is reduced, so a forged, altered, replayed or
+reordered chunk or abort is a protocol error (PeerLost), never a wrong sum.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 from meshtrain import wire
 from meshtrain.errors import WireError
 from meshtrain.ring.reduction import RingReduction
+from meshtrain.security.handshake import TAG_BYTES, FrameMac
 
 _STAGING = 64 * 1024
 
@@ -62,6 +69,7 @@ class FrameReader:
         self._view = memoryview(self._staging)
         self._lo = 0
         self._hi = 0
+        self.head = b""  # the raw bytes (length prefix and header) of the last header read
 
     def _recv_some(self, into: memoryview) -> int:
         n = self.sock.recv_into(into)
@@ -82,10 +90,12 @@ class FrameReader:
     def read_header(self, max_payload: int) -> dict[str, Any]:
         self._fill(wire.LENGTH_PREFIX.size)
         length = wire.header_length(self._view[self._lo : self._lo + 4], max_header=_STAGING - 4)
+        self._fill(4 + length)
+        start = self._lo
         self._lo += 4
-        self._fill(length)
         header = wire.decode_header(self._view[self._lo : self._lo + length], max_payload=max_payload)
         self._lo += length
+        self.head = bytes(self._view[start : self._lo])
         return header
 
     def read_into(self, target: memoryview) -> None:
@@ -99,14 +109,17 @@ class FrameReader:
             staged += self._recv_some(target[staged:])
 
 
-def send_frame(sock: socket.socket, head: bytes, payload: memoryview) -> None:
-    """Header and payload in one gathered write where the kernel takes it all (no joining copy)."""
-    sent = sock.sendmsg([head, payload]) if payload.nbytes else sock.send(head)
+def send_frame(sock: socket.socket, head: bytes, payload: memoryview, tag: bytes = b"") -> None:
+    """Header, payload and tag in one gathered write where the kernel takes it all (no joining copy)."""
+    sent = sock.sendmsg([head, payload, tag]) if payload.nbytes else sock.send(head + tag)
     if sent < len(head):
         sock.sendall(memoryview(head)[sent:])
         sent = len(head)
     if sent - len(head) < payload.nbytes:
         sock.sendall(payload[sent - len(head) :])
+        sent = len(head) + payload.nbytes
+    if tag and sent - len(head) - payload.nbytes < len(tag):
+        sock.sendall(tag[sent - len(head) - payload.nbytes :])
 
 
 class _Progress:
@@ -142,8 +155,18 @@ class RingLink:
     queued jobs (one per all-reduce, then possibly one that forwards an abort).
     """
 
-    def __init__(self, left: socket.socket, right: socket.socket, timeout: float) -> None:
+    def __init__(
+        self,
+        left: socket.socket,
+        right: socket.socket,
+        timeout: float,
+        left_key: bytes | None = None,
+        right_key: bytes | None = None,
+    ) -> None:
         self.left, self.right = left, right
+        self.recv_mac = FrameMac(left_key) if left_key is not None else None
+        self.send_mac = FrameMac(right_key) if right_key is not None else None
+        self._tag = memoryview(bytearray(TAG_BYTES))
         for sock in (left, right):
             sock.setblocking(True)
             sock.settimeout(timeout)  # a neighbour silent for longer than this has stalled
@@ -180,7 +203,8 @@ class RingLink:
     def _forward_abort(self, header: dict[str, Any]) -> None:
         try:
             self.right.settimeout(min(self.right.gettimeout() or 1.0, 1.0))
-            self.right.sendall(wire.encode_header({**header, "kind": wire.FrameKind.ABORT, "nbytes": 0}))
+            head = wire.encode_header({**header, "kind": wire.FrameKind.ABORT, "nbytes": 0})
+            self.right.sendall(head + (self.send_mac.tag(head) if self.send_mac is not None else b""))
         except OSError:
             pass
         _shutdown(self.right, socket.SHUT_WR)
@@ -223,6 +247,14 @@ class RingLink:
             except BaseException as exc:  # noqa: BLE001 - every failure ends the ring, none is lost
                 self.fail(LinkFailed("right", _describe(exc)), {})
 
+    def _check_tag(self, payload: memoryview | bytes) -> None:
+        """Read the tag after a frame and check it (nothing to do on an unauthenticated ring)."""
+        if self.recv_mac is None:
+            return
+        self.reader.read_into(self._tag)
+        if not self.recv_mac.check(self.reader.head, payload, self._tag):
+            raise WireError("frame authentication failed (forged, altered or replayed frame)")
+
     # --- one all-reduce -----------------------------------------------------------------
     def run_allreduce(self, reduction: RingReduction, header_base: dict[str, Any], lost: Any) -> None:
         """Stream one all-reduce: this thread receives and reduces while the sender thread sends.
@@ -236,6 +268,7 @@ class RingLink:
         sched = reduction.schedule
         step, generation = header_base["step"], header_base["gen"]
         sock = self.right
+        send_mac = self.send_mac
 
         def send_all() -> None:
             for i, t in enumerate(sched.sends):
@@ -250,8 +283,10 @@ class RingLink:
                     w=reduction.send_weight(i),
                     nbytes=payload.nbytes,
                 )
+                head = wire.encode_header(header)
+                tag = send_mac.tag(head, payload) if send_mac is not None else b""
                 try:
-                    send_frame(sock, wire.encode_header(header), payload)
+                    send_frame(sock, head, payload, tag)
                 except OSError as exc:
                     raise LinkFailed("right", _describe(exc)) from None
 
@@ -262,6 +297,7 @@ class RingLink:
                 nbytes = reduction.recv_nbytes(i)
                 header = self.reader.read_header(max_payload=nbytes)
                 if header["kind"] == wire.FrameKind.ABORT:
+                    self._check_tag(b"")
                     origin = (str(header.get("peer", "?")), int(header.get("rank", -1)))
                     raise LinkFailed("left", str(header.get("reason", "aborted upstream")), origin)
                 fields = ("kind", "gen", "step", "phase", "chunk", "nbytes")
@@ -269,7 +305,9 @@ class RingLink:
                 expected = (wire.FrameKind.CHUNK, generation, step, t.phase, t.chunk, nbytes)
                 if got != expected:
                     raise WireError(f"expected chunk {expected}, got {got}")
-                self.reader.read_into(reduction.recv_buffer(i))
+                target = reduction.recv_buffer(i)
+                self.reader.read_into(target)
+                self._check_tag(target)
                 reduction.received(i, float(header.get("w", 0.0)))
                 progress.advance(i + 1)
         except LinkFailed as exc:

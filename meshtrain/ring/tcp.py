@@ -4,6 +4,11 @@ Each member connects to its right neighbour and accepts from its left, and
 both ends check job, generation and rank in a hello frame before a byte of
 data flows, so a connection left over from an older generation, another
 job or a stray client is dropped instead of corrupting a reduction.
+
+With a keyring, the hello is also a challenge-response
+(meshtrain.security.handshake): both ends prove they hold the mesh secret,
+a replayed hello is refused, and each connection gets a fresh session key
+with which every later frame is tagged.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from typing import Any
 
 from meshtrain import wire
 from meshtrain.errors import PeerLost, WireError
+from meshtrain.security import handshake
+from meshtrain.security.handshake import HandshakeError, NonceMemory
+from meshtrain.security.secret import Keyring
 
 PROTOCOL_VERSION = 1
 
@@ -47,6 +55,8 @@ class RingListener:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.nonces = NonceMemory()  # dial nonces seen: a captured hello replayed later is refused
+        self.rejected: str | None = None  # why the last connection failed authentication
 
     @classmethod
     def bind(cls, host: str = "0.0.0.0", port: int = 0, backlog: int = 64) -> RingListener:
@@ -95,6 +105,23 @@ def recv_hello(sock: socket.socket) -> dict[str, Any]:
     return header
 
 
+class Neighbours:
+    """The two checked sockets of a ring member and, when authenticated, their session keys."""
+
+    def __init__(
+        self,
+        left: socket.socket,
+        right: socket.socket,
+        left_key: bytes | None = None,
+        right_key: bytes | None = None,
+    ) -> None:
+        self.left, self.right = left, right
+        self.left_key, self.right_key = left_key, right_key
+
+
+AUTH_FAILED = "authentication failed"
+
+
 def connect_neighbours(
     listener: RingListener,
     rank: int,
@@ -103,12 +130,15 @@ def connect_neighbours(
     generation: int,
     timeout: float,
     sockbuf: int | None = None,
-) -> tuple[socket.socket, socket.socket]:
-    """(left, right) connected and checked sockets, or PeerLost naming the neighbour that failed.
+    keyring: Keyring | None = None,
+) -> Neighbours:
+    """Connected and checked neighbour sockets, or PeerLost naming the neighbour that failed.
 
     Connect to the right first (the listen backlog completes it even before the
     right member calls accept), then accept the left, then wait for the
-    right's acknowledgement; so no order of arrival deadlocks.
+    right's acknowledgement; so no order of arrival deadlocks. With a
+    keyring, a right neighbour that fails authentication is PeerLost at once
+    (reason starting "authentication failed"), without retrying.
     """
     size = len(addrs)
     right_rank, left_rank = (rank + 1) % size, (rank - 1) % size
@@ -119,7 +149,7 @@ def connect_neighbours(
         host, port = addrs[right_rank]
         return peer_lost(f"{host}:{port}", right_rank, generation, reason)
 
-    def dial() -> socket.socket:
+    def dial() -> tuple[socket.socket, dict[str, Any]]:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -130,29 +160,43 @@ def connect_neighbours(
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
             tune(sock, sockbuf)
-            send_hello(sock, hello)
-            return sock
+            sent = hello if keyring is None else handshake.dial_hello(keyring, hello, time.time())
+            send_hello(sock, sent)
+            return sock, sent
 
-    right = dial()
-    left = _accept_left(listener, left_rank, addrs, hello, deadline, timeout, sockbuf)
+    right, sent = dial()
+    try:
+        left, left_key = _accept_left(listener, left_rank, addrs, hello, deadline, timeout, sockbuf, keyring)
+    except BaseException:
+        right.close()  # the right neighbour sees end of stream now, not when this socket is collected
+        raise
+    right_key: bytes | None = None
     while True:
         remaining = deadline - time.monotonic()
         try:
             right.settimeout(max(remaining, 0.001))
             ack = recv_hello(right)
+            if ack.get("error") == AUTH_FAILED:
+                raise HandshakeError(str(ack.get("reason", "the neighbour refused our proof")))
             if ack.get("ok") is True and ack.get("gen") == generation:
+                if keyring is not None:
+                    right_key = handshake.session_key(handshake.check_accept(keyring, sent, ack), sent, ack)
                 break
+        except HandshakeError as exc:
+            right.close()
+            left.close()
+            raise right_lost(f"{AUTH_FAILED}: {exc}") from None
         except (OSError, WireError, ConnectionError):
             pass
         right.close()
         if deadline - time.monotonic() <= 0:
             left.close()
             raise right_lost(f"no handshake acknowledgement within {timeout:g}s")
-        right = dial()
+        right, sent = dial()
     for sock in (left, right):
         sock.settimeout(None)
         sock.setblocking(False)
-    return left, right
+    return Neighbours(left, right, left_key, right_key)
 
 
 def _accept_left(
@@ -163,13 +207,18 @@ def _accept_left(
     deadline: float,
     timeout: float,
     sockbuf: int | None,
-) -> socket.socket:
-    """Accept until the expected left neighbour of this job and generation says hello."""
+    keyring: Keyring | None,
+) -> tuple[socket.socket, bytes | None]:
+    """Accept until the expected left neighbour of this job and generation says hello (and proves the key)."""
+    rejected: str | None = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             host, port = addrs[left_rank]
-            raise peer_lost(f"{host}:{port}", left_rank, hello["gen"], f"did not connect within {timeout:g}s")
+            why = f" (refused a connection: {AUTH_FAILED}: {rejected})" if rejected else ""
+            raise peer_lost(
+                f"{host}:{port}", left_rank, hello["gen"], f"did not connect within {timeout:g}s{why}"
+            )
         listener.sock.settimeout(remaining)
         try:
             conn, _ = listener.sock.accept()
@@ -180,9 +229,20 @@ def _accept_left(
             theirs = recv_hello(conn)
             expected = {**hello, "rank": left_rank}
             if all(theirs.get(k) == v for k, v in expected.items()):
-                tune(conn, sockbuf)
-                send_hello(conn, {**hello, "ok": True})
-                return conn
+                if keyring is None:
+                    tune(conn, sockbuf)
+                    send_hello(conn, {**hello, "ok": True})
+                    return conn, None
+                try:
+                    key = handshake.check_dial(keyring, theirs, listener.nonces, time.time())
+                except HandshakeError as exc:
+                    rejected = listener.rejected = str(exc)
+                    send_hello(conn, {"error": AUTH_FAILED, "reason": str(exc)})
+                else:
+                    reply = handshake.accept_reply(key, theirs, {**hello, "ok": True})
+                    tune(conn, sockbuf)
+                    send_hello(conn, reply)
+                    return conn, handshake.session_key(key, theirs, reply)
         except (OSError, WireError, ConnectionError):
             pass
-        conn.close()  # another job, an old generation, or garbage: not our neighbour
+        conn.close()  # another job, an old generation, a stranger, or garbage: not our neighbour

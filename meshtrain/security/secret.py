@@ -57,7 +57,10 @@ def _b64(data: bytes) -> str:
 def _unb64(text: str) -> bytes:
     if not text or not set(text) <= _B64URL:
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:  # non-canonical (stray padding bits): a mangled copy, not the same bytes
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def encode_key(key: bytes) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["state_digest", "leaf_bytes", "array_leaves", "DIGEST_SIZE"]
 
@@ -23,7 +23,8 @@ def array_leaves(tree: Any) -> list[tuple[str, Any]]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    leaves = [(path, leaf) for path, leaf in tree_flatten(tree) if isinstance(leaf, mx.array)]
+    flat = cast(list[tuple[str, Any]], tree_flatten(tree))
+    leaves = [(path, leaf) for path, leaf in flat if isinstance(leaf, mx.array)]
     mx.eval([leaf for _, leaf in leaves])
     return leaves
 
@@ -31,17 +32,24 @@ def array_leaves(tree: Any) -> list[tuple[str, Any]]:
 def leaf_bytes(leaf: Any) -> memoryview:
     """The raw bytes of an evaluated mx.array (row-major), as a flat byte memoryview.
 
-    Works for every dtype including bfloat16 (which numpy cannot name); a
-    non-contiguous array is made contiguous first.
+    A contiguous array is read in place, with no MLX op, so this works from any
+    thread once the array is evaluated (MLX ties lazy graphs to the thread that
+    built them). Every dtype works, bfloat16 included; a strided view is copied
+    into row-major order first.
     """
     import mlx.core as mx
 
+    if leaf.size == 0:
+        return memoryview(b"")
+    view = memoryview(cast(Any, leaf))
+    if view.c_contiguous:
+        return view.cast("B")
     flat = leaf.reshape(-1)
     if leaf.dtype == mx.bool_:
         flat = flat.astype(mx.uint8)
     raw = flat.view(mx.uint8) if flat.size else mx.zeros((0,), mx.uint8)
     mx.eval(raw)
-    return memoryview(raw).cast("B")
+    return memoryview(cast(Any, raw)).cast("B")
 
 
 def state_digest(tree: Any, step: int) -> str:

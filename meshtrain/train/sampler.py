@@ -75,7 +75,9 @@ class SamplerState:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplerState:
         try:
-            return cls(**{k: int(data[k]) for k in ("seed", "epoch", "cursor", "dataset_size", "global_batch")})
+            return cls(
+                **{k: int(data[k]) for k in ("seed", "epoch", "cursor", "dataset_size", "global_batch")}
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad sampler state {dict(data)!r}") from exc
 
@@ -87,7 +89,9 @@ class GlobalSampler:
     insertion order); the member first in order gets the first slice.
     """
 
-    def __init__(self, dataset_size: int, global_batch: int, seed: int = 0, epoch: int = 0, cursor: int = 0) -> None:
+    def __init__(
+        self, dataset_size: int, global_batch: int, seed: int = 0, epoch: int = 0, cursor: int = 0
+    ) -> None:
         if dataset_size <= 0:
             raise UserError(f"the data set is empty (size {dataset_size})")
         if global_batch <= 0:
@@ -121,7 +125,7 @@ class GlobalSampler:
 
     # --- the data ----------------------------------------------------------------------
     def permutation(self, epoch: int | None = None) -> np.ndarray:
-        """The order of epoch `epoch`: the same on every machine and numpy version (PCG64 of (seed, epoch))."""
+        """The order of `epoch`: the same on every machine and numpy version (PCG64 of seed, epoch)."""
         epoch = self.epoch if epoch is None else epoch
         if epoch != self._perm_epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))

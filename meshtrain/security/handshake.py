@@ -1,0 +1,160 @@
+"""Mutual authentication of a TCP connection (ring neighbours, and any other stream), pure.
+
+Two messages, so it fits the ring's connect-right-then-accept-left order
+without a third round trip that would deadlock it:
+
+1. the dialer's hello carries its fields, the key id, a fresh 16-byte nonce,
+   its wall-clock time and ``proof = HMAC(K, "dial" | hello)``;
+2. the acceptor checks the proof, that the time is within `max_skew` and
+   that it never saw that nonce (`NonceMemory`), then answers with its own
+   fresh nonce and ``proof = HMAC(K, "accept" | hello | answer)``; the
+   dialer checks it.
+
+Both sides then derive the connection's session key
+``HMAC(K, "session" | dial nonce | accept nonce)``: fresh on every
+connection, so a recorded connection replayed later authenticates no frame
+(its frame tags were made under a key that no longer exists), and a replayed
+hello alone is refused by the nonce memory. A stranger without the secret
+fails at step 2 on either side, with a clear reason.
+
+Frames after the handshake carry ``HMAC(session key, seq | frame bytes)``
+with an implicit per-connection sequence number (as TLS records do), so a
+frame dropped, reordered, repeated or altered in the stream fails its tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import msgpack
+
+from meshtrain.security.secret import Keyring
+
+NONCE_BYTES = 16
+TAG_BYTES = 32
+_SEQ = struct.Struct(">Q")
+AUTH_FIELDS = ("kid", "nonce", "ts", "proof")
+_UNSIGNED = frozenset({"proof", "kind", "nbytes"})
+
+
+class HandshakeError(Exception):
+    """The other side failed authentication; the message says why in words for the user."""
+
+
+def _transcript(*parts: dict[str, Any]) -> bytes:
+    """Canonical bytes of handshake messages: sorted fields, without the proof itself and the
+    framing fields (kind, nbytes) that the frame layer adds; the labels "dial"/"accept" stand for kind.
+    """
+    return b"".join(
+        msgpack.packb(sorted((k, v) for k, v in p.items() if k not in _UNSIGNED), use_bin_type=True)
+        for p in parts
+    )
+
+
+def _mac(key: bytes, label: bytes, data: bytes) -> bytes:
+    return hmac.new(key, label + data, hashlib.sha256).digest()
+
+
+class NonceMemory:
+    """Dial nonces an acceptor has seen within the time window: bounded, oldest forgotten first."""
+
+    def __init__(self, max_skew: float = 60.0, capacity: int = 8192) -> None:
+        self.max_skew = max_skew
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def admit(self, nonce: bytes, timestamp: float, now: float) -> str | None:
+        """None if fresh and first seen (then remembered), else why not."""
+        if not abs(timestamp - now) <= self.max_skew:
+            return f"hello timestamp {timestamp - now:+.0f}s from this clock (limit {self.max_skew:g}s)"
+        while self._seen and next(iter(self._seen.values())) < now - 2 * self.max_skew:
+            self._seen.popitem(last=False)
+        if nonce in self._seen:
+            return "replayed hello"
+        self._seen[nonce] = now
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        return None
+
+
+def dial_hello(keyring: Keyring, fields: dict[str, Any], now: float) -> dict[str, Any]:
+    """The dialer's hello: `fields` plus key id, nonce, time and proof."""
+    hello = {**fields, "kid": keyring.primary_id, "nonce": secrets.token_bytes(NONCE_BYTES), "ts": now}
+    hello["proof"] = _mac(keyring.primary, b"dial", _transcript(hello))
+    return hello
+
+
+def check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, now: float) -> bytes:
+    """The key the dialer's hello proves knowledge of; HandshakeError if it proves none."""
+    kid, nonce, ts, proof = (hello.get(k) for k in AUTH_FIELDS)
+    if not isinstance(kid, bytes) or not isinstance(nonce, bytes) or not isinstance(proof, bytes):
+        raise HandshakeError("unauthenticated hello (the peer has no mesh secret)")
+    if len(nonce) != NONCE_BYTES or not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise HandshakeError("malformed hello")
+    key = keyring.lookup(kid)
+    if key is None:
+        raise HandshakeError("the peer belongs to another mesh (unknown key)")
+    if not hmac.compare_digest(proof, _mac(key, b"dial", _transcript(hello))):
+        raise HandshakeError("bad hello proof (the peer does not hold this mesh's secret)")
+    refused = memory.admit(nonce, float(ts), now)
+    if refused is not None:
+        raise HandshakeError(refused)
+    return key
+
+
+def accept_reply(key: bytes, hello: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The acceptor's answer to a checked hello: `fields` plus its nonce and proof."""
+    reply = {**fields, "nonce": secrets.token_bytes(NONCE_BYTES)}
+    reply["proof"] = _mac(key, b"accept", _transcript(hello, reply))
+    return reply
+
+
+def check_accept(keyring: Keyring, hello: dict[str, Any], reply: dict[str, Any]) -> bytes:
+    """The dialer's check of the answer; returns the key that was used (the primary)."""
+    nonce, proof = reply.get("nonce"), reply.get("proof")
+    if not isinstance(nonce, bytes) or not isinstance(proof, bytes) or len(nonce) != NONCE_BYTES:
+        raise HandshakeError("unauthenticated answer (the peer has no mesh secret)")
+    key = keyring.primary
+    if not hmac.compare_digest(proof, _mac(key, b"accept", _transcript(hello, reply))):
+        raise HandshakeError("bad answer proof (the peer does not hold this mesh's secret)")
+    return key
+
+
+def session_key(key: bytes, hello: dict[str, Any], reply: dict[str, Any]) -> bytes:
+    return _mac(key, b"session", bytes(hello["nonce"]) + bytes(reply["nonce"]))
+
+
+class FrameMac:
+    """Tags of one direction of one connection: HMAC(session key, seq | header bytes | payload).
+
+    The sequence number is implicit and counts every frame, so both ends
+    must tag/check every frame in order. hashlib releases the GIL while it
+    hashes a large buffer, so tagging runs beside the other thread's I/O.
+    """
+
+    def __init__(self, session: bytes) -> None:
+        self._session = session
+        self.seq = 0
+
+    def tag(
+        self, head: bytes | bytearray | memoryview, payload: bytes | bytearray | memoryview = b""
+    ) -> bytes:
+        mac = hmac.new(self._session, _SEQ.pack(self.seq), hashlib.sha256)
+        mac.update(head)
+        if memoryview(payload).nbytes:
+            mac.update(payload)
+        self.seq += 1
+        return mac.digest()
+
+    def check(
+        self,
+        head: bytes | bytearray | memoryview,
+        payload: bytes | bytearray | memoryview,
+        tag: bytes | bytearray | memoryview,
+    ) -> bool:
+        return hmac.compare_digest(self.tag(head, payload), bytes(tag))
