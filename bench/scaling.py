@@ -52,6 +52,7 @@ class Result:
     time_to_target_s: float | None
     final_accuracy: float
     wall_s: float
+    epochs: list[tuple[float, float]]  # (test accuracy %, seconds) per epoch, as the script printed them
 
 
 class Hosts(Protocol):
@@ -237,7 +238,8 @@ def run_once(n: int, args: argparse.Namespace) -> Result:
         if to_target is None and acc >= args.target:
             to_target = elapsed
     shutil.rmtree(home, ignore_errors=True)
-    return Result(n, float(rate[1].replace(",", "")), to_target, epochs[-1][1], wall)
+    per_epoch = [(acc, secs) for _, acc, secs in epochs]
+    return Result(n, float(rate[1].replace(",", "")), to_target, epochs[-1][1], wall, per_epoch)
 
 
 def _seconds(value: float | None) -> str:
@@ -296,7 +298,8 @@ def main() -> int:
         print(
             f"  N={n}: {r.samples_per_s:8.0f} samples/s, final accuracy {r.final_accuracy:.2f}%, "
             f"time to {args.target}%: {_seconds(r.time_to_target_s)},"
-            f" run wall {r.wall_s:.1f} s",
+            f" run wall {r.wall_s:.1f} s; epochs: "
+            + ", ".join(f"{acc:.2f}% in {secs:.1f}s" for acc, secs in r.epochs),
             flush=True,
         )
     base = results[0]

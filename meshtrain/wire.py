@@ -8,10 +8,15 @@ buffer. Everything a reader gets from the network is bounded and validated
 before any allocation: oversized, unknown, malformed or truncated frames are a
 `WireError`, never a crash or a huge buffer.
 
-Room for authentication: with ``key`` set, the writer adds a ``tag`` field,
+Authentication, two ways. With ``key`` set, the writer adds a ``tag`` field,
 HMAC-SHA256 over the header (without the tag) and the payload, and the reader
-rejects frames whose tag is missing or wrong. The security issue decides where
-keys come from and adds replay protection on top.
+rejects frames whose tag is missing or wrong (no replay protection: the same
+frame verifies again). With ``mac`` (a `meshtrain.security.handshake.FrameMac`
+holding a per-connection session key from the handshake,
+`meshtrain.security.channel`) a 32-byte tag follows the payload, over an
+implicit sequence number, the header bytes and the payload: a frame
+replayed, reordered, dropped or altered within the stream, or taken from
+another connection, fails. The ring and every mesh TCP stream use ``mac``.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import asyncio
 import hashlib
 import hmac
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from meshtrain.errors import WireError
+
+if TYPE_CHECKING:
+    from meshtrain.security.handshake import FrameMac
+
+MAC_BYTES = 32
 
 __all__ = [
     "FrameKind",
@@ -147,20 +157,22 @@ async def write_frame(
     payload: bytes | bytearray | memoryview = b"",
     *,
     key: bytes | None = None,
+    mac: FrameMac | None = None,
 ) -> None:
     """Write one frame; the payload goes out as-is (no copy through msgpack).
 
-    ``nbytes`` is filled in from the payload; with ``key`` a ``tag`` is added.
+    ``nbytes`` is filled in from the payload; with ``key`` a ``tag`` is added;
+    with ``mac`` the session tag follows the payload.
     """
     header = dict(header)
     header["nbytes"] = memoryview(payload).nbytes
     if key is not None:
         header["tag"] = payload_tag(key, header, payload)
     head = encode_header(header)
-    if header["nbytes"]:
-        writer.writelines([head, payload])
-    else:
-        writer.write(head)
+    parts: list[bytes | bytearray | memoryview] = [head, payload] if header["nbytes"] else [head]
+    if mac is not None:
+        parts.append(mac.tag(head, payload))
+    writer.writelines(parts)
     await writer.drain()
 
 
@@ -170,6 +182,7 @@ async def read_frame(
     max_header: int = DEFAULT_MAX_HEADER,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     key: bytes | None = None,
+    mac: FrameMac | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """Read one frame: (header, payload). Raises StreamClosed at a clean end of stream.
 
@@ -184,10 +197,14 @@ async def read_frame(
         raise WireError("stream ended inside a frame length") from None
     length = header_length(prefix, max_header=max_header)
     try:
-        header = decode_header(await reader.readexactly(length), max_payload=max_payload)
+        raw = await reader.readexactly(length)
+        header = decode_header(raw, max_payload=max_payload)
         payload = await reader.readexactly(header["nbytes"]) if header.get("nbytes") else b""
+        tag = await reader.readexactly(MAC_BYTES) if mac is not None else b""
     except asyncio.IncompleteReadError:
         raise WireError("stream ended inside a frame") from None
+    if mac is not None and not mac.check(prefix + raw, payload, tag):
+        raise WireError("frame authentication failed (forged, altered or replayed frame)")
     if key is not None:
         check_tag(key, header, payload)
     return header, payload

@@ -321,7 +321,11 @@ def test_interrupted_transfer_leaves_nothing_and_resume_finds_a_replica(tmp_path
     info = a.save("r", 8, {"w": mx.random.normal((600_000,))})
 
     async def truncating_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await wire.read_frame(reader)
+        request, _ = await wire.read_frame(reader)
+        if request["kind"] == "ckpt.list":  # it claims to have step 8...
+            await wire.write_frame(writer, {"kind": "ckpt.ok", "steps": [8]})
+            writer.close()
+            return
         files = transfer._file_list(info)
         await wire.write_frame(writer, {"kind": "ckpt.offer", "run": "r", "step": 8, "files": files})
         data = (info.path / PARAMS).read_bytes()[: transfer.CHUNK_BYTES]
@@ -335,12 +339,15 @@ def test_interrupted_transfer_leaves_nothing_and_resume_finds_a_replica(tmp_path
             await transfer.fetch_checkpoint("127.0.0.1", broken_port, "r", 8, store=b)
         assert b.checkpoints("r") == []
         assert not [p for p in b.run_dir("r").iterdir()]  # the .incoming dir is gone too
-        broken.close()
         server = transfer.CheckpointServer(a)
         port = await server.start()
+        peers = [("127.0.0.1", broken_port), ("127.0.0.1", port)]
         try:
+            got = await transfer.fetch_newest(peers, "r", store=b)  # ...but fails it: the replica serves
+            assert got is not None and got.step == 8
+            broken.close()
             # the first peer no longer listens (a node that lost its checkpoints); the second has a replica
-            got = await transfer.fetch_newest([("127.0.0.1", broken_port), ("127.0.0.1", port)], "r", store=d)
+            got = await transfer.fetch_newest(peers, "r", store=d)
             assert got is not None and got.step == 8
             d.save("r", 12, {"w": mx.ones((1,))})  # newer locally: nothing is fetched
             again = await transfer.fetch_newest([("127.0.0.1", port)], "r", store=d)
@@ -349,7 +356,7 @@ def test_interrupted_transfer_leaves_nothing_and_resume_finds_a_replica(tmp_path
             await server.close()
 
     asyncio.run(scenario())
-    assert [i.step for i in d.checkpoints("r")] == [8, 12]
+    assert [i.step for i in d.checkpoints("r")] == [8, 12] and [i.step for i in b.checkpoints("r")] == [8]
 
 
 def test_transfer_rejects_path_tricks() -> None:

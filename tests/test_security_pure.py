@@ -29,6 +29,7 @@ from meshtrain.security import (
 from meshtrain.security.secret import encode_key, join_command, store_joined_secret
 
 NOW = 1_800_000_000.0
+FUZZ = int(os.environ.get("MESHTRAIN_FUZZ_EXAMPLES", "2000"))  # 100000 for the fuzz run
 KEY = bytes(range(32))
 secrets_st = st.binary(min_size=32, max_size=32)
 seeds_st = st.one_of(st.none(), st.text(min_size=1, max_size=60).filter(lambda s: len(s.encode()) <= 255))
@@ -103,7 +104,7 @@ def test_a_mangled_token_is_a_user_error_never_another_secret(secret: bytes, pos
     assert "\n" not in str(info.value)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=FUZZ // 4, deadline=None)
 @given(st.text(max_size=300))
 def test_garbage_tokens_are_one_line_user_errors(text: str) -> None:
     try:
@@ -182,7 +183,7 @@ def test_rotation_old_key_still_opens_new_key_sends() -> None:
     assert receiver.open(DatagramSealer(Keyring([new, old])).seal(b"b", NOW), NOW) == b"b"
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=FUZZ, deadline=None)
 @given(st.binary(max_size=200))
 def test_opening_garbage_never_raises_anything_but_a_drop(data: bytes) -> None:
     opener = DatagramOpener(Keyring([KEY]))
@@ -246,3 +247,27 @@ def test_frame_mac_binds_sequence_header_and_payload() -> None:
     assert recv.check(b"head", b"payload", tags[0])
     assert not recv.check(b"head", b"payload", tags[0])  # replayed in the stream
     assert not handshake.FrameMac(KEY).check(b"head", b"payloaD", tags[0])
+
+
+hello_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+hello_keys = (
+    st.sampled_from(["kid", "nonce", "ts", "proof", "gen", "job"])
+    | st.text(max_size=5)
+    | st.binary(max_size=4)
+)
+
+
+@settings(max_examples=FUZZ // 10, deadline=None)
+@given(st.dictionaries(hello_keys, hello_values, max_size=8), st.booleans())
+def test_hostile_hellos_are_handshake_errors_only(hello: dict, known_kid: bool) -> None:  # type: ignore[type-arg]
+    ring = Keyring([KEY])
+    if known_kid:
+        hello["kid"] = ring.primary_id  # the key id is public: a stranger can copy it
+    with pytest.raises(handshake.HandshakeError):
+        handshake.check_dial(ring, hello, handshake.NonceMemory(), NOW)
+    with pytest.raises(handshake.HandshakeError):
+        handshake.check_accept(ring, handshake.dial_hello(ring, {}, NOW), hello)

@@ -84,6 +84,11 @@ def worker(workdir: Path, name: str, kill_at: int) -> None:  # noqa: C901 - a ru
     view_version = -1
     log: list[str] = []
 
+    def note(line: str) -> None:
+        log.append(line)
+        with open(workdir / f"{name}.log", "a") as f:
+            f.write(f"{time.monotonic():.3f} {line}\n")
+
     def state() -> dict[str, Any]:
         return {"params": model.parameters(), "opt": opt.state}
 
@@ -122,10 +127,14 @@ def worker(workdir: Path, name: str, kill_at: int) -> None:  # noqa: C901 - a ru
 
     ring: Any = None
     held: tuple[Any, int] | None = None
-    queue: deque[Any] = deque(ctl.handle(el.MembershipChanged(read_view())))
+    first = read_view()
+    while name not in {c.member for c in first}:  # a node started early waits to be in the mesh
+        first = read_view(newer=True)
+    queue: deque[Any] = deque(ctl.handle(el.MembershipChanged(first)))
     while ctl.step < TARGET:
         action = queue.popleft()
         gen = ctl.roster.generation if ctl.roster else -1
+        note(f"step {ctl.step}: {type(action).__name__} gen {gen} {ctl.roster.members if ctl.roster else ''}")
         events: list[Any] = []
         try:
             if isinstance(action, el.FormRing):
@@ -144,9 +153,9 @@ def worker(workdir: Path, name: str, kill_at: int) -> None:  # noqa: C901 - a ru
                 conn, _ = state_server.accept()
                 with conn:
                     conn.settimeout(20)
-                    meta = {"step": ctl.step, "sampler": sampler.state.to_dict(), "ledger": ledger.to_rows()}
-                    send_state(conn, state(), {**meta, "redo_shares": ctl.redo_shares()})
-                log.append(f"sent state to {action.to} in generation {gen}")
+                    sent = {"step": ctl.step, "sampler": sampler.state.to_dict(), "ledger": ledger.to_rows()}
+                    send_state(conn, state(), {**sent, "redo_shares": ctl.redo_shares()})
+                note(f"sent state to {action.to} in generation {gen}")
                 events = [el.StateSent(gen, action.to)]
             elif isinstance(action, el.ReceiveState):
                 port = _read_json(workdir / f"{action.source}.ports")["state"]
@@ -157,7 +166,7 @@ def worker(workdir: Path, name: str, kill_at: int) -> None:  # noqa: C901 - a ru
                 sampler.load_state(meta["sampler"])
                 ledger = SampleLedger.from_rows(meta["ledger"])
                 digest = state_digest(state(), meta["step"])
-                log.append(f"received state of step {meta['step']} from {action.source} in generation {gen}")
+                note(f"received state of step {meta['step']} from {action.source} in generation {gen}")
                 events = [el.StateReceived(gen, meta["step"], digest, meta["redo_shares"])]
             elif isinstance(action, el.RunStep):
                 held = grads_of(sampler.slice_for(name, action.shares))
@@ -186,7 +195,7 @@ def worker(workdir: Path, name: str, kill_at: int) -> None:  # noqa: C901 - a ru
             elif isinstance(action, el.Pause):
                 events = [el.MembershipChanged(read_view(newer=True))]
         except (PeerLost, WireError, OSError) as exc:
-            log.append(f"generation {gen} lost: {exc}")
+            note(f"generation {gen} lost: {exc}")
             events = [el.MembershipChanged(read_view(newer=True)), el.RingLost(gen, str(exc))]
         for event in events:
             queue.extend(ctl.handle(event))
@@ -221,16 +230,25 @@ def test_kill_mid_allreduce_and_join_train_exactly_once(tmp_path: Path) -> None:
         "w0": spawn(tmp_path, "w0"),
         "w1": spawn(tmp_path, "w1", kill_at=KILL_AT),
         "w2": spawn(tmp_path, "w2"),
+        "w3": spawn(tmp_path, "w3"),  # started now; in the mesh only once w1 is gone
     }
     try:
         publish_view(tmp_path, ["w0", "w1", "w2"], 1)
+        _read_json(tmp_path / "w3.ports")
         assert procs["w1"].wait(timeout=40) == -signal.SIGKILL
-        publish_view(tmp_path, ["w0", "w2"], 2)  # gossip declares w1 dead
-        procs["w3"] = spawn(tmp_path, "w3")  # and a new node joins mid-training
-        publish_view(tmp_path, ["w0", "w2", "w3"], 3)
+        publish_view(tmp_path, ["w0", "w2", "w3"], 2)  # gossip declares w1 dead, and w3 joins
         for name in ("w0", "w2", "w3"):
-            _, err = procs[name].communicate(timeout=45)
-            assert procs[name].returncode == 0, err.decode()[-3000:]
+            try:
+                _, err = procs[name].communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                procs[name].kill()
+                _, err = procs[name].communicate()
+            logs = {
+                n: (tmp_path / f"{n}.log").read_text()[-1500:]
+                for n in procs
+                if (tmp_path / f"{n}.log").exists()
+            }
+            assert procs[name].returncode == 0, (err.decode()[-3000:], logs)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -239,8 +257,8 @@ def test_kill_mid_allreduce_and_join_train_exactly_once(tmp_path: Path) -> None:
     results = {n: json.loads((tmp_path / f"{n}.result").read_text()) for n in ("w0", "w2", "w3")}
     assert {r["step"] for r in results.values()} == {TARGET}
     assert len({r["digest"] for r in results.values()}) == 1, "replicas diverged"
-    logs = " | ".join(line for r in results.values() for line in r["log"])
-    assert "lost" in logs and "received state" in logs, logs
+    story = " | ".join(line for r in results.values() for line in r["log"])
+    assert "lost" in story and "received state" in story, story
     for result in results.values():
         ledger = SampleLedger.from_rows(result["ledger"])
         for epoch in range(EPOCHS):

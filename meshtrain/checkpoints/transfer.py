@@ -264,19 +264,22 @@ async def fetch_newest(
     peers: Iterable[tuple[str, int]], run: str, *, store: CheckpointStore, key: bytes | None = None
 ) -> CheckpointInfo | None:
     """Resume support: the newest complete checkpoint of `run` among this node and `peers`,
-    fetched here if another node has a newer one. Unreachable peers are skipped."""
+    fetched here if another node has a newer one. Unreachable peers are skipped; a failed
+    fetch falls back to the next-best copy (another replica, or an older checkpoint)."""
     local = store.latest(run)
-    best: tuple[int, tuple[str, int]] | None = None
+    offers: list[tuple[int, tuple[str, int]]] = []
     for host, port in peers:
         try:
             steps = await asyncio.wait_for(list_remote(host, port, run, key=key), 10.0)
         except (OSError, MeshtrainError, asyncio.TimeoutError):
             continue
-        if steps and (best is None or max(steps) > best[0]):
-            best = (max(steps), (host, port))
-    if best is None or (local is not None and local.step >= best[0]):
-        return local
-    try:
-        return await fetch_checkpoint(*best[1], run, best[0], store=store, key=key)
-    except (OSError, MeshtrainError, asyncio.TimeoutError):
-        return local
+        if steps:
+            offers.append((max(steps), (host, port)))
+    for step, (host, port) in sorted(offers, key=lambda o: -o[0]):
+        if local is not None and local.step >= step:
+            break
+        try:
+            return await fetch_checkpoint(host, port, run, step, store=store, key=key)
+        except (OSError, MeshtrainError, asyncio.TimeoutError):
+            continue
+    return local

@@ -90,7 +90,19 @@ def dial_hello(keyring: Keyring, fields: dict[str, Any], now: float) -> dict[str
 
 
 def check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, now: float) -> bytes:
-    """The key the dialer's hello proves knowledge of; HandshakeError if it proves none."""
+    """The key the dialer's hello proves knowledge of; HandshakeError if it proves none.
+
+    Any hostile shape (keys that are not strings, huge numbers) is a HandshakeError too.
+    """
+    if not all(isinstance(k, str) for k in hello):
+        raise HandshakeError("malformed hello")
+    try:
+        return _check_dial(keyring, hello, memory, now)
+    except (TypeError, ValueError, OverflowError):
+        raise HandshakeError("malformed hello") from None
+
+
+def _check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, now: float) -> bytes:
     kid, nonce, ts, proof = (hello.get(k) for k in AUTH_FIELDS)
     if not isinstance(kid, bytes) or not isinstance(nonce, bytes) or not isinstance(proof, bytes):
         raise HandshakeError("unauthenticated hello (the peer has no mesh secret)")
@@ -116,6 +128,8 @@ def accept_reply(key: bytes, hello: dict[str, Any], fields: dict[str, Any]) -> d
 
 def check_accept(keyring: Keyring, hello: dict[str, Any], reply: dict[str, Any]) -> bytes:
     """The dialer's check of the answer; returns the key that was used (the primary)."""
+    if not all(isinstance(k, str) for k in reply):
+        raise HandshakeError("malformed answer")
     nonce, proof = reply.get("nonce"), reply.get("proof")
     if not isinstance(nonce, bytes) or not isinstance(proof, bytes) or len(nonce) != NONCE_BYTES:
         raise HandshakeError("unauthenticated answer (the peer has no mesh secret)")
