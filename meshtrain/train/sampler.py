@@ -209,10 +209,13 @@ class LedgerEntry:
 class SampleLedger:
     """Debug record of which member consumed which index, in which generation and step.
 
-    Record every committed step's whole assignment (survivors know the lost
-    members' slices, so a dead member's consumption is not forgotten). Ledgers
-    of several members merge; two members that disagree about an (epoch, index)
-    expose a double consumption. `check_epoch` proves exactly-once.
+    Every member records each committed step's *whole* assignment (so the
+    slices of a member that dies later are not forgotten), and the ledger
+    travels with the state (`to_rows()` in send_state's meta): a member's
+    ledger is then the history of the state it holds. Work a member committed
+    and took to its grave is not in the survivors' lineage, and is not in
+    their ledgers either. Two records that disagree about an (epoch, index)
+    are a double consumption; `check_epoch` proves exactly-once.
     """
 
     def __init__(self) -> None:
