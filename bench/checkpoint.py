@@ -1,6 +1,6 @@
 """What a checkpoint costs: time and bytes to write, commit, load and copy one, against the disk's raw speed.
 
-    flock /tmp/meshtrain-bench.lock python -m meshtrain.checkpoints.cost [--models cnn,100m] [--dir DIR]
+    flock /tmp/meshtrain-bench.lock python bench/checkpoint.py [--models cnn,100m] [--dir DIR]
 
 For each model (the MNIST CNN of examples/mnist.py with Adam; a synthetic
 100M-parameter stack of 2048x2048 float32 matrices with Adam) it writes one
