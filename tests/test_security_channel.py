@@ -8,7 +8,7 @@ import pytest
 
 from meshtrain import wire
 from meshtrain.errors import WireError
-from meshtrain.security import Keyring, generate_secret
+from meshtrain.security import DropCounters, Keyring, generate_secret
 from meshtrain.security.channel import accept_channel, dial_channel
 from meshtrain.security.handshake import NonceMemory
 
@@ -20,10 +20,11 @@ async def serve_once(
 ) -> tuple[asyncio.Server, int]:
     replayed = replayed if replayed is not None else asyncio.get_running_loop().create_future()
     nonces = NonceMemory()
+    counters = DropCounters()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            channel = await accept_channel(reader, writer, keyring, nonces, {"node": "b"})
+            channel = await accept_channel(reader, writer, keyring, nonces, {"node": "b"}, counters=counters)
             header, payload = await wire.read_frame(reader, mac=channel.recv)
             await wire.write_frame(
                 writer, {"kind": "reply", "op": header["op"]}, payload[::-1], mac=channel.send
@@ -31,6 +32,7 @@ async def serve_once(
             outcome.set_result(await wire.read_frame(reader, mac=channel.recv))
             replayed.set_result(await wire.read_frame(reader, mac=channel.recv))
         except WireError as exc:
+            exc.args = (*exc.args, counters.snapshot())
             (replayed if outcome.done() else outcome).set_result(exc)
         finally:
             writer.close()
@@ -75,7 +77,8 @@ def test_a_stranger_gets_a_clear_refusal(who: str) -> None:
         with pytest.raises(WireError, match="authentication failed"):
             await dial_channel(reader, writer, stranger if who == "dialer" else MESH)
         if who == "dialer":
-            assert "another mesh" in str(await outcome)
+            refusal = await outcome
+            assert "another mesh" in str(refusal) and "'unknown_mesh': 1" in str(refusal)
         writer.close()
         server.close()
 

@@ -122,6 +122,8 @@ def test_a_member_without_the_secret_fails_at_the_handshake(dialer_keyring: Keyr
     # both sides say why (not just "timed out"): the mesh secret does not match
     assert all("authentication failed" in r.reason for r in results), results
     assert results[0].peer == f"127.0.0.1:{addrs[1][1]}" and results[1].peer == f"127.0.0.1:{addrs[0][1]}"
+    counted = listeners[1].drops.snapshot()
+    assert counted["unknown_mesh" if dialer_keyring is not None else "bad_tag"] >= 1, counted
     assert time.monotonic() - start < 5
     for lst in listeners:
         lst.close()
@@ -191,6 +193,7 @@ def test_a_captured_hello_and_frames_replayed_later_are_rejected() -> None:
     results = run_ranks([honest_rank0_acceptor, member(listeners[1], 1, real, MESH, timeout=1.5)])
     replay.join()
     assert isinstance(results[1], PeerLost) and "replayed hello" in results[1].reason, results
+    assert listeners[1].drops.snapshot()["replay"] >= 1
 
     # 2. a restarted listener (no memory of the nonce) takes the hello, but every frame fails
     listeners[1].nonces = handshake.NonceMemory()

@@ -20,6 +20,7 @@ from typing import Any
 from meshtrain import wire
 from meshtrain.errors import PeerLost, WireError
 from meshtrain.security import handshake
+from meshtrain.security.drops import DropCounters
 from meshtrain.security.handshake import HandshakeError, NonceMemory
 from meshtrain.security.secret import Keyring
 
@@ -57,6 +58,7 @@ class RingListener:
         self.sock = sock
         self.nonces = NonceMemory()  # dial nonces seen: a captured hello replayed later is refused
         self.rejected: str | None = None  # why the last connection failed authentication
+        self.drops = DropCounters()  # hellos refused, by reason (for status and the live view)
 
     @classmethod
     def bind(cls, host: str = "0.0.0.0", port: int = 0, backlog: int = 64) -> RingListener:
@@ -237,6 +239,7 @@ def _accept_left(
                     key = handshake.check_dial(keyring, theirs, listener.nonces, time.time())
                 except HandshakeError as exc:
                     rejected = listener.rejected = str(exc)
+                    listener.drops.count(exc.reason)
                     send_hello(conn, {"error": AUTH_FAILED, "reason": str(exc)})
                 else:
                     reply = handshake.accept_reply(key, theirs, {**hello, "ok": True})

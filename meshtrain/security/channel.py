@@ -26,6 +26,7 @@ from typing import Any
 from meshtrain import wire
 from meshtrain.errors import WireError
 from meshtrain.security import handshake
+from meshtrain.security.drops import DropCounters
 from meshtrain.security.handshake import FrameMac, HandshakeError, NonceMemory
 from meshtrain.security.secret import Keyring
 
@@ -76,15 +77,19 @@ async def accept_channel(
     nonces: NonceMemory,
     fields: dict[str, Any] | None = None,
     timeout: float = 10.0,
+    counters: DropCounters | None = None,
 ) -> Channel:
     """Authenticate a connection we accepted; the refusal is sent to the peer, then WireError raised.
 
-    `nonces` is one NonceMemory per listening socket (shared by its connections).
+    `nonces` is one NonceMemory per listening socket (shared by its connections);
+    a refused hello is counted in `counters` by reason.
     """
     hello, _ = await asyncio.wait_for(wire.read_frame(reader, max_header=4096, max_payload=0), timeout)
     try:
         key = handshake.check_dial(keyring, hello, nonces, time.time())
     except HandshakeError as exc:
+        if counters is not None:
+            counters.count(exc.reason)
         await wire.write_frame(
             writer, {"kind": wire.FrameKind.HELLO, "error": AUTH_FAILED, "reason": str(exc)}
         )

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 
+from meshtrain.security import drops
 from meshtrain.security.secret import Keyring
 
 NONCE_BYTES = 16
@@ -43,7 +44,14 @@ _UNSIGNED = frozenset({"proof", "kind", "nbytes"})
 
 
 class HandshakeError(Exception):
-    """The other side failed authentication; the message says why in words for the user."""
+    """The other side failed authentication; the message says why in words for the user.
+
+    `reason` is the drop-counter reason (meshtrain.security.drops) it counts as.
+    """
+
+    def __init__(self, message: str, reason: str = drops.BAD_TAG) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _transcript(*parts: dict[str, Any]) -> bytes:
@@ -95,11 +103,11 @@ def check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, now
     Any hostile shape (keys that are not strings, huge numbers) is a HandshakeError too.
     """
     if not all(isinstance(k, str) for k in hello):
-        raise HandshakeError("malformed hello")
+        raise HandshakeError("malformed hello", drops.MALFORMED)
     try:
         return _check_dial(keyring, hello, memory, now)
     except (TypeError, ValueError, OverflowError):
-        raise HandshakeError("malformed hello") from None
+        raise HandshakeError("malformed hello", drops.MALFORMED) from None
 
 
 def _check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, now: float) -> bytes:
@@ -107,15 +115,15 @@ def _check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, no
     if not isinstance(kid, bytes) or not isinstance(nonce, bytes) or not isinstance(proof, bytes):
         raise HandshakeError("unauthenticated hello (the peer has no mesh secret)")
     if len(nonce) != NONCE_BYTES or not isinstance(ts, int | float) or isinstance(ts, bool):
-        raise HandshakeError("malformed hello")
+        raise HandshakeError("malformed hello", drops.MALFORMED)
     key = keyring.lookup(kid)
     if key is None:
-        raise HandshakeError("the peer belongs to another mesh (unknown key)")
+        raise HandshakeError("the peer belongs to another mesh (unknown key)", drops.UNKNOWN_MESH)
     if not hmac.compare_digest(proof, _mac(key, b"dial", _transcript(hello))):
         raise HandshakeError("bad hello proof (the peer does not hold this mesh's secret)")
     refused = memory.admit(nonce, float(ts), now)
     if refused is not None:
-        raise HandshakeError(refused)
+        raise HandshakeError(refused, drops.REPLAY)
     return key
 
 
@@ -129,7 +137,7 @@ def accept_reply(key: bytes, hello: dict[str, Any], fields: dict[str, Any]) -> d
 def check_accept(keyring: Keyring, hello: dict[str, Any], reply: dict[str, Any]) -> bytes:
     """The dialer's check of the answer; returns the key that was used (the primary)."""
     if not all(isinstance(k, str) for k in reply):
-        raise HandshakeError("malformed answer")
+        raise HandshakeError("malformed answer", drops.MALFORMED)
     nonce, proof = reply.get("nonce"), reply.get("proof")
     if not isinstance(nonce, bytes) or not isinstance(proof, bytes) or len(nonce) != NONCE_BYTES:
         raise HandshakeError("unauthenticated answer (the peer has no mesh secret)")
