@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -215,13 +216,32 @@ class RingLink:
         An abort still being forwarded gets up to `linger` seconds to reach the right neighbour.
         """
         if self.first is not None:
+            deadline = time.monotonic() + linger
             self._idle.wait(linger)
+            if self.first.side == "right":
+                self._drain_left(deadline)
         with self._cond:
             self._closed = True
             self._cond.notify()
         for sock in (self.left, self.right):
             _shutdown(sock, socket.SHUT_RDWR)
             sock.close()
+
+    def _drain_left(self, deadline: float) -> None:
+        """Read and drop what the left neighbour still sends until it forwards the abort and closes.
+
+        A member whose right neighbour died knows the culprit, but its left
+        neighbour may not have heard yet and still be sending: closing on it
+        now would reset its sends and make it blame us instead of the lost peer.
+        """
+        scratch = memoryview(bytearray(_STAGING))
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self.left.settimeout(left)
+                if self.left.recv_into(scratch) == 0:
+                    return
+            except OSError:
+                return
 
     # --- the sender thread -------------------------------------------------------------
     def _queue(self, job: Callable[[], None]) -> None:
