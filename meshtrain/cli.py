@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="a member to join through (repeatable); LAN peers are found without one",
     )
+    join.add_argument("--token", help="join the mesh this token names (the first `join` prints the command)")
+    join.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="read the mesh secret from FILE (mode 0600); MESHTRAIN_SECRET is honoured too",
+    )
     join.add_argument("--interface", help="network interface to use for discovery and traffic")
     join.add_argument(
         "--profile",

@@ -5,7 +5,9 @@ loopback, no broadcast discovery), lets them find each other, submits the
 job to the first one and tears all of them down afterwards. The agents are
 the real ones (gossip, control server, worker processes, ring over TCP); only
 their lifetime is borrowed. With no agent on this machine, a plain `run` is
-the same thing with N = 1.
+the same thing with N = 1. Such a mesh has its own ephemeral secret, made for
+the run and never stored: its gossip, control and ring traffic is authenticated
+like any mesh's, and nothing outside the run holds the key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from meshtrain.agent.agent import Agent
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
 from meshtrain.errors import UserError
+from meshtrain.security import Keyring, generate_secret
 
 FORM_TIMEOUT_S = 20.0
 LOOPBACK = "127.0.0.1"
@@ -32,6 +35,7 @@ def thread_env(n_local: int) -> dict[str, str]:
 async def start_local_mesh(n: int) -> list[Agent]:
     """N agents on loopback that all see each other; the caller must `leave()` them."""
     agents: list[Agent] = []
+    keyring = Keyring([generate_secret()])
     try:
         for i in range(n):
             seeds = [(LOOPBACK, agents[0].gossip_port)] if agents else []
@@ -44,6 +48,7 @@ async def start_local_mesh(n: int) -> list[Agent]:
                 discovery=False,
                 unix_socket=False,
                 worker_env=thread_env(n),
+                keyring=keyring,
             )
             agents.append(agent)
             await agent.start()

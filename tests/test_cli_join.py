@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from meshtrain.security import load_keyring, parse_token
+
 
 def meshtrain(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MESHTRAIN_HOME": str(home)}
@@ -27,6 +29,13 @@ def test_detached_agent_serves_status_refuses_a_second_join_and_leaves(tmp_path:
         assert (home / "agent.sock").stat().st_mode & 0o777 == 0o600
         snap = json.loads(meshtrain(home, "status", "--json").stdout)
         assert [n["name"] for n in snap["nodes"]] == ["solo"] and snap["leader"] == "solo"
+        # the first join created the mesh secret (0600) and printed the command that joins it
+        assert (home / "secret").stat().st_mode & 0o777 == 0o600
+        hint = started.stdout.splitlines()[1]
+        assert hint.startswith("to add another machine, run there:  meshtrain join --token mt1.")
+        token = parse_token(hint.split("--token ")[1])
+        assert token.secret == load_keyring(home / "secret")[0].primary
+        assert token.seed == snap["nodes"][0]["addr"]  # the port it really got, not the 0 asked for
         second = meshtrain(home, "join", *flags)
         assert second.returncode != 0 and second.stderr.strip() == (
             "meshtrain: an agent (solo) is already running on this machine; see it with `meshtrain status`"

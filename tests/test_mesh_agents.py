@@ -26,6 +26,7 @@ TINY = textwrap.dedent(
     import meshtrain
     mesh = meshtrain.init()
     print(f"rank {mesh.rank}/{mesh.size} on {mesh.node} args {sys.argv[1:]}", flush=True)
+    print(f"ring authenticated {getattr(mesh, 'ring_authenticated', None)}", flush=True)
     for step in range(5):
         out = mesh.allreduce(np.full(1000, float(mesh.rank + 1), dtype=np.float32), weight=mesh.rank + 1)
         mesh.report(epoch=0, epochs=1, step=step, steps_per_epoch=5, loss=float(out[0]), samples=10)
@@ -50,7 +51,14 @@ def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProc
 class AgentProcess:
     """`meshtrain join` in the background with its own state directory."""
 
-    def __init__(self, home: Path, name: str, seed: int | None = None, python: str | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        name: str,
+        seed: int | None = None,
+        python: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.home, self.name = home, name
         home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MESHTRAIN_HOME": str(home)}
@@ -68,6 +76,8 @@ class AgentProcess:
         ]
         if seed is not None:
             args += ["--seed", f"127.0.0.1:{seed}"]
+        if token is not None:
+            args += ["--token", token]
         cmd = [sys.executable, "-c", python] if python else meshtrain_cmd(*args)
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -76,6 +86,11 @@ class AgentProcess:
         first = self.proc.stdout.readline()
         assert "gossip port" in first, first
         self.port = int(first.split("gossip port ")[1].split(")")[0])
+        self.token: str | None = None
+        if not python:
+            hint = self.proc.stdout.readline()  # the exact command another machine runs to join
+            assert "meshtrain join --token " in hint, hint
+            self.token = hint.split("--token ")[1].strip()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -106,7 +121,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
     script.parent.mkdir()
     script.write_text(TINY)
     a = AgentProcess(root / "a", "a")
-    b = AgentProcess(root / "b", "b", seed=a.port)
+    b = AgentProcess(root / "b", "b", token=a.token)  # the token names a's secret and address
     try:
         wait_for(lambda: alive_names(a.home) == {"a", "b"})
         yield a.home, b.home, script
@@ -145,6 +160,8 @@ def test_run_trains_on_both_nodes_with_the_weighted_mean(mesh: tuple[Path, Path,
     assert "[a] rank 0/2 on a args ['x', '--flag']" in out.stdout
     assert "[b] rank 1/2 on b args ['x', '--flag']" in out.stdout
     assert "[a] weighted mean 1.6667" in out.stdout  # (1*1 + 2*2) / (1 + 2)
+    # the agents handed the mesh secret to their workers: the ring proved it and tags every frame
+    assert "[a] ring authenticated True" in out.stdout and "[b] ring authenticated True" in out.stdout
 
 
 def test_a_crash_on_one_node_is_shown_once_and_the_agents_survive(mesh: tuple[Path, Path, Path]) -> None:
@@ -182,9 +199,11 @@ OLD_AGENT = textwrap.dedent(
     """
     import asyncio, sys
     from meshtrain.agent import Agent
+    from meshtrain.security import load_keyring
 
     async def main():
-        agent = Agent(name="old", profile="local", host="127.0.0.1", port=0, discovery=False,
+        keyring, _ = load_keyring(create=False)  # the mesh's secret, from MESHTRAIN_SECRET
+        agent = Agent(name="old", keyring=keyring, profile="local", host="127.0.0.1", port=0, discovery=False,
                       seeds=[("127.0.0.1", int(sys.argv[1]))], protocol=0)
         await agent.start()
         print(f"old agent (gossip port {agent.gossip_port})", flush=True)
@@ -199,7 +218,8 @@ def test_an_agent_of_an_older_protocol_gets_one_clear_line(
     mesh: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     home_a, _, script = mesh
-    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "old")}
+    secret = (home_a / "secret").read_text()
+    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "old"), "MESHTRAIN_SECRET": secret}
     port = json.loads(cli(home_a, "status", "--json").stdout)["nodes"][0]["addr"].split(":")[1]
     old = subprocess.Popen(
         [sys.executable, "-c", OLD_AGENT, port], env=env, stdout=subprocess.PIPE, text=True
@@ -248,7 +268,7 @@ def test_ctrl_c_cancels_the_job_everywhere(mesh: tuple[Path, Path, Path]) -> Non
         meshtrain_cmd("run", str(forever)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
-    started = set()
+    started: set[str] = set()
     while len(started) < 2:
         line = proc.stdout.readline()
         assert line, "run ended before both workers started"

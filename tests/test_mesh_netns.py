@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from meshtrain import netns
+from meshtrain.security import Keyring, generate_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,10 +27,16 @@ pytestmark = pytest.mark.skipif(
 
 def test_three_hosts_join_and_all_train(tmp_path: Path) -> None:
     agents: list[subprocess.Popen[bytes]] = []
+    secret = Keyring([generate_secret()]).to_text()  # the one mesh secret every host holds
     with netns.Cluster(3, prefix="ms", rate="1gbit") as cluster:
 
         def env(i: int) -> dict[str, str]:
-            return {**os.environ, "MESHTRAIN_HOME": str(tmp_path / f"h{i}"), "OPENBLAS_NUM_THREADS": "1"}
+            return {
+                **os.environ,
+                "MESHTRAIN_HOME": str(tmp_path / f"h{i}"),
+                "MESHTRAIN_SECRET": secret,
+                "OPENBLAS_NUM_THREADS": "1",
+            }
 
         def status(i: int) -> dict:  # type: ignore[type-arg]
             out = subprocess.run(

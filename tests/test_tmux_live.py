@@ -141,7 +141,11 @@ def test_join_and_run_live_views_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
     port = re.search(r"gossip port (\d+)", first)
     assert port, first
 
-    tmux.start("join-b", f"MESHTRAIN_HOME={home_b} {AGENT} --name tmux-b --seed 127.0.0.1:{port.group(1)}")
+    tmux.start(
+        "join-b",
+        f"MESHTRAIN_HOME={home_b} {AGENT} --name tmux-b --seed 127.0.0.1:{port.group(1)} "
+        f"--secret-file {home_a}/secret",  # the mesh secret the first join created
+    )
     mesh = tmux.wait_for("join-a", lambda s: "2 alive" in s and "tmux-b" in s, 20, "the second node")
     keep("join", mesh)
     rows = {

@@ -31,6 +31,7 @@ from meshtrain.agent.placement import Candidate
 from meshtrain.agent.snapshot import EVENTS_KEPT, mesh_snapshot
 from meshtrain.agent.workers import HostedWorker, host_worker
 from meshtrain.errors import WireError
+from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
 
 LOAD_PERIOD_S = 5.0
 JOB_EVENTS_BEFORE = 5
@@ -93,7 +94,13 @@ class Agent:
         unix_socket: bool = True,
         protocol: int = PROTOCOL_VERSION,
         worker_env: dict[str, str] | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
+        """`keyring` is the mesh secret: gossip, control TCP and the workers' ring use it.
+
+        None runs an unauthenticated mesh (only tests and benches do that; the CLI
+        always passes one, `run --local` an ephemeral one).
+        """
         self.name = name or socket.gethostname().split(".")[0]
         self.profile = profile
         self.host = host
@@ -105,11 +112,13 @@ class Agent:
         self.unix_socket = unix_socket
         self.protocol = protocol
         self.worker_env = dict(worker_env or {})
+        self.keyring = keyring
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.runners: dict[str, JobRunner] = {}
         self.hosted: dict[str, HostedWorker] = {}
+        self._ended_ring_drops = DropCounters()  # refused ring hellos of workers that have exited
         self.node: Any = None
-        self._server = ControlServer(self._handle, protocol=protocol)
+        self._server = ControlServer(self._handle, protocol=protocol, keyring=keyring)
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()
         self.election: Any = None  # meshtrain.leader.Election, once the node has an id
@@ -123,8 +132,6 @@ class Agent:
         from meshtrain.gossip import PROFILES, GossipNode
 
         self.control_port = await self._server.start_tcp(self.host, 0)
-        if self.unix_socket:
-            await self._server.start_unix(socket_path(self.home))
         meta = {
             "proto": self.protocol,
             "version": __version__,
@@ -143,9 +150,12 @@ class Agent:
             seeds=self.seeds,
             interface=self.interface,
             discovery=self.discovery,
+            keyring=self.keyring,
         )
         self.node.subscribe(self._on_member_event)
         await self.node.start()
+        if self.unix_socket:  # last: once the CLI can reach us, the node is fully there
+            await self._server.start_unix(socket_path(self.home))
         from meshtrain.leader.election import Election, is_agent
 
         loop = asyncio.get_running_loop()
@@ -296,9 +306,23 @@ class Agent:
                     "test_accuracy": m.get("test_accuracy"),
                 }
             )
-        drops = dict(getattr(self.node, "drops", {}) or {})
+        drops = self.drop_counts()
         leader = self.election.current.leader if self.election is not None else None
         return mesh_snapshot(self.node.id, leader, self.members(), self.events, jobs, drops)
+
+    def drop_counts(self) -> dict[str, int]:
+        """What this node refused, by reason: gossip (codec and authentication) and control TCP."""
+        layers: list[dict[str, int]] = [self._server.drops.snapshot(), self._ended_ring_drops.snapshot()]
+        layers += [h.ring_drops for h in self.hosted.values()]
+        if self.node is not None:
+            layers.append(dict(self.node.drops))
+            security = getattr(self.node, "security_drops", None)
+            if security is not None:
+                layers.append(security.snapshot())
+        merged = DropCounters.merge(layers)
+        for reason, n in (self.node.drops if self.node is not None else {}).items():
+            merged.setdefault(reason, n)  # the codec's own reasons (socket, tcp, error) as they are
+        return merged
 
     # jobs
 
@@ -319,6 +343,9 @@ class Agent:
             self.hosted[key] = hosted
         else:
             self.hosted.pop(key, None)
+            for reason, n in hosted.ring_drops.items():
+                if n and reason in DROP_REASONS:
+                    self._ended_ring_drops.count(reason, n)
         current = next(iter(self.hosted.values()), None)
         if self.node is not None:
             self.node.update_meta(job=current.job if current else None, role="worker" if current else None)
@@ -340,7 +367,7 @@ class Agent:
                 node=self.name,
                 bind=self.host,
                 jobs_dir=self._jobs_dir,
-                extra_env=self.worker_env,
+                extra_env=self._worker_env(),
                 on_change=self._on_hosted,
             )
         elif op == "run" and local:
@@ -350,6 +377,13 @@ class Agent:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.leave()))
         else:
             await conn.reply(False, error="op", message=f"unknown or non-local request {op!r}")
+
+    def _worker_env(self) -> dict[str, str]:
+        """The worker's extra environment: the keyring travels here, never on a command line."""
+        env = dict(self.worker_env)
+        if self.keyring is not None:
+            env[ENV_SECRET] = self.keyring.to_text()
+        return env
 
     async def _handle_run(self, header: dict[str, Any], payload: bytes, conn: Conn) -> None:
         wait = header.get("wait")

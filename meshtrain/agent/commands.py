@@ -53,6 +53,57 @@ async def agent_alive(path: Path) -> dict[str, Any] | None:
 # join
 
 
+def resolve_keyring(args: argparse.Namespace) -> tuple[Any, bool]:
+    """(keyring, created) for `join`: --token, else --secret-file, MESHTRAIN_SECRET or the config file.
+
+    With --token the token's secret becomes this machine's primary key (stored,
+    older keys kept for rotation) and its seed is joined through; nothing
+    unrelated is created first. Without any secret, the first `join` creates one.
+    """
+    from meshtrain.cli import seed as parse_seed
+    from meshtrain.security import Keyring, load_keyring, parse_token
+    from meshtrain.security.secret import store_joined_secret
+
+    token_text = getattr(args, "token", None)
+    secret_file = getattr(args, "secret_file", None)
+    if token_text is None:
+        try:
+            return load_keyring(secret_file, create=not args.seed)
+        except UserError as exc:
+            if str(exc).startswith("no mesh secret"):  # --seed names a mesh whose secret we lack
+                host, port = args.seed[0]
+                raise UserError(
+                    f"this machine does not hold the secret of the mesh at {host}:{port}: join it with "
+                    "the `meshtrain join --token ...` command that mesh's first `join` printed "
+                    "(or pass --secret-file)"
+                ) from None
+            raise
+    token = parse_token(token_text)
+    try:
+        keyring, _ = load_keyring(secret_file, create=False)
+    except UserError:
+        keyring = Keyring([token.secret])
+    if secret_file is None and not os.environ.get("MESHTRAIN_SECRET"):
+        keyring = store_joined_secret(keyring, token.secret)
+    else:
+        keyring = Keyring([token.secret, *keyring.keys])
+    if token.seed:
+        try:
+            address = parse_seed(token.seed)
+        except argparse.ArgumentTypeError:
+            raise UserError("the join token names a bad seed address; copy it again") from None
+        if address not in args.seed:
+            args.seed.append(address)
+    return keyring, False
+
+
+def join_hint(keyring: Any, host: str, port: int) -> str:
+    """The line that tells the user how another machine joins this mesh."""
+    from meshtrain.security.secret import join_command
+
+    return f"to add another machine, run there:  {join_command(keyring, seed=f'{host}:{port}')}"
+
+
 def join(args: argparse.Namespace) -> int:
     if args.detach:
         return _join_detached(args)
@@ -71,6 +122,7 @@ async def _join(args: argparse.Namespace) -> int:
             f"an agent ({running.get('name')}) is already running on this machine; "
             "see it with `meshtrain status`"
         )
+    keyring, _ = resolve_keyring(args)
     agent = Agent(
         name=args.name,
         profile=args.profile,
@@ -79,6 +131,7 @@ async def _join(args: argparse.Namespace) -> int:
         seeds=args.seed,
         interface=args.interface,
         discovery=not args.no_discovery,
+        keyring=keyring,
     )
     try:
         await agent.start()
@@ -94,9 +147,10 @@ async def _join(args: argparse.Namespace) -> int:
     host, port = agent.advertised
     print(
         f"joined the mesh as {agent.name} (gossip port {agent.gossip_port}); on other machines: "
-        f"`meshtrain join` (same LAN) or `meshtrain join --seed {host}:{port}`",
+        f"`meshtrain join --token ...` (below)",
         flush=True,
     )
+    print(join_hint(keyring, host, port), flush=True)
     view = LiveMesh()
     with view:
         while not agent.closed:
@@ -109,6 +163,7 @@ async def _join(args: argparse.Namespace) -> int:
 
 
 def _join_detached(args: argparse.Namespace) -> int:
+    keyring, _ = resolve_keyring(args)  # a token is stored here, so the background agent finds it
     log = Path(args.log) if args.log else state_dir() / "agent.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -123,7 +178,11 @@ def _join_detached(args: argparse.Namespace) -> int:
         "--host",
         args.host,
     ]
-    for flag, value in (("--name", args.name), ("--interface", args.interface)):
+    for flag, value in (
+        ("--name", args.name),
+        ("--interface", args.interface),
+        ("--secret-file", args.secret_file),
+    ):
         if value:
             argv += [flag, value]
     for host, port in args.seed:
@@ -145,9 +204,22 @@ def _join_detached(args: argparse.Namespace) -> int:
                 f"agent {reply.get('name')} running in the background (pid {proc.pid}), log: {log}; "
                 "stop it with `meshtrain leave`"
             )
+            print(join_hint(keyring, *_reachable(args)))
             return 0
         time.sleep(0.2)
     raise UserError(f"the agent did not answer within {DETACH_START_S:.0f}s; see {log}")
+
+
+def _reachable(args: argparse.Namespace) -> tuple[str, int]:
+    """(host, gossip port) other machines reach the detached agent at, as it advertises itself."""
+    with contextlib.suppress(
+        OSError, asyncio.TimeoutError, WireError, UserError, StopIteration, KeyError, ValueError
+    ):
+        snap = asyncio.run(asyncio.wait_for(fetch_status(socket_path()), 5.0))
+        me = next(n for n in snap.get("nodes", []) if n.get("id") == snap.get("self"))
+        host, _, port = str(me["addr"]).rpartition(":")
+        return host, int(port)
+    return args.host, args.port
 
 
 # leave and status

@@ -7,6 +7,11 @@ is a `request` naming an `op` and the client's protocol version; the server
 answers with a `reply`, possibly after streaming `event` and `log` frames (a
 running job). A request from another protocol version gets one clear error
 reply instead of being half understood.
+
+With a keyring (the mesh secret), every TCP connection is first authenticated
+(meshtrain.security.channel) and each of its frames carries a session tag: a
+stranger cannot ask anything, and is counted in `drops`. The unix socket needs
+no secret: its 0600 mode already limits it to the user who owns the agent.
 """
 
 from __future__ import annotations
@@ -20,10 +25,19 @@ from typing import Any
 
 from meshtrain import PROTOCOL_VERSION
 from meshtrain.errors import UserError, WireError
+from meshtrain.security import DropCounters, Keyring
+from meshtrain.security.channel import AUTH_FAILED, accept_channel, dial_channel
+from meshtrain.security.drops import BAD_TAG, MALFORMED
+from meshtrain.security.handshake import FrameMac, NonceMemory
 from meshtrain.wire import StreamClosed, read_frame, write_frame
 
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 SOCKET_NAME = "agent.sock"
+HANDSHAKE_TIMEOUT_S = 10.0
+NO_SECRET = (
+    "this machine does not hold the mesh's secret: run `meshtrain join --token ...` "
+    "(the command the mesh's first `join` printed) first"
+)
 
 
 def state_dir() -> Path:
@@ -39,18 +53,30 @@ def socket_path(base: Path | None = None) -> Path:
 class Conn:
     """One framed control stream (TCP or unix)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        mac_send: FrameMac | None = None,
+        mac_recv: FrameMac | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.mac_send = mac_send
+        self.mac_recv = mac_recv
         self._send_lock = asyncio.Lock()
+
+    @property
+    def authenticated(self) -> bool:
+        return self.mac_recv is not None
 
     async def send(self, kind: str, header: dict[str, Any], payload: bytes = b"") -> None:
         async with self._send_lock:
-            await write_frame(self.writer, {**header, "kind": kind}, payload)
+            await write_frame(self.writer, {**header, "kind": kind}, payload, mac=self.mac_send)
 
     async def recv(self) -> tuple[dict[str, Any], bytes]:
-        """The next frame; StreamClosed at a clean end of stream."""
-        return await read_frame(self.reader, max_payload=MAX_BUNDLE_BYTES)
+        """The next frame; StreamClosed at a clean end of stream, WireError on a forged one."""
+        return await read_frame(self.reader, max_payload=MAX_BUNDLE_BYTES, mac=self.mac_recv)
 
     async def reply(self, ok: bool, **fields: Any) -> None:
         await self.send("reply", {"ok": ok, **fields})
@@ -67,15 +93,20 @@ Handler = Callable[[dict[str, Any], bytes, Conn], Awaitable[None]]
 class ControlServer:
     """Accepts control connections and hands each first request to `handler`."""
 
-    def __init__(self, handler: Handler, protocol: int = PROTOCOL_VERSION) -> None:
+    def __init__(
+        self, handler: Handler, protocol: int = PROTOCOL_VERSION, keyring: Keyring | None = None
+    ) -> None:
         self._handler = handler
         self._protocol = protocol
+        self.keyring = keyring
+        self.drops = DropCounters()  # refused TCP connections and frames, by reason
+        self._nonces = NonceMemory()
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[asyncio.Task[None]] = set()
         self.unix_path: Path | None = None
 
     async def start_tcp(self, host: str, port: int = 0) -> int:
-        server = await asyncio.start_server(self._serve, host, port)
+        server = await asyncio.start_server(self._serve_tcp, host, port)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
@@ -92,13 +123,42 @@ class ControlServer:
         self._servers.append(server)
         self.unix_path = path
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Another agent: authenticate the connection first when the mesh has a secret."""
+        await self._serve(reader, writer, authenticate=self.keyring is not None)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authenticate: bool = False
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         conn = Conn(reader, writer)
         try:
-            header, payload = await conn.recv()
+            if authenticate:
+                assert self.keyring is not None
+                try:
+                    channel = await accept_channel(
+                        reader,
+                        writer,
+                        self.keyring,
+                        self._nonces,
+                        timeout=HANDSHAKE_TIMEOUT_S,
+                        counters=self.drops,  # a refused proof, counted by its reason
+                    )
+                except WireError as exc:
+                    if AUTH_FAILED not in str(exc):
+                        self.drops.count(MALFORMED)  # not even a hello
+                    return
+                except asyncio.TimeoutError:
+                    return
+                conn = Conn(reader, writer, mac_send=channel.send, mac_recv=channel.recv)
+            try:
+                header, payload = await conn.recv()
+            except WireError as exc:
+                if conn.authenticated:
+                    self.drops.count(BAD_TAG if "authentication" in str(exc) else MALFORMED)
+                raise
             if header.get("kind") != "request":
                 return
             if header.get("proto") != self._protocol:
@@ -137,14 +197,27 @@ async def open_request(
     payload: bytes = b"",
     *,
     protocol: int = PROTOCOL_VERSION,
+    keyring: Keyring | None = None,
     **fields: Any,
 ) -> Conn:
-    """Connect (unix path or (host, port)) and send the first request; the caller reads the answer."""
+    """Connect (unix path or (host, port)) and send the first request; the caller reads the answer.
+
+    A TCP target is another agent: with `keyring` the connection is authenticated
+    first (WireError "authentication failed: ..." when either side lacks the secret).
+    """
     if isinstance(target, Path):
         reader, writer = await asyncio.open_unix_connection(str(target))
+        conn = Conn(reader, writer)
     else:
         reader, writer = await asyncio.open_connection(target[0], target[1])
-    conn = Conn(reader, writer)
+        conn = Conn(reader, writer)
+        if keyring is not None:
+            try:
+                channel = await dial_channel(reader, writer, keyring, timeout=HANDSHAKE_TIMEOUT_S)
+            except BaseException:
+                await conn.close()
+                raise
+            conn = Conn(reader, writer, mac_send=channel.send, mac_recv=channel.recv)
     await conn.send("request", {"op": op, "proto": protocol, **fields}, payload)
     return conn
 
@@ -162,14 +235,28 @@ def check_reply(header: dict[str, Any], who: str) -> dict[str, Any]:
 
 
 async def call(
-    target: Path | tuple[str, int], op: str, *, who: str = "the agent", **fields: Any
+    target: Path | tuple[str, int],
+    op: str,
+    *,
+    who: str = "the agent",
+    keyring: Keyring | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """One request, one reply."""
-    conn = await open_request(target, op, **fields)
+    """One request, one reply; a refused authentication is the one-line NO_SECRET UserError."""
+    try:
+        conn = await open_request(target, op, keyring=keyring, **fields)
+    except WireError as exc:
+        if AUTH_FAILED in str(exc):
+            raise UserError(f"{who}: {NO_SECRET}") from None
+        raise
     try:
         header, _ = await conn.recv()
     except StreamClosed:
+        if not isinstance(target, Path) and keyring is None:
+            raise UserError(f"{who}: {NO_SECRET}") from None
         raise UserError(f"{who} closed the connection without answering") from None
     finally:
         await conn.close()
+    if header.get("error") == AUTH_FAILED:
+        raise UserError(f"{who}: {NO_SECRET}")
     return check_reply(header, who)

@@ -204,6 +204,7 @@ class JobRunner:
                 "job.prepare",
                 self.request.bundle,
                 protocol=self.protocol,
+                keyring=getattr(self.membership, "keyring", None),  # the agent's mesh secret
                 job=self.job,
                 rank=p.rank,
                 size=len(self._parts),

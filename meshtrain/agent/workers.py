@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,8 @@ class HostedWorker:
     rank: int
     script: str
     metrics: dict[str, Any]
+    ring_drops: dict[str, int] = field(default_factory=dict)  # ring hellos its listener refused
+    ring_authenticated: bool | None = None  # None until the ring formed
 
 
 async def host_worker(
@@ -175,6 +177,12 @@ async def _serve(
                 if batch and isinstance(batch[-1], list) and isinstance(batch[-1][1], dict):
                     hosted.metrics.update(batch[-1][1])
                 await conn.send("event", {"type": "metrics", "rank": hosted.rank, "batch": batch})
+            elif message.get("k") == "ring":
+                drops = message.get("drops")
+                if isinstance(drops, dict):
+                    hosted.ring_drops = {str(k): int(v) for k, v in drops.items() if isinstance(v, int)}
+                if "authenticated" in message:
+                    hosted.ring_authenticated = bool(message["authenticated"])
             elif message.get("k") == "crash":
                 await conn.send(
                     "event",

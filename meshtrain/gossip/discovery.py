@@ -1,7 +1,8 @@
 """LAN discovery: small UDP broadcast beacons on every interface, answered by a push-pull join.
 
 A beacon says only "node X gossips on port P" (the address is the datagram's
-source) and has a reserved auth slot for when meshes get secrets. Every node binds
+source). On a mesh with a secret it is sealed like every gossip datagram, so a
+node drops other meshes' beacons (counted as `unknown_mesh`) before parsing them. Every node binds
 the shared discovery port with SO_REUSEADDR/SO_REUSEPORT, so several nodes on one
 machine all hear the LAN's beacons. A node that is alone beacons with exponential
 backoff (1 s, 2 s, ... up to the profile's max); one in a mesh keeps beaconing at the
@@ -77,6 +78,8 @@ class BeaconSchedule:
         return delay
 
 
+Seal = Callable[[bytes], bytes]
+Unseal = Callable[[bytes], "bytes | None"]
 Found = Callable[[str, int, str], None]
 """found(host, gossip_port, node_id) for each beacon from another node."""
 
@@ -104,7 +107,10 @@ class Discovery:
         *,
         interface: str | None = None,
         port: int = DISCOVERY_PORT,
+        seal: Seal | None = None,
+        unseal: Unseal | None = None,
     ) -> None:
+        """`seal`/`unseal`: the node's authentication envelope (None on a mesh without a secret)."""
         self.node_id = node_id
         self.gossip_port = gossip_port
         self.profile = profile
@@ -113,6 +119,8 @@ class Discovery:
         self.drops = drops
         self.interface = interface
         self.port = port
+        self.seal = seal
+        self.unseal = unseal
         self.beacons_sent = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
@@ -141,11 +149,18 @@ class Discovery:
             for target in broadcast_addresses(self.interface):
                 with contextlib.suppress(OSError):
                     assert self._transport is not None
-                    self._transport.sendto(beacon, (target, self.port))
+                    # sealed at every send: each beacon has its own sequence number and time
+                    sealed = self.seal(beacon) if self.seal is not None else beacon
+                    self._transport.sendto(sealed, (target, self.port))
                     self.beacons_sent += 1
             await asyncio.sleep(schedule.next_delay(self.alone()))
 
     def _received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.unseal is not None:
+            body = self.unseal(data)
+            if body is None:
+                return  # another mesh's beacon, or a forged/replayed one: counted by the node
+            data = body
         try:
             beacon = decode_beacon(data, self.profile.max_datagram)
         except DatagramDropped as exc:

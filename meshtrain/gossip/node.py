@@ -5,6 +5,11 @@ reply is handed to the state machine, and the actions it returns are carried out
 Malformed, oversized or unknown datagrams are dropped and counted in `drops`;
 no exception from the network reaches the event loop.
 
+With a keyring (the mesh secret) every datagram, beacon and push-pull/TCP-ping
+body is sealed (meshtrain.security.auth) and opened before any parsing: another
+mesh's packets, forged, stale or replayed ones are counted in `security_drops`
+by reason and never reach the codec or the state machine.
+
 Identity: `id` defaults to `name` (names must be unique in a mesh, like
 memberlist). A node's first incarnation is its start time in milliseconds, so a
 restarted node keeps its id and is always newer than anything its previous life
@@ -24,6 +29,7 @@ from typing import Any
 
 from meshtrain.errors import UserError
 from meshtrain.gossip.codec import (
+    MAX_STATE_BYTES,
     META_MAX_BYTES,
     TCP_ACK,
     DatagramDropped,
@@ -43,6 +49,8 @@ from meshtrain.gossip.membership import Action, Membership, Notify, PushPull, Se
 from meshtrain.gossip.messages import Ack, Alive, Packet
 from meshtrain.gossip.profiles import PROFILES, Profile
 from meshtrain.gossip.pushpull import frame, read_frame, request
+from meshtrain.security import DatagramOpener, DatagramSealer, DropCounters, Keyring
+from meshtrain.security.auth import OVERHEAD
 
 log = logging.getLogger(__name__)
 Subscriber = Callable[[MemberEvent], None]
@@ -105,6 +113,7 @@ class GossipNode:
         advertise: str | None = None,
         discovery_port: int = DISCOVERY_PORT,
         incarnation: int | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         if not name or len(name) > 128:
             raise UserError("node name must be 1 to 128 characters")
@@ -118,6 +127,22 @@ class GossipNode:
         self.discovery_enabled = discovery
         self.discovery_port = discovery_port
         self.drops: dict[str, int] = {}
+        self.keyring = keyring
+        self.security_drops = DropCounters()
+        # One session (sealer, sequence) for UDP gossip and beacons, another for TCP bodies:
+        # a push-pull that takes a while must not fall behind the receiver's replay window
+        # while fast UDP gossip of the same sender moves it on.
+        self._sealer = DatagramSealer(keyring) if keyring is not None else None
+        self._tcp_sealer = DatagramSealer(keyring) if keyring is not None else None
+        self._opener: DatagramOpener | None = None
+        self._tcp_opener: DatagramOpener | None = None
+        if keyring is not None:
+            self._opener = DatagramOpener(
+                keyring, counters=self.security_drops, max_size=profile.max_datagram + OVERHEAD
+            )
+            self._tcp_opener = DatagramOpener(
+                keyring, counters=self.security_drops, max_size=MAX_STATE_BYTES + OVERHEAD
+            )
         self._meta = _check_meta(dict(meta or {}))
         self._advertise = advertise
         self._incarnation = incarnation
@@ -158,6 +183,8 @@ class GossipNode:
                 self.drops,
                 interface=self.interface,
                 port=self.discovery_port,
+                seal=self.seal if self._sealer is not None else None,
+                unseal=self.unseal if self._opener is not None else None,
             )
             await self._discovery.start()
         if self.seeds:
@@ -260,9 +287,34 @@ class GossipNode:
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
+    def seal(self, body: bytes) -> bytes:
+        """What goes on the wire for `body` (itself on an unauthenticated mesh)."""
+        return self._sealer.seal(body, time.time()) if self._sealer is not None else body
+
+    def _seal_tcp(self, body: bytes) -> bytes:
+        """As `seal`, for a push-pull or TCP-ping body (their own session and sequence)."""
+        return self._tcp_sealer.seal(body, time.time()) if self._tcp_sealer is not None else body
+
+    def unseal(self, data: bytes) -> bytes | None:
+        """The body of an authentic, fresh datagram, else None (counted in `security_drops`)."""
+        return self._opener.open_or_none(data, time.time()) if self._opener is not None else data
+
+    def _unseal_tcp(self, data: bytes) -> bytes:
+        """As `unseal`, for a push-pull or TCP-ping body; a refused one raises DatagramDropped."""
+        if self._tcp_opener is None:
+            return data
+        body = self._tcp_opener.open_or_none(data, time.time())
+        if body is None:
+            raise DatagramDropped("refused", "unauthenticated TCP body")
+        return body
+
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._sm is None or self._closed:
             return
+        body = self.unseal(data)
+        if body is None:
+            return  # another mesh, forged, stale or replayed: counted by reason
+        data = body
         try:
             packet = decode_packet(data, self.profile.max_datagram)
         except DatagramDropped as exc:
@@ -288,7 +340,7 @@ class GossipNode:
             if type(a) is Send:
                 if self._udp is not None and not self._udp.is_closing():
                     try:
-                        self._udp.sendto(encode_packet(a.packet), a.addr)
+                        self._udp.sendto(self.seal(encode_packet(a.packet)), a.addr)
                     except (OSError, ValueError):
                         self._drop("send")
             elif type(a) is Notify:
@@ -332,8 +384,10 @@ class GossipNode:
     async def _push_pull(self, addr: Addr, join: bool) -> bool:
         sm = self._machine()
         try:
-            reply = await request(addr, encode_state(sm.state_rows(), join), self.profile.tcp_timeout)
-            rows, _ = decode_state(reply)
+            reply = await request(
+                addr, self._seal_tcp(encode_state(sm.state_rows(), join)), self.profile.tcp_timeout
+            )
+            rows, _ = decode_state(self._unseal_tcp(reply))
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DatagramDropped) as exc:
             log.debug("push-pull with %s failed: %s", addr, exc)
             return False
@@ -371,27 +425,31 @@ class GossipNode:
 
     async def _tcp_ping(self, a: TcpPing) -> None:
         try:
-            reply = await request(a.addr, encode_tcp_ping(a.target), self.profile.probe_interval)
+            reply = await request(
+                a.addr, self._seal_tcp(encode_tcp_ping(a.target)), self.profile.probe_interval
+            )
+            target = decode_tcp_ping(self._unseal_tcp(reply), TCP_ACK)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DatagramDropped):
             return
-        if decode_tcp_ping(reply, TCP_ACK) == a.target:
+        if target == a.target:
             self._guarded(lambda now: self._machine().receive(now, a.addr, Packet(a.target, (Ack(a.seq),))))
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            body = await asyncio.wait_for(read_frame(reader), self.profile.tcp_timeout)
+            body = self._unseal_tcp(await asyncio.wait_for(read_frame(reader), self.profile.tcp_timeout))
             sm = self._machine()
             target = decode_tcp_ping(body)
             if target is not None:
                 if target == self.id:
-                    writer.write(frame(encode_tcp_ack(self.id)))
+                    writer.write(frame(self._seal_tcp(encode_tcp_ack(self.id))))
             else:
                 rows, _ = decode_state(body)
-                writer.write(frame(encode_state(sm.state_rows(), False)))
+                writer.write(frame(self._seal_tcp(encode_state(sm.state_rows(), False))))
                 self._guarded(lambda now: sm.merge(now, rows))
             await writer.drain()
         except DatagramDropped as exc:
-            self._drop(exc.reason)
+            if exc.reason != "refused":  # refused bodies are already counted in security_drops
+                self._drop(exc.reason)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, UserError):
             self._drop("tcp")
         finally:

@@ -14,6 +14,9 @@ import struct
 
 from meshtrain.gossip.codec import MAX_STATE_BYTES, DatagramDropped
 from meshtrain.gossip.member import Addr
+from meshtrain.security.auth import OVERHEAD
+
+MAX_FRAME_BYTES = MAX_STATE_BYTES + OVERHEAD  # a full state table in its authentication envelope
 
 _LEN = struct.Struct(">I")
 
@@ -22,7 +25,7 @@ def frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_STATE_BYTES) -> bytes:
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:
     (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
     if n > limit:
         raise DatagramDropped("oversized", f"frame of {n} bytes")

@@ -23,6 +23,11 @@ class WorkerMesh(Mesh):
         self._step = 0
         self._ring_mb_s: float | None = None
 
+    @property
+    def ring_authenticated(self) -> bool | None:
+        """Whether this job's ring proves the mesh secret and tags every frame (None: no ring)."""
+        return bool(getattr(self._ring, "authenticated", False)) if self._ring is not None else None
+
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = None) -> Any:
         """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size)."""
         if self._ring is None:

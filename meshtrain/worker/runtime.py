@@ -67,8 +67,18 @@ def _user_traceback(exc: BaseException, script: str) -> str:
     return text.replace(os.path.dirname(script_path) + os.sep, "")  # the job's temp dir means nothing here
 
 
+def _take_keyring() -> Any:
+    """The mesh secret the agent handed over in MESHTRAIN_SECRET, removed from the environment
+    so the user's subprocesses do not inherit it; None on a mesh without a secret."""
+    from meshtrain.security import ENV_SECRET, Keyring
+
+    text = os.environ.pop(ENV_SECRET, None)
+    return Keyring.from_text(text, ENV_SECRET) if text else None
+
+
 def _connect_ring(spec: JobSpec, reporter: Reporter) -> Any:
     """Handshake with the agent and form the ring; None for a one-worker job."""
+    keyring = _take_keyring()  # before the user's script is imported, whatever the job's size
     listener = None
     if spec.size > 1:
         from meshtrain.ring import RingListener
@@ -84,14 +94,21 @@ def _connect_ring(spec: JobSpec, reporter: Reporter) -> Any:
     from meshtrain.ring import Ring
 
     addrs = [(str(h), int(p)) for h, p in roster["addrs"]]
-    return Ring.connect(
-        listener,
-        rank=spec.rank,
-        addrs=addrs,
-        job=spec.job,
-        generation=spec.generation,
-        timeout=RING_CONNECT_TIMEOUT_S,
-    )
+    try:
+        ring = Ring.connect(
+            listener,
+            rank=spec.rank,
+            addrs=addrs,
+            job=spec.job,
+            generation=spec.generation,
+            timeout=RING_CONNECT_TIMEOUT_S,
+            keyring=keyring,
+        )
+    finally:  # the agent adds refused ring hellos (strangers, replays) to its drop counters
+        drops = getattr(listener, "drops", None)
+        reporter.send({"k": "ring", "drops": drops.snapshot() if drops is not None else {}})
+    reporter.send({"k": "ring", "authenticated": bool(getattr(ring, "authenticated", False))})
+    return ring
 
 
 def run(spec: JobSpec) -> int:
