@@ -13,6 +13,47 @@ from typing import Any
 
 import numpy as np
 
+WIRE_AUTO = "auto"
+
+
+def resolve_wire_dtype(tree: Any, wire_dtype: str | None) -> str:
+    """The wire dtype an all-reduce of `tree` uses; "auto" decides by what is reduced.
+
+    Why bfloat16 for fp32 models: gradients and parameter deltas keep their
+    float32 range in bf16 and lose only mantissa bits that SGD noise swamps,
+    while the bytes on the wire halve (the sum itself stays float32). "auto"
+    therefore means bfloat16 for an MLX array tree whose floating leaves are
+    all float32 or bfloat16, float16 for an all-float16 tree, and float32
+    for anything else, including a raw numpy buffer, the low-level path for
+    exact sums (metrics, counters). A name outside float32, bfloat16,
+    float16 and auto is a UserError.
+    """
+    if wire_dtype != WIRE_AUTO:
+        from meshtrain.ring.tensors import wire_dtype_name  # late: the ring package is heavier
+
+        return wire_dtype_name(wire_dtype)
+    if isinstance(tree, np.ndarray):
+        return "float32"
+    kinds = {str(leaf.dtype).replace("mlx.core.", "") for leaf in _leaves(tree) if hasattr(leaf, "dtype")}
+    kinds = {k for k in kinds if k.startswith(("float", "bfloat"))}
+    if kinds and kinds <= {"float32", "bfloat16"}:
+        return "bfloat16"
+    if kinds == {"float16"}:
+        return "float16"
+    return "float32"
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of a nested dict/list/tuple tree (MLX's tree shape), without importing MLX."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+    else:
+        yield tree
+
 
 class Mesh:
     """World-size-1 mesh; the worker runtime subclasses it with a real ring."""
@@ -27,12 +68,17 @@ class Mesh:
         """True on the one worker that should print, evaluate or save."""
         return self.rank == 0
 
-    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = None) -> Any:
+    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
         """Weighted mean of `tree` (an MLX array tree) over the mesh; identity here.
 
         `weight` is this worker's share (its local batch size makes the mean
-        exact); `wire_dtype="bfloat16"` halves the bytes sent, for slow links.
+        exact). `wire_dtype` is what travels between nodes (the sum is always
+        taken in float32): "auto" (the default) sends an MLX tree of float32
+        leaves as bfloat16, halving the bytes (see `resolve_wire_dtype`);
+        "float32" (or None) sends exact float32; "bfloat16"/"float16" force
+        16 bits.
         """
+        resolve_wire_dtype(tree, wire_dtype)  # a bad name fails at world size 1 too
         return tree
 
     def batches(

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from meshtrain.mesh import Mesh
+from meshtrain.mesh import Mesh, resolve_wire_dtype
 from meshtrain.worker.reporter import Reporter
 
 
@@ -22,14 +22,20 @@ class WorkerMesh(Mesh):
         self._reporter = reporter
         self._step = 0
         self._ring_mb_s: float | None = None
+        self.wire_dtype: str | None = None  # what the last all-reduce sent (resolved from "auto")
 
     @property
     def ring_authenticated(self) -> bool | None:
         """Whether this job's ring proves the mesh secret and tags every frame (None: no ring)."""
         return bool(getattr(self._ring, "authenticated", False)) if self._ring is not None else None
 
-    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = None) -> Any:
-        """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size)."""
+    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
+        """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size).
+
+        `wire_dtype="auto"` sends float32 MLX trees as bfloat16 (Mesh.allreduce says why).
+        """
+        wire_dtype = resolve_wire_dtype(tree, wire_dtype)
+        self.wire_dtype = wire_dtype
         if self._ring is None:
             return tree
         step, self._step = self._step, self._step + 1
