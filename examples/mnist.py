@@ -5,6 +5,12 @@ with `meshtrain run examples/mnist.py` and the same lines train across the
 mesh: `mesh.batches` hands this worker its slice of every global batch and
 `mesh.allreduce` averages the gradients, weighted by each worker's share.
 
+Communication modes: `--wire bf16` (the default) sends gradients as bfloat16,
+half the bytes of `--wire fp32`; `--sync-every H` (or `auto`) trains in the
+DiLoCo style, H local steps and then one all-reduce of the parameter delta
+with an outer Nesterov step (meshtrain.train.local_sgd); H = 1 is per-step
+gradient averaging.
+
 Models: `cnn` (conv32-conv64-maxpool-fc128-fc10, the default on Metal and
 CUDA) and `mlp` (784-512-512-10, the default on a Linux CPU, where MLX's
 convolutions are slow).
@@ -26,6 +32,7 @@ from mlx.utils import tree_map
 
 import meshtrain
 from meshtrain.datasets import mnist
+from meshtrain.train.local_sgd import OuterOptimizer, parse_sync_every
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, for inputs centred near zero
 
@@ -64,6 +71,8 @@ class CNN(nn.Module):
         x = self.drop_fc(nn.relu(self.fc1(x)))
         return self.fc2(x)
 
+
+WIRE_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # --wire: what the all-reduce sends
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": CNN}
 
@@ -146,12 +155,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="same on every worker: same init, same order")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
     parser.add_argument("--no-compile", action="store_true", help="run MLX eagerly (for comparisons)")
+    parser.add_argument(
+        "--wire", choices=sorted(WIRE_DTYPES), default="bf16", help="all-reduce wire dtype (default bf16)"
+    )
+    parser.add_argument(
+        "--sync-every",
+        default="1",
+        help="H local steps between syncs (DiLoCo local SGD), or 'auto'; 1 = per-step gradient sync",
+    )
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="local SGD outer learning rate")
+    parser.add_argument(  # DiLoCo's 0.9 is tuned for H ~ 500; at H = 4 on the MLP it measured 95.5% vs 97.9%
+        "--outer-momentum", type=float, default=0.5, help="local SGD outer Nesterov momentum (default 0.5)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     mesh = meshtrain.init()  # first: on a Linux CPU this may re-exec with a fast BLAS
     args = parse_args(argv)
+    sync_every = parse_sync_every(args.sync_every)
+    wire = WIRE_DTYPES[args.wire]
     model_name = args.model or default_model()
 
     train_images, train_labels = mnist("train")
@@ -169,9 +192,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer = make_optimizer(args.lr or DEFAULT_LR[model_name], args.epochs * steps_per_epoch)
     loss_and_grad, apply_update = train_functions(model, optimizer, compile=not args.no_compile)
     zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    outer = None
+    if sync_every != 1:
+        outer = OuterOptimizer(
+            model,
+            mesh,
+            sync_every=sync_every,
+            outer_lr=args.outer_lr,
+            momentum=args.outer_momentum,
+            wire_dtype=wire,
+        )
 
     if mesh.is_main:
         print(f"{model_name} on {mx.default_device()}, {n_train} samples, world size {mesh.size}", flush=True)
+        mode = "per-step gradient sync" if outer is None else outer.describe()
+        print(f"mode: {mode}, wire {args.wire}", flush=True)
     accuracy = 0.0
     for epoch in range(args.epochs):
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -182,9 +217,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 batch = mx.array(idx)
                 loss, grads = loss_and_grad(x_train[batch], y_train[batch])
-            grads = mesh.allreduce(grads, weight=len(idx))
-            apply_update(grads)
+            if outer is None:
+                grads = mesh.allreduce(grads, weight=len(idx), wire_dtype=wire)
+            if outer is None or len(idx) > 0:  # local SGD: a worker with no samples has nothing to learn
+                apply_update(grads)
             mx.eval(model.parameters(), optimizer.state, loss)
+            if outer is not None:
+                outer.step(samples=len(idx))
             loss_value = float(loss)
             loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
             mesh.report(
@@ -195,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 loss=loss_value,
                 samples=len(idx),
             )
+        if outer is not None:
+            outer.flush()  # every worker, so the evaluated (and saved) model is the shared one
+            if epoch == 0 and mesh.is_main and outer.auto:
+                print(outer.describe(), flush=True)
         if mesh.is_main:
             accuracy = evaluate(model, x_test, y_test)
             mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
