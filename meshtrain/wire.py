@@ -113,7 +113,7 @@ def encode_header(header: dict[str, Any]) -> bytes:
     The header must name a known ``kind`` and carry ``nbytes``, the payload length.
     """
     kind = header.get("kind")
-    if kind not in _KNOWN_KINDS:
+    if not isinstance(kind, str) or kind not in _KNOWN_KINDS:
         raise WireError(f"unknown frame kind {kind!r}")
     nbytes = header.get("nbytes", 0)
     if not isinstance(nbytes, int) or nbytes < 0:
@@ -141,7 +141,7 @@ def decode_header(
     if not isinstance(header, dict):
         raise WireError("frame header is not a map")
     kind = header.get("kind")
-    if kind not in _KNOWN_KINDS:
+    if not isinstance(kind, str) or kind not in _KNOWN_KINDS:
         raise WireError(f"unknown frame kind {kind!r}")
     nbytes = header.get("nbytes", 0)
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:

@@ -173,6 +173,7 @@ def test_datagrams_authenticate_and_each_drop_has_its_reason() -> None:
         "malformed": 1,
         "oversized": 1,
         "unknown_mesh": 1,
+        "rate_limited": 0,
     }
 
 

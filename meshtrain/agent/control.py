@@ -12,13 +12,22 @@ With a keyring (the mesh secret), every TCP connection is first authenticated
 (meshtrain.security.channel) and each of its frames carries a session tag: a
 stranger cannot ask anything, and is counted in `drops`. The unix socket needs
 no secret: its 0600 mode already limits it to the user who owns the agent.
+
+The TCP listener is reachable by anyone on the network, so before any byte is
+read each connection passes a `ConnectionLimiter`: a token bucket per source
+address and a cap on open connections (per source and in all). A flood of
+connections is closed at once and counted as `rate_limited`, and cannot
+exhaust the agent's memory or file descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +36,7 @@ from meshtrain import PROTOCOL_VERSION
 from meshtrain.errors import UserError, WireError
 from meshtrain.security import DropCounters, Keyring
 from meshtrain.security.channel import AUTH_FAILED, accept_channel, dial_channel
-from meshtrain.security.drops import BAD_TAG, MALFORMED
+from meshtrain.security.drops import BAD_TAG, MALFORMED, RATE_LIMITED
 from meshtrain.security.handshake import FrameMac, NonceMemory
 from meshtrain.wire import StreamClosed, read_frame, write_frame
 
@@ -38,6 +47,69 @@ NO_SECRET = (
     "this machine does not hold the mesh's secret: run `meshtrain join --token ...` "
     "(the command the mesh's first `join` printed) first"
 )
+
+
+log = logging.getLogger(__name__)
+
+CONNECTIONS_PER_SECOND = 20.0  # sustained new connections per source address
+CONNECTION_BURST = 40  # new connections a source may open at once
+MAX_OPEN_PER_SOURCE = 32
+MAX_OPEN = 128
+MAX_SOURCES = 4096  # rate table entries kept (oldest forgotten first): a bounded table
+
+
+ControlDrops = DropCounters  # kept as a name for callers; `rate_limited` is one of the mesh's drop reasons
+
+
+class ConnectionLimiter:
+    """Admission of TCP connections: a token bucket per source and caps on open ones. Pure.
+
+    `admit(source, now)` says whether a new connection from `source` may be
+    served; every admitted one must be `release`d when it ends. `now` is a
+    monotonic clock in seconds, injected so tests need no sleeps.
+    """
+
+    def __init__(
+        self,
+        rate: float = CONNECTIONS_PER_SECOND,
+        burst: int = CONNECTION_BURST,
+        max_open_per_source: int = MAX_OPEN_PER_SOURCE,
+        max_open: int = MAX_OPEN,
+        max_sources: int = MAX_SOURCES,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_open_per_source = max_open_per_source
+        self.max_open = max_open
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
+        self._open: dict[str, int] = {}
+        self.open_total = 0
+
+    def admit(self, source: str, now: float) -> bool:
+        tokens, at = self._buckets.pop(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+        ok = (
+            tokens >= 1.0
+            and self.open_total < self.max_open
+            and self._open.get(source, 0) < self.max_open_per_source
+        )
+        if ok:
+            tokens -= 1.0
+            self._open[source] = self._open.get(source, 0) + 1
+            self.open_total += 1
+        self._buckets[source] = (tokens, now)  # most recently seen last
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return ok
+
+    def release(self, source: str) -> None:
+        left = self._open.get(source, 0) - 1
+        if left > 0:
+            self._open[source] = left
+        else:
+            self._open.pop(source, None)
+        self.open_total = max(0, self.open_total - 1)
 
 
 def state_dir() -> Path:
@@ -94,12 +166,17 @@ class ControlServer:
     """Accepts control connections and hands each first request to `handler`."""
 
     def __init__(
-        self, handler: Handler, protocol: int = PROTOCOL_VERSION, keyring: Keyring | None = None
+        self,
+        handler: Handler,
+        protocol: int = PROTOCOL_VERSION,
+        keyring: Keyring | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self._handler = handler
         self._protocol = protocol
         self.keyring = keyring
-        self.drops = DropCounters()  # refused TCP connections and frames, by reason
+        self.limiter = limiter if limiter is not None else ConnectionLimiter()
+        self.drops = ControlDrops()  # refused TCP connections and frames, by reason
         self._nonces = NonceMemory()
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[asyncio.Task[None]] = set()
@@ -124,8 +201,17 @@ class ControlServer:
         self.unix_path = path
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Another agent: authenticate the connection first when the mesh has a secret."""
-        await self._serve(reader, writer, authenticate=self.keyring is not None)
+        """Another agent: rate-limit, then authenticate the connection first when the mesh has a secret."""
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self.limiter.admit(source, time.monotonic()):
+            self.drops.count(RATE_LIMITED)
+            writer.close()  # no byte read, nothing allocated: the flood ends here
+            return
+        try:
+            await self._serve(reader, writer, authenticate=self.keyring is not None)
+        finally:
+            self.limiter.release(source)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authenticate: bool = False
@@ -134,6 +220,8 @@ class ControlServer:
         assert task is not None
         self._conns.add(task)
         conn = Conn(reader, writer)
+        handling = False
+        header: dict[str, Any] = {}
         try:
             if authenticate:
                 assert self.keyring is not None
@@ -170,9 +258,15 @@ class ControlServer:
                     f"the request protocol {header.get('proto')}",
                 )
                 return
+            handling = True
             await self._handler(header, payload, conn)
         except (WireError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a broken or hostile client ends only its own connection
+        except Exception:
+            if handling:
+                log.exception("control request %r failed", header.get("op"))
+            else:  # a decoder bug on hostile input: counted, and still only this connection ends
+                self.drops.count(MALFORMED)
         finally:
             self._conns.discard(task)
             await conn.close()

@@ -1,7 +1,15 @@
 """LAN discovery: small UDP broadcast beacons on every interface, answered by a push-pull join.
 
-A beacon says only "node X gossips on port P" (the address is the datagram's
-source). On a mesh with a secret it is sealed like every gossip datagram, so a
+A beacon says only "a meshtrain node gossips on port P" (the address is the
+datagram's source): the node field carries a random beacon id drawn once per
+process, never the node's name or id, so a listener on the LAN learns nothing
+about who the node is. The real id is learned from the push-pull the beacon
+triggers, which is authenticated on a mesh with a secret. The price: a
+receiver cannot tell a beacon of a member it already knows from a stranger's,
+so each beacon heard costs one push-pull (at most one per beacon interval and
+id; beacons settle to one per node per `beacon_max_interval`).
+
+On a mesh with a secret a beacon is sealed like every gossip datagram, so a
 node drops other meshes' beacons (counted as `unknown_mesh`) before parsing them. Every node binds
 the shared discovery port with SO_REUSEADDR/SO_REUSEPORT, so several nodes on one
 machine all hear the LAN's beacons. A node that is alone beacons with exponential
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 
@@ -81,7 +90,12 @@ class BeaconSchedule:
 Seal = Callable[[bytes], bytes]
 Unseal = Callable[[bytes], "bytes | None"]
 Found = Callable[[str, int, str], None]
-"""found(host, gossip_port, node_id) for each beacon from another node."""
+"""found(host, gossip_port, beacon_id) for each beacon from another node (the id is anonymous)."""
+
+
+def anonymous_beacon_id() -> str:
+    """A random id for one process's beacons: tells receivers apart from their own, names nobody."""
+    return "b-" + secrets.token_hex(8)
 
 
 class _BeaconProtocol(asyncio.DatagramProtocol):
@@ -121,6 +135,7 @@ class Discovery:
         self.port = port
         self.seal = seal
         self.unseal = unseal
+        self.beacon_id = anonymous_beacon_id()
         self.beacons_sent = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +159,7 @@ class Discovery:
 
     async def _beacon_loop(self) -> None:
         schedule = BeaconSchedule(self.profile.beacon_interval, self.profile.beacon_max_interval)
-        beacon = encode_beacon(Beacon(self.node_id, self.gossip_port))
+        beacon = encode_beacon(Beacon(self.beacon_id, self.gossip_port))  # never the node id
         while True:
             for target in broadcast_addresses(self.interface):
                 with contextlib.suppress(OSError):
@@ -166,7 +181,7 @@ class Discovery:
         except DatagramDropped as exc:
             self.drops[exc.reason] = self.drops.get(exc.reason, 0) + 1
             return
-        if beacon.node != self.node_id:
+        if beacon.node != self.beacon_id:  # not our own broadcast, heard back
             try:
                 self.found(addr[0], beacon.port, beacon.node)
             except Exception:  # a bug in the join path must not kill the beacon listener

@@ -16,8 +16,9 @@ REPLAY = "replay"  # seen before, behind the window, or outside the timestamp wi
 MALFORMED = "malformed"  # cannot be parsed (truncated envelope, bad msgpack, wrong types)
 OVERSIZED = "oversized"  # longer than the limit of its socket
 UNKNOWN_MESH = "unknown_mesh"  # signed with a key this mesh does not hold (another mesh's node)
+RATE_LIMITED = "rate_limited"  # a control connection refused by the per-source rate or concurrency limit
 
-DROP_REASONS: tuple[str, ...] = (BAD_TAG, REPLAY, MALFORMED, OVERSIZED, UNKNOWN_MESH)
+DROP_REASONS: tuple[str, ...] = (BAD_TAG, REPLAY, MALFORMED, OVERSIZED, UNKNOWN_MESH, RATE_LIMITED)
 
 
 class DropCounters:
