@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from fuzzing import mutate, plain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,36 +78,7 @@ FUZZ_SETTINGS: dict[str, Any] = {
 edits = st.lists(
     st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6
 )
-plain = st.recursive(
-    st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**63), 2**64 - 1),
-        st.floats(),
-        st.text(max_size=8),
-        st.binary(max_size=8),
-    ),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
-    max_leaves=20,
-)
 
-
-def mutate(data: bytes, changes: list[tuple[int, int, int]]) -> bytes:
-    """Apply (kind, position, byte) edits: 0 flip a byte, 1 insert, 2 delete, 3 truncate."""
-    b = bytearray(data)
-    for kind, pos, val in changes:
-        if not b:
-            break
-        p = pos % len(b)
-        if kind == 0:
-            b[p] ^= val or 1
-        elif kind == 1:
-            b.insert(p, val)
-        elif kind == 2:
-            del b[p]
-        else:
-            del b[p:]
-    return bytes(b)
 
 
 def peak_rss_mib() -> float:
