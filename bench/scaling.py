@@ -227,13 +227,7 @@ def run_once(n: int, args: argparse.Namespace) -> Result:
                 time.sleep(0.3)
             stdout, wall = _run_job(hosts, n, home, secret, args)
         finally:
-            for proc in agents:
-                proc.terminate()
-            for proc in agents:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            netns.stop_processes(agents)
     epochs = [(int(m[1]), float(m[4]), float(m[5])) for m in EPOCH_LINE.finditer(stdout)]
     if len(epochs) != args.epochs:
         raise SystemExit(f"N={n}: expected {args.epochs} epoch lines in:\n{stdout[-2000:]}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def available() -> bool:
@@ -60,6 +62,14 @@ class Cluster:
         """Command prefix that runs a program inside host i."""
         return ["ip", "netns", "exec", self.ns(i)]
 
+    def join(self, i: int, log: Path, env: Mapping[str, str], *flags: str) -> subprocess.Popen[bytes]:
+        """Start `meshtrain join --name host{i} FLAGS` inside host i, its output going to `log`."""
+        cmd = [*self.exec_prefix(i), sys.executable, "-m", "meshtrain", "join", "--name", f"host{i}", *flags]
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(
+                cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
     def up(self) -> Cluster:
         self.down()
         _run("ip", "link", "add", self.bridge, "type", "bridge")
@@ -94,3 +104,15 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every process (agents leave gracefully on it), then SIGKILL those alive after `timeout`."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()

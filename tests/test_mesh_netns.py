@@ -50,24 +50,7 @@ def test_three_hosts_join_and_all_train(tmp_path: Path) -> None:
 
         try:
             for i in range(3):
-                log = open(tmp_path / f"agent{i}.log", "wb")  # noqa: SIM115 - closed with the process
-                agents.append(
-                    subprocess.Popen(
-                        [
-                            *cluster.exec_prefix(i),
-                            sys.executable,
-                            "-m",
-                            "meshtrain",
-                            "join",
-                            "--name",
-                            f"host{i}",
-                        ],
-                        env=env(i),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
+                agents.append(cluster.join(i, tmp_path / f"agent{i}.log", env(i)))
             deadline = time.monotonic() + 30
             while sum(n["state"] == "alive" for n in status(2)["nodes"]) < 3:
                 assert time.monotonic() < deadline, (tmp_path / "agent2.log").read_text()
@@ -102,10 +85,4 @@ def test_three_hosts_join_and_all_train(tmp_path: Path) -> None:
             addrs = {n["name"]: n["addr"] for n in snap["nodes"]}
             assert addrs == {f"host{i}": f"10.77.0.{i + 1}:7946" for i in range(3)}
         finally:
-            for proc in agents:
-                proc.terminate()
-            for proc in agents:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            netns.stop_processes(agents)

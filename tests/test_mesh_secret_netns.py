@@ -83,24 +83,7 @@ def test_a_host_with_another_secret_is_refused_and_counted(tmp_path: Path) -> No
 
         try:
             for i in range(3):
-                log = open(tmp_path / f"agent{i}.log", "wb")  # noqa: SIM115 - closed with the process
-                agents.append(
-                    subprocess.Popen(
-                        [
-                            *cluster.exec_prefix(i),
-                            sys.executable,
-                            "-m",
-                            "meshtrain",
-                            "join",
-                            "--name",
-                            f"host{i}",
-                        ],
-                        env=env(i),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
+                agents.append(cluster.join(i, tmp_path / f"agent{i}.log", env(i)))
             deadline = time.monotonic() + 40
             while alive(0) != {"host0", "host1"} or status(0)["drops"].get("unknown_mesh", 0) < 1:
                 assert time.monotonic() < deadline, (tmp_path / "agent0.log").read_text()[-2000:]
@@ -137,10 +120,4 @@ def test_a_host_with_another_secret_is_refused_and_counted(tmp_path: Path) -> No
             assert status(0)["drops"]["unknown_mesh"] > before
             assert all(n["job"] is None for n in status(0)["nodes"])
         finally:
-            for proc in agents:
-                proc.terminate()
-            for proc in agents:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            netns.stop_processes(agents)
