@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mx.eval(model.parameters())
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     optimizer = make_optimizer(args.lr or DEFAULT_LR[model_name], args.epochs * steps_per_epoch)
+    mesh.register(model, optimizer)  # what joining nodes receive, and what checkpoints store
     loss_and_grad, apply_update = train_functions(model, optimizer, compile=not args.no_compile)
     zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())
     outer = None

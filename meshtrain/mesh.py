@@ -68,6 +68,10 @@ class Mesh:
         """True on the one worker that should print, evaluate or save."""
         return self.rank == 0
 
+    def register(self, model: Any, optimizer: Any) -> None:
+        """Name the training state (model and optimizer): what a node joining a running job receives,
+        what checkpoints store and resume. A no-op at world size 1."""
+
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
         """Weighted mean of `tree` (an MLX array tree) over the mesh; identity here.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh, resolve_wire_dtype
-from meshtrain.ring import Ring, RingListener
+from meshtrain.ring import RingListener
 from meshtrain.train.local_sgd import (
     AUTO_MAX_SYNC_EVERY,
     OuterOptimizer,
@@ -24,6 +26,7 @@ from meshtrain.train.local_sgd import (
 )
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
+from meshtrain.worker.views import ViewBoard
 
 
 def test_auto_h_is_the_smallest_that_keeps_comm_under_ten_percent() -> None:
@@ -100,19 +103,28 @@ def on_ring(n: int, body: Callable[[WorkerMesh], Any]) -> list[Any]:
     addrs = [("127.0.0.1", lst.port) for lst in listeners]
     results: list[Any] = [None] * n
 
+    view = {"version": 1, "members": [[f"n{r}", h, p] for r, (h, p) in enumerate(addrs)]}
+
     def run(rank: int) -> None:
-        ring = None
+        mesh = None
         try:
-            ring = Ring.connect(listeners[rank], rank=rank, addrs=addrs, job="jlsgd", generation=0)
+            views = ViewBoard(io.StringIO(""))
+            views.feed(json.dumps({"view": view}))
             mesh = WorkerMesh(
-                rank=rank, size=n, job="jlsgd", node=f"n{rank}", ring=ring, reporter=Reporter(None)
+                member=f"n{rank}",
+                job="jlsgd",
+                node=f"n{rank}",
+                listener=listeners[rank],
+                views=views,
+                reporter=Reporter(None),
             )
+            mesh.connect(10.0)
             results[rank] = body(mesh)
         except BaseException as exc:  # noqa: B036 - handed back to the test
             results[rank] = exc
         finally:
-            if ring is not None:
-                ring.close()
+            if mesh is not None:
+                mesh.close()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
     for t in threads:

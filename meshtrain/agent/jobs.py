@@ -51,6 +51,7 @@ class JobRequest:
     nodes: str | None = None
     min_nodes: int | None = None
     wait: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # run options for the workers (checkpoints, ledger)
 
 
 @dataclass
@@ -91,9 +92,12 @@ class MembershipView(Protocol):
 @dataclass
 class _Participant:
     name: str
-    rank: int
+    rank: int  # a stable index for the live view (never reused), not the ring rank
     host: str
     control_port: int
+    member: str = ""  # the worker's id in membership views: the node name, "~k" once re-admitted
+    in_view: bool = False
+    lost: bool = False
     conn: Conn | None = None
     ring_port: int | None = None
     exit_code: int | None = None
@@ -126,6 +130,10 @@ class JobRunner:
         self._cancel_reason = "cancelled by the user"
         self._parts: list[_Participant] = []
         self._failures: list[_Failure] = []
+        self._view_version = 0
+        self._view_dirty = False
+        self._joining: set[str] = set()
+        self._pumps: list[asyncio.Task[None]] = []
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
         self._cancel_reason = reason
@@ -154,10 +162,9 @@ class JobRunner:
         error = await self._prepare(list(decision.nodes))
         if error is not None:
             return await self._end(sink, JobResult("failed", error))
-        addrs = [[p.host, p.ring_port or 0] for p in self._parts]
         for p in self._parts:
-            assert p.conn is not None
-            await p.conn.send("request", {"op": "job.start", "addrs": addrs})
+            p.in_view = True
+        await self._send_view()
         self.state.set_state("running", None, self.clock())
         await sink.snapshot(self.state.snapshot(self.clock()))
         return await self._end(sink, await self._follow(sink))
@@ -193,11 +200,14 @@ class JobRunner:
             endpoint = self.membership.endpoint(name)
             if endpoint is None:
                 return f"node {name} left the mesh before the job started"
-            self._parts.append(_Participant(name=name, rank=rank, host=endpoint[0], control_port=endpoint[1]))
+            self._parts.append(
+                _Participant(name=name, rank=rank, host=endpoint[0], control_port=endpoint[1], member=name)
+            )
         results = await asyncio.gather(*(self._prepare_one(p) for p in self._parts))
         return next((r for r in results if r is not None), None)
 
-    async def _prepare_one(self, p: _Participant) -> str | None:
+    async def _prepare_one(self, p: _Participant, joiner: bool = False) -> str | None:
+        options = {**self.request.options, "joiner": joiner}
         try:
             p.conn = await open_request(
                 (p.host, p.control_port),
@@ -211,6 +221,8 @@ class JobRunner:
                 args=self.request.args,
                 script=self.request.script,
                 generation=0,
+                member=p.member,
+                options=options,
             )
             header, _ = await asyncio.wait_for(p.conn.recv(), PREPARE_TIMEOUT_S)
         except (OSError, WireError, asyncio.TimeoutError) as exc:
@@ -224,39 +236,39 @@ class JobRunner:
         return None
 
     async def _follow(self, sink: JobSink) -> JobResult:
-        """Relay output until every worker has exited; decide how the job ended."""
-        queue: asyncio.Queue[tuple[_Participant, dict[str, Any] | None]] = asyncio.Queue()
+        """Relay output until every worker has exited; keep the job's membership view current.
 
-        async def pump(p: _Participant) -> None:
-            assert p.conn is not None
-            while True:
-                try:
-                    header, _ = await p.conn.recv()
-                except (StreamClosed, WireError, ConnectionError):
-                    await queue.put((p, None))
-                    return
-                await queue.put((p, header))
-
-        pumps = [asyncio.create_task(pump(p)) for p in self._parts]
-        running = {p.rank for p in self._parts}
+        A worker lost (its process killed, its node dead in gossip) leaves the
+        view and the others go on (elastic training); a node that joins the mesh
+        gets a worker, which enters the view once it can train. A worker's own
+        exception ends the job: every worker would hit it.
+        """
+        self._queue: asyncio.Queue[tuple[_Participant, dict[str, Any] | None]] = asyncio.Queue()
+        self._pumps = [asyncio.create_task(self._pump(p)) for p in self._parts]
         cancelling = False
         next_snapshot = self.clock() + SNAPSHOT_INTERVAL_S
         cancel_wait = asyncio.create_task(self._cancel.wait())
+        change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
         try:
-            while running:
+            while any(p.exit_code is None and not p.lost for p in self._parts):
                 timeout = max(0.0, next_snapshot - self.clock())
-                getter = asyncio.create_task(queue.get())
-                waiters = {getter} if cancelling else {getter, cancel_wait}  # a set event would spin
+                getter = asyncio.create_task(self._queue.get())
+                waiters = {getter, change} if cancelling else {getter, cancel_wait, change}
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     p, header = getter.result()
                     logs: list[tuple[str, int, str, str]] = []
-                    if self._handle(p, header, logs):
-                        running.discard(p.rank)
+                    self._handle(p, header, logs)
                     for node, rank, stream, line in logs:
                         await sink.log(node, rank, stream, line)
                 else:
                     getter.cancel()
+                if change.done():
+                    change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
+                    if not cancelling:
+                        await self._watch_membership()
+                if not cancelling:
+                    await self._update_view()
                 if not cancelling and (self._failures or self._cancel.is_set()):
                     cancelling = True
                     await self._cancel_all()
@@ -265,9 +277,100 @@ class JobRunner:
                     await sink.snapshot(self.state.snapshot(self.clock()))
         finally:
             cancel_wait.cancel()
-            for task in pumps:
+            change.cancel()
+            for task in self._pumps:
                 task.cancel()
         return self._verdict()
+
+    async def _pump(self, p: _Participant) -> None:
+        assert p.conn is not None
+        while True:
+            try:
+                header, _ = await p.conn.recv()
+            except (StreamClosed, WireError, ConnectionError):
+                await self._queue.put((p, None))
+                return
+            await self._queue.put((p, header))
+
+    def _finished_any(self) -> bool:
+        return any(p.exit_code == 0 for p in self._parts)
+
+    async def _send_view(self) -> None:
+        """Number the current workers as the next view and send it to each of them."""
+        self._view_version += 1
+        members = sorted((p for p in self._parts if p.in_view and not p.lost), key=lambda p: p.rank)
+        view = {
+            "version": self._view_version,
+            "members": [[p.member, p.host, p.ring_port or 0] for p in members],
+            "min_nodes": self.request.min_nodes or 1,
+        }
+        self.state.generation = self._view_version
+        for p in members:
+            if p.conn is not None and p.exit_code is None:
+                with contextlib.suppress(ConnectionError, WireError):
+                    await p.conn.send("request", {"op": "job.view", "view": view})
+        self._view_dirty = False
+
+    async def _update_view(self) -> None:
+        if self._view_dirty and not self._finished_any():
+            await self._send_view()
+
+    def _lose(self, p: _Participant, why: str) -> None:
+        """An elastic loss: the worker leaves the view; the job goes on without it."""
+        if p.lost:
+            return
+        p.lost = True
+        if p.in_view:
+            self._view_dirty = True
+        self.state.remove_worker(p.rank)
+        self.add_event({"t": self.clock(), "kind": "lost", "node": p.name, "detail": why})
+        if p.conn is not None:
+            asyncio.ensure_future(p.conn.close())
+        if not any(not q.lost and q.exit_code is None for q in self._parts) and not self._finished_any():
+            self._fail(False, f"every worker was lost; the last, {p.name} (rank {p.rank}): {why}", None)
+
+    async def _watch_membership(self) -> None:
+        """Drop workers whose node gossip declares gone; start a worker on each node that joined."""
+        alive = {c.name for c in self.membership.candidates() if c.state in ("alive", "suspect")}
+        for p in self._parts:
+            if not p.lost and p.exit_code is None and p.name not in alive:
+                self._lose(p, "its node left the mesh")
+        if self._finished_any() or not self._admits_joiners():
+            return
+        busy = {p.name for p in self._parts if not p.lost and p.exit_code is None}
+        usable = {
+            c.name for c in self.membership.candidates() if c.state == "alive" and c.protocol == self.protocol
+        }
+        for name in sorted(usable - busy):
+            if name in self._joining:
+                continue
+            self._joining.add(name)
+            asyncio.ensure_future(self._admit(name))
+
+    def _admits_joiners(self) -> bool:
+        """Nodes joining mid-job are taken when the user asked for all nodes (no --nodes)."""
+        return self.request.nodes is None
+
+    async def _admit(self, name: str) -> None:
+        try:
+            endpoint = self.membership.endpoint(name)
+            if endpoint is None:
+                return
+            incarnations = sum(1 for p in self._parts if p.name == name)
+            member = name if incarnations == 0 else f"{name}~{incarnations}"
+            index = max((p.rank for p in self._parts), default=-1) + 1
+            p = _Participant(name=name, rank=index, host=endpoint[0], control_port=endpoint[1], member=member)
+            error = await self._prepare_one(p, joiner=True)
+            if error is not None or self._finished_any():
+                if p.conn is not None:
+                    await p.conn.close()
+                return
+            self._parts.append(p)
+            self.state.add_worker(p.rank, name)
+            self.add_event({"t": self.clock(), "kind": "joined", "node": name, "detail": f"worker {member}"})
+            self._pumps.append(asyncio.create_task(self._pump(p)))
+        finally:
+            self._joining.discard(name)
 
     def _handle(
         self, p: _Participant, header: dict[str, Any] | None, logs: list[tuple[str, int, str, str]]
@@ -275,9 +378,14 @@ class JobRunner:
         """Apply one frame from participant `p`; True once that worker is over."""
         if header is None:
             if p.exit_code is None and not p.killed:
-                self._fail(False, f"lost contact with {p.name} (rank {p.rank})", None)
+                self._lose(p, "lost contact with its agent")
             return True
         kind = header.get("kind")
+        if kind == "event" and header.get("type") == "joinable":
+            if not p.in_view and not p.lost:
+                p.in_view = True
+                self._view_dirty = True
+            return False
         if kind == "log":
             line = str(header.get("line", ""))
             self.state.add_log(p.name, line)
@@ -289,7 +397,9 @@ class JobRunner:
         elif kind == "event" and header.get("type") == "crash":
             p.crash = header
             primary = not header.get("secondary")
-            if primary or not p.killed:  # a worker's own exception counts even while we cancel
+            if not primary and not p.killed:
+                self._lose(p, str(header.get("summary") or "lost its ring"))
+            elif primary:  # a worker's own exception counts even while we cancel
                 summary = str(header.get("summary") or "crashed")
                 self._fail(
                     primary,
@@ -299,7 +409,9 @@ class JobRunner:
         elif kind == "event" and header.get("type") == "exit":
             p.exit_code = int(header.get("code", 1))
             p.stderr = str(header.get("stderr") or "")
-            if p.exit_code != 0 and p.crash is None and not p.killed:
+            if p.exit_code < 0 and not p.killed:  # killed by a signal: an elastic loss
+                self._lose(p, f"its worker was killed (signal {-p.exit_code})")
+            elif p.exit_code != 0 and p.crash is None and not p.killed:
                 tail = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
                 detail = f": {tail[0]}" if tail else ""
                 self._fail(

@@ -66,6 +66,8 @@ class JobState:
     ring_mb_s: float | None = None
     finished: float | None = None
     workers: dict[int, WorkerProgress] = field(default_factory=dict)
+    main: int = 0  # the worker whose reports carry job-wide progress (the lowest live one)
+    generation: int = 0  # the job's membership view (a ring generation), for the live view
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     loss_history: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))
@@ -75,6 +77,21 @@ class JobState:
         """The placement is known: rank i runs on nodes[i]."""
         self.nodes = list(nodes)
         self.workers = {rank: WorkerProgress(node=name, rank=rank) for rank, name in enumerate(nodes)}
+
+    def add_worker(self, index: int, node: str) -> None:
+        """An elastic job admitted a worker (a node that joined, or came back)."""
+        self.workers[index] = WorkerProgress(node=node, rank=index)
+        if node not in self.nodes:
+            self.nodes.append(node)
+        self.main = min(self.workers)
+
+    def remove_worker(self, index: int) -> None:
+        """An elastic job lost a worker: the others go on; progress now comes from the lowest left."""
+        gone = self.workers.pop(index, None)
+        if gone is not None and all(w.node != gone.node for w in self.workers.values()):
+            self.nodes = [n for n in self.nodes if n != gone.node]
+        if self.workers:
+            self.main = min(self.workers)
 
     def set_state(self, state: str, message: str | None, now: float) -> None:
         self.state = state
@@ -103,8 +120,8 @@ class JobState:
             w.step = int(metrics["step"]) + 1
         if isinstance(metrics.get("ring_mb_s"), (int, float)):
             self.ring_mb_s = float(metrics["ring_mb_s"])
-        if rank != 0:
-            return  # job-wide progress comes from rank 0, which every static job has
+        if rank != self.main:
+            return  # job-wide progress comes from one worker: the lowest live one
         # scripts report loop indices (epoch and step from 0); the snapshot shows counts (epoch in
         # progress from 1, steps done in the epoch), as the views expect
         for key, offset in (("epoch", 1), ("epochs", 0), ("step", 1), ("steps_per_epoch", 0)):

@@ -1,10 +1,12 @@
 """The participant's side of a job: one worker subprocess, tied to one control stream.
 
-The coordinator opens a control connection with `job.prepare` (rank, size,
-bundle). This node unpacks the bundle, starts `python -m meshtrain.worker`,
-waits for its ring port and answers with it. The same connection then
-carries `job.start` (the roster) and `job.cancel` one way, and the worker's
-output lines, metric batches, crash report and exit code the other way. The
+The coordinator opens a control connection with `job.prepare` (member id,
+options, bundle). This node unpacks the bundle, starts `python -m
+meshtrain.worker`, waits for its ring port and answers with it. The same
+connection then carries `job.view` (the job's membership views, each a ring
+generation) and `job.cancel` one way, and the worker's output lines, metric
+batches, "joinable" (a joiner is ready to train), crash report and exit
+code the other way. The
 connection is the job's lifeline: if the coordinator goes away, the worker
 is killed, so no orphan keeps a GPU or a core busy.
 """
@@ -18,7 +20,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,15 @@ class HostedWorker:
     metrics: dict[str, Any]
     ring_drops: dict[str, int] = field(default_factory=dict)  # ring hellos its listener refused
     ring_authenticated: bool | None = None  # None until the ring formed
+    member: str = ""  # its id in the job's membership views
+    stdin: Any = None  # the worker's stdin (views and checkpoint messages are JSON lines on it)
+
+    def send_line(self, obj: dict[str, Any]) -> bool:
+        """Write one JSON line to the worker; False when it is gone."""
+        if self.stdin is None or self.stdin.is_closing():
+            return False
+        self.stdin.write((json.dumps(obj) + "\n").encode())
+        return True
 
 
 async def host_worker(
@@ -87,12 +98,22 @@ async def host_worker(
     jobs_dir: Path,
     extra_env: dict[str, str],
     on_change: Callable[[HostedWorker, bool], None],
+    on_report: Callable[[HostedWorker, dict[str, Any]], None] | None = None,
+    before_start: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve one `job.prepare` connection until the worker has exited and been reported."""
+    """Serve one `job.prepare` connection until the worker has exited and been reported.
+
+    `on_report` gets the worker's reports this module does not handle itself
+    (checkpoint messages); `before_start(job, options)` runs before the worker
+    starts (fetching a checkpoint to resume from, say).
+    """
     job, rank = str(header["job"]), int(header["rank"])
+    member = str(header.get("member") or node)
+    raw_options = header.get("options")
+    options: dict[str, Any] = dict(raw_options) if isinstance(raw_options, dict) else {}
     try:
         bundle = Bundle.unpack(payload)
-        workdir = jobs_dir / f"{job}-{rank}"
+        workdir = jobs_dir / f"{job}-{member}"
         script = bundle.extract(workdir)
     except (ValueError, OSError, msgpack.UnpackException) as exc:
         await conn.reply(False, error="bundle", message=f"cannot unpack the job's files on {node}: {exc}")
@@ -106,7 +127,15 @@ async def host_worker(
         "args": [str(a) for a in header.get("args", [])],
         "generation": int(header.get("generation", 0)),
         "bind": bind,
+        "member": member,
+        "options": options,
     }
+    if before_start is not None:
+        try:
+            await before_start(job, options)
+        except Exception as exc:  # noqa: BLE001 - one line to the coordinator, never a dead agent
+            await conn.reply(False, error="prepare", message=f"cannot prepare the job on {node}: {exc}")
+            return
     read_fd, write_fd = os.pipe()
     spec["report_fd"] = write_fd
     env = worker_env(dict(os.environ), {**extra_env, "MESHTRAIN_JOB_SPEC": json.dumps(spec)})
@@ -125,13 +154,16 @@ async def host_worker(
         )
     finally:
         os.close(write_fd)
-    hosted = HostedWorker(job=job, rank=rank, script=str(header.get("script", bundle.script)), metrics={})
+    hosted = HostedWorker(
+        job=job, rank=rank, script=str(header.get("script", bundle.script)), metrics={}, member=member
+    )
+    hosted.stdin = proc.stdin
     on_change(hosted, True)
     reports: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_read_pipe(lambda: _ReportProtocol(reports), os.fdopen(read_fd, "rb", 0))
     try:
-        await _serve(proc, conn, reports, hosted, node)
+        await _serve(proc, conn, reports, hosted, node, on_report)
     finally:
         transport.close()
         await _kill(proc)
@@ -145,6 +177,7 @@ async def _serve(
     reports: asyncio.Queue[dict[str, Any] | None],
     hosted: HostedWorker,
     node: str,
+    on_report: Callable[[HostedWorker, dict[str, Any]], None] | None = None,
 ) -> None:
     assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
     stderr_tail: list[str] = []
@@ -183,6 +216,10 @@ async def _serve(
                     hosted.ring_drops = {str(k): int(v) for k, v in drops.items() if isinstance(v, int)}
                 if "authenticated" in message:
                     hosted.ring_authenticated = bool(message["authenticated"])
+            elif message.get("k") == "joinable":
+                await conn.send("event", {"type": "joinable", "rank": hosted.rank, "member": hosted.member})
+            elif message.get("k") == "ckpt" and on_report is not None:
+                on_report(hosted, message)
             elif message.get("k") == "crash":
                 await conn.send(
                     "event",
@@ -201,8 +238,8 @@ async def _serve(
             except (StreamClosed, WireError, ConnectionError):
                 await _kill(proc)  # the coordinator is gone: so is the job
                 return
-            if header.get("op") == "job.start":
-                stdin.write((json.dumps({"addrs": header.get("addrs", [])}) + "\n").encode())
+            if header.get("op") == "job.view" and isinstance(header.get("view"), dict):
+                stdin.write((json.dumps({"view": header["view"]}) + "\n").encode())
                 with contextlib.suppress(ConnectionError):
                     await stdin.drain()
             elif header.get("op") == "job.cancel":

@@ -1,62 +1,529 @@
-"""The `Mesh` a training script gets inside a job: a real ring behind the same API."""
+"""The `Mesh` a training script gets inside a job: an elastic ring behind the plain-loop API.
+
+    mesh.register(model, optimizer)                 # the state joiners receive
+    for idx in mesh.batches(n, batch, epoch=e):     # this worker's slice of each global batch
+        loss, grads = loss_and_grad(x[idx], y[idx])
+        grads = mesh.allreduce(grads, weight=len(idx))
+        optimizer.update(model, grads)
+
+Behind those calls (see meshtrain.train.recovery for the rules):
+
+- the ring is formed lazily, at the first `batches`/`allreduce`, from the
+  newest membership view; its generation is the view's number;
+- a lost peer (the ring raises, or a new view aborts the ring) makes the
+  survivors form the next generation, swap (step, digest), and either redo
+  the interrupted reduction with the gradients they hold -- the lost
+  member's slice is carried into the next step -- or, where some member had
+  already completed it, take that result; `allreduce` then returns as if
+  nothing had happened;
+- a joining worker is admitted at a step boundary and receives the full state
+  (parameters, optimizer state, sampler) over the ring itself;
+- below `--min-nodes` workers, training pauses until enough return.
+
+The step reduction is the first `allreduce` after a batch is handed out; any
+other all-reduce (metrics, a local-SGD flush) is not redone: a failure there
+raises PeerLost, and the next step boundary recovers the ring.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
+from meshtrain.errors import PeerLost, UserError, WireError
 from meshtrain.mesh import Mesh, resolve_wire_dtype
+from meshtrain.train.recovery import MemberStatus, RecoveryPlan, Unrecoverable, decode_statuses, encode_status
+from meshtrain.train.recovery import plan_recovery as _plan
+from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
+from meshtrain.train.step_sampler import StepSampler
 from meshtrain.worker.reporter import Reporter
+from meshtrain.worker.views import View, ViewBoard
+
+RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)
+CONNECT_TIMEOUT_S = 30.0
+PAUSE_POLL_S = 1.0
+RETRY_SAME_VIEW_S = 5.0  # a ring that broke with no member lost (a stall) forms again with the same view
+STATUS_STEP = -1
+
+
+@dataclass
+class _OpenStep:
+    """The batch handed out last: its step, the generation whose shares sliced it, and those members."""
+
+    step: int
+    generation: int
+    members: tuple[str, ...]
+    epoch: int
+    reduced: bool = False
+
+
+@dataclass
+class _Held:
+    """The gradients of an interrupted step reduction, kept to redo it."""
+
+    tree: Any
+    weight: float
+    wire: str
+
+
+@dataclass
+class _Last:
+    """The newest committed step reduction: members behind take it instead of redoing it."""
+
+    step: int
+    result: Any
+    contributors: tuple[str, ...]
+    sampler: dict[str, Any]
 
 
 class WorkerMesh(Mesh):
-    """Rank `rank` of `size`; all-reduces go over `ring` (None when the job has one worker)."""
+    """One worker of an elastic job."""
 
-    def __init__(self, *, rank: int, size: int, job: str, node: str, ring: Any, reporter: Reporter) -> None:
-        self.rank = rank
-        self.size = size
+    def __init__(
+        self,
+        *,
+        member: str,
+        job: str,
+        node: str,
+        listener: Any,
+        views: ViewBoard,
+        reporter: Reporter,
+        keyring: Any = None,
+        joiner: bool = False,
+        ledger_dir: str | None = None,
+        checkpoints: Any = None,
+    ) -> None:
+        self.member = member
         self.job = job
         self.node = node
-        self._ring = ring
+        self._listener = listener
+        self._views = views
         self._reporter = reporter
-        self._step = 0
+        self._keyring = keyring
+        self._ring: Any = None
+        self._ring_lock = threading.Lock()
+        self._gen = -1
+        self._roster: tuple[str, ...] = ()
+        self._history: dict[int, tuple[str, ...]] = {}
+        self._model: Any = None
+        self._optimizer: Any = None
+        self._sampler: StepSampler | None = None
+        self.committed = 0
+        self._has_state = not joiner
+        self._joined_gen = -1
+        self._last: _Last | None = None
+        self._open: _OpenStep | None = None
+        self._pinned: tuple[int, int] | None = None  # (step, generation) whose shares slice that step
+        self._state_due: RecoveryPlan | None = None  # a state broadcast owed at the next boundary
         self._ring_mb_s: float | None = None
-        self.wire_dtype: str | None = None  # what the last all-reduce sent (resolved from "auto")
+        self._announced = False
+        self._ledger = Path(ledger_dir) / f"ledger-{member}.jsonl" if ledger_dir else None
+        self._checkpoints = checkpoints
+        self.wire_dtype: str | None = None
+        self.generation_changes = 0
+        views.on_change(self._abort_if_stale)
+
+    # --- what the script sees -----------------------------------------------------------------
+    def _members_now(self) -> tuple[str, ...]:
+        if self._roster:
+            return self._roster
+        view = self._views.latest()
+        return view.members if view is not None else ()
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        """This worker's rank in the current generation (it changes as workers come and go)."""
+        roster = self._members_now()
+        return roster.index(self.member) if self.member in roster else 0
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        """The number of workers in the current generation."""
+        return max(1, len(self._members_now()))
 
     @property
     def ring_authenticated(self) -> bool | None:
-        """Whether this job's ring proves the mesh secret and tags every frame (None: no ring)."""
         return bool(getattr(self._ring, "authenticated", False)) if self._ring is not None else None
 
-    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
-        """Weighted mean of `tree` over every worker of the job (exact with weight = local batch size).
+    def register(self, model: Any, optimizer: Any) -> None:
+        """The training state: what a joining worker receives and a checkpoint stores.
 
-        `wire_dtype="auto"` sends float32 MLX trees as bfloat16 (Mesh.allreduce says why).
+        Initialises the optimizer's state now (MLX does it lazily at the first
+        update), so every worker's state has the same leaves from the start.
         """
-        wire_dtype = resolve_wire_dtype(tree, wire_dtype)
-        self.wire_dtype = wire_dtype
-        if self._ring is None:
-            return tree
-        step, self._step = self._step, self._step + 1
-        if isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype == np.float32:
-            out = self._ring.allreduce(tree, step=step, weight=weight, wire_dtype=wire_dtype)
+        import mlx.core as mx
+
+        self._model, self._optimizer = model, optimizer
+        if not getattr(optimizer, "_initialized", True):
+            optimizer.init(model.trainable_parameters())
+        mx.eval(model.parameters(), optimizer.state)
+        resumed = self._checkpoints.resume() if self._checkpoints is not None else None
+        if resumed is not None:
+            tree, meta, step = resumed
+            self._adopt(tree, {**meta, "committed": step})
+            if meta.get("rng") is not None:
+                from meshtrain.checkpoints.store import restore_rng
+
+                restore_rng(meta["rng"])
+
+    def batches(
+        self, n_samples: int, batch_size: int, *, epoch: int = 0, seed: int = 0, drop_last: bool = False
+    ) -> Iterator[np.ndarray]:
+        """This worker's slice of every remaining global batch of `epoch` (nothing for an epoch done).
+
+        `drop_last` is not supported by the exactly-once sampler (every index is
+        trained on once per epoch); a short last batch is normal.
+        """
+        if self._sampler is None:
+            self._sampler = StepSampler(n_samples, batch_size, seed)
+        elif (self._sampler.dataset_size, self._sampler.global_batch, self._sampler.seed) != (
+            n_samples,
+            batch_size,
+            seed,
+        ):
+            raise UserError(
+                "mesh.batches: the data set size, batch size and seed must not change between epochs"
+            )
+        sampler = self._sampler
+        if epoch > sampler.epoch and sampler.cursor == 0 and len(sampler.carry) == 0:
+            sampler.epoch = epoch  # the script skipped epochs (a resumed loop, say)
+        while True:
+            self._boundary()
+            if sampler.epoch != epoch:
+                return  # this epoch is done (or was, before this worker joined)
+            shares = self._step_members()
+            self._open = _OpenStep(
+                self.committed, self._pinned[1] if self._pinned else self._gen, shares, epoch
+            )
+            self._pinned = None
+            mine = sampler.assignment({m: 1.0 for m in shares}).get(self.member)
+            yield mine if mine is not None else np.empty(0, np.int64)
+
+    def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
+        """Weighted mean of `tree` over the job's workers (exact with weight = local batch size).
+
+        The first all-reduce after a batch is handed out is the step's: it
+        survives lost workers (see the module docstring). `wire_dtype="auto"`
+        sends float32 MLX trees as bfloat16 (Mesh.allreduce says why).
+        """
+        wire = resolve_wire_dtype(tree, wire_dtype)
+        self.wire_dtype = wire
+        step_reduction = (
+            self._open is not None and not self._open.reduced and not isinstance(tree, np.ndarray)
+        )
+        if not step_reduction:
+            return self._free_allreduce(tree, weight, wire)
+        assert self._open is not None
+        held = _Held(tree, float(weight), wire)
+        if self._ring is None or self._stale_view():
+            outcome = self._recover(held)
         else:
-            out = self._ring.allreduce_tree(tree, step=step, weight=weight, wire_dtype=wire_dtype)
+            outcome = None
+        while True:
+            if outcome is not None and outcome[0] == "take":
+                _, result, meta = outcome
+                self._commit(result, tuple(meta["contributors"]), meta["sampler"])
+                return result
+            try:
+                out = self._ring.allreduce_tree(
+                    tree, step=self.committed, weight=held.weight, wire_dtype=wire
+                )
+            except RING_FAILURES:
+                outcome = self._recover(held)
+                continue
+            self._note_stats()
+            self._commit(out, tuple(m for m in self._open.members if m in self._roster), None)
+            return out
+
+    def report(self, **metrics: float) -> None:
+        """Queue metrics for the live view; batched, never blocks the step."""
+        extra: dict[str, Any] = {"generation": self._gen}
+        if self._ring_mb_s is not None:
+            extra["ring_mb_s"] = self._ring_mb_s
+        self._reporter.report({**metrics, **extra})
+
+    def close(self) -> None:
+        self._views.on_change(None)
+        self._reporter.close()
+        with self._ring_lock:
+            ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+
+    def connect(self, timeout: float) -> None:
+        """Form the first ring now (a job's starting workers), so rank and size are known from the
+        script's first line; a joiner instead waits for its first step boundary."""
+        if self._views.wait_newer(-1, timeout) is None:
+            raise PeerLost(self.node, -1, f"no membership view from the agent within {timeout:g}s")
+        self._recover(None)
+
+    # --- steps --------------------------------------------------------------------------------
+    def _step_members(self) -> tuple[str, ...]:
+        """Who has a slice of the next step: the pinned generation's members, else the current ring's."""
+        if self._pinned is not None and self._pinned[0] == self.committed:
+            return self._history[self._pinned[1]]
+        return self._roster
+
+    def _boundary(self) -> None:
+        """Between steps: close a step that had no reduction, recover, admit, hand state over."""
+        if self._open is not None and not self._open.reduced:
+            self._commit(None, self._open.members, None)  # a local step (local SGD): nothing to reduce
+        self._open = None
+        if self._state_due is not None:
+            self._send_due_state()
+        if self._ring is None or self._stale_view():
+            self._recover(None)
+            if self._state_due is not None and self.member in self._state_due.zero:
+                self._zero_participate(self._state_due)
+                self._send_due_state()
+        if self._checkpoints is not None and self._has_state and self._sampler is not None:
+            self._checkpoints.at_boundary(self.committed, self._state_tree, self._meta())
+
+    def _commit(
+        self, result: Any, contributors: tuple[str, ...], sampler_state: dict[str, Any] | None
+    ) -> None:
+        """Step `self.committed` is done: ledger, sampler (carrying lost slices), counters."""
+        assert self._open is not None and self._sampler is not None
+        step, epoch = self.committed, self._sampler.epoch
+        assignment = self._sampler.assignment({m: 1.0 for m in self._open.members})
+        used = {m: assignment[m] for m in self._open.members if m in contributors}
+        if sampler_state is not None:
+            self._sampler.load(sampler_state)
+        else:
+            lost = [assignment[m] for m in self._open.members if m not in contributors]
+            self._sampler.commit(np.concatenate(lost) if lost else ())
+        self.committed += 1
+        self._open.reduced = True
+        if result is not None:
+            self._last = _Last(step, result, contributors, self._sampler.to_dict())
+        if self._ledger is not None:
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "gen": self._gen,
+                "slices": {m: v.tolist() for m, v in used.items()},
+            }
+            with self._ledger.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _free_allreduce(self, tree: Any, weight: float, wire: str) -> Any:
+        if self._ring is None or self._stale_view():
+            self._recover(None)
+        try:
+            if isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype == np.float32:
+                out = self._ring.allreduce(tree, step=self.committed, weight=weight, wire_dtype=wire)
+            else:
+                out = self._ring.allreduce_tree(tree, step=self.committed, weight=weight, wire_dtype=wire)
+        except RING_FAILURES as exc:
+            raise PeerLost(getattr(exc, "peer", "?"), self._gen, f"outside a step reduction: {exc}") from exc
+        self._note_stats()
+        return out
+
+    def _note_stats(self) -> None:
         stats = getattr(self._ring, "last_stats", None) or {}
         busbw = stats.get("busbw")
         if isinstance(busbw, (int, float)):
             self._ring_mb_s = float(busbw) / 1e6
-        return out
 
-    def report(self, **metrics: float) -> None:
-        """Queue metrics for the live view; batched, never blocks the step."""
-        if self._ring_mb_s is not None:
-            metrics = {**metrics, "ring_mb_s": self._ring_mb_s}
-        self._reporter.report(metrics)
+    # --- state ---------------------------------------------------------------------------------
+    def _state_tree(self) -> dict[str, Any]:
+        if self._model is None:
+            raise UserError(
+                "a node joined this job, but the script never called mesh.register(model, optimizer): "
+                "register them so joiners can receive the training state"
+            )
+        return {"params": self._model.parameters(), "opt": self._optimizer.state}
 
-    def close(self) -> None:
-        self._reporter.close()
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+    def _digest(self) -> str:
+        from meshtrain.train.digest import state_digest
+
+        if not self._has_state:
+            return ""
+        tree = self._state_tree() if self._model is not None else {}
+        return state_digest(tree, self.committed)
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "committed": self.committed,
+            **({"sampler": self._sampler.to_dict()} if self._sampler is not None else {}),
+            "generation": self._gen,
+            "members": list(self._roster),
+            "history": {str(g): list(m) for g, m in self._history.items()},
+        }
+
+    def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
+        import mlx.core as mx
+
+        assert self._model is not None
+        self._model.update(tree["params"])
+        # in place: compiled update functions captured this very dict (mx.compile(inputs=...))
+        self._optimizer.state.update(tree["opt"])
+        mx.eval(self._model.parameters(), self._optimizer.state)
+        self.committed = int(meta["committed"])
+        if self._sampler is not None and "sampler" in meta:
+            self._sampler.load(meta["sampler"])
+        elif "sampler" in meta:
+            s = meta["sampler"]
+            self._sampler = StepSampler(s["dataset_size"], s["global_batch"], s["seed"])
+            self._sampler.load(s)
+        for g, members in (meta.get("history") or {}).items():
+            self._history.setdefault(int(g), tuple(members))
+        self._has_state = True
+        self._last = None
+
+    def _broadcast_state(self, source: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        tree = broadcast_tree(self._ring, self._state_tree(), source)
+        blob = broadcast_bytes(self._ring, msgpack.packb(self._meta()) if source else None, source)
+        return tree, msgpack.unpackb(blob, strict_map_key=False)
+
+    def _send_due_state(self) -> None:
+        """The boundary after a pinned step: the holders' first hands the state to the zero participants."""
+        plan, self._state_due = self._state_due, None
+        assert plan is not None
+        try:
+            tree, meta = self._broadcast_state(self.member == plan.state_source)
+        except RING_FAILURES:
+            self._mark_broken()
+            return  # the next recovery finds who still needs the state
+        if self.member in plan.zero:
+            self._adopt(tree, meta)
+            self._joined_gen = self._gen
+
+    def _zero_participate(self, plan: RecoveryPlan) -> None:
+        """Add zeros with weight 0 to the pinned step's reduction (this worker had no slice in it)."""
+        import mlx.core as mx
+        from mlx.utils import tree_map
+
+        template = self._model.trainable_parameters() if self._model is not None else None
+        if template is None:
+            raise UserError("call mesh.register(model, optimizer) before training so nodes can join")
+        zeros = tree_map(mx.zeros_like, template)
+        try:
+            self._ring.allreduce_tree(zeros, step=plan.target, weight=0.0, wire_dtype=plan.wire or "float32")
+        except RING_FAILURES:
+            self._mark_broken()
+
+    # --- generations ---------------------------------------------------------------------------
+    def _stale_view(self) -> bool:
+        view = self._views.latest()
+        return view is not None and view.version != self._gen
+
+    def _abort_if_stale(self, view: View) -> None:
+        """Reader thread: a new view whose members differ from the ring's aborts the ring."""
+        with self._ring_lock:
+            ring = self._ring
+            if ring is None or view.members == self._roster:
+                return
+        ring.close()
+
+    def _mark_broken(self) -> None:
+        with self._ring_lock:
+            ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+
+    def _usable_view(self, newer_than: int, patience: float) -> View:
+        """The view to form next: the first newer than `newer_than` (or, after `patience` seconds, the
+        newest there is) that includes this worker and has at least min_nodes members (else pause)."""
+        if not self._announced:
+            self._reporter.send({"k": "joinable"})  # a joiner is added to the view once it can train
+            self._announced = True
+        deadline = time.monotonic() + patience
+        paused = False
+        while True:
+            view = self._views.latest()
+            fresh = view is not None and (view.version > newer_than or time.monotonic() >= deadline)
+            if view is not None and fresh and self.member not in view.members and self._gen >= 0:
+                raise PeerLost(self.member, view.version, "this worker was dropped from the job")
+            if view is not None and fresh and self.member in view.members:
+                if len(view.members) >= view.min_nodes:
+                    if paused:
+                        self._reporter.report({"paused": 0})
+                    return view
+                if not paused:
+                    paused = True
+                    self._reporter.report({"paused": view.min_nodes, "workers": len(view.members)})
+                newer_than = view.version
+            self._views.wait_newer(view.version if view is not None else -1, PAUSE_POLL_S)
+
+    def _recover(self, held: _Held | None) -> tuple[str, Any, Any] | None:
+        """Form the newest generation and follow its plan; ("take", result, meta) for a member behind."""
+        from meshtrain.ring import Ring
+
+        newer_than = self._gen  # -1 before the first ring: any view
+        patience = RETRY_SAME_VIEW_S
+        while True:
+            view = self._usable_view(newer_than, patience)
+            self._mark_broken()
+            try:
+                ring = Ring.connect(
+                    self._listener,
+                    rank=view.rank_of(self.member),
+                    addrs=list(view.addrs),
+                    job=str(self.job),
+                    generation=view.version,
+                    timeout=CONNECT_TIMEOUT_S,
+                    keyring=self._keyring,
+                )
+            except RING_FAILURES:
+                newer_than, patience = view.version, RETRY_SAME_VIEW_S
+                continue
+            with self._ring_lock:
+                self._ring, self._gen, self._roster = ring, view.version, view.members
+            self._history[view.version] = view.members
+            self.generation_changes += 1
+            try:
+                return self._follow_plan(held)
+            except RING_FAILURES:
+                newer_than, patience = view.version, RETRY_SAME_VIEW_S
+                continue
+
+    def _follow_plan(self, held: _Held | None) -> tuple[str, Any, Any] | None:
+        status = MemberStatus(
+            member=self.member,
+            committed=self.committed,
+            digest=self._digest(),
+            pending=held is not None,
+            has_last=self._last is not None and self._last.step == self.committed - 1,
+            slice_gen=self._open.generation if (held is not None and self._open is not None) else -1,
+            joined_gen=self._joined_gen,
+            wire=held.wire if held is not None else "",
+        )
+        size = len(self._roster)
+        vec = encode_status(size, self._roster.index(self.member), status)
+        summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
+        try:
+            plan = _plan(decode_statuses(self._roster, summed))
+        except Unrecoverable as exc:
+            raise PeerLost(self.member, self._gen, f"cannot rejoin the job's state: {exc}") from exc
+        result: tuple[str, Any, Any] | None = None
+        if plan.behind:
+            source = self.member == plan.r_source
+            mine = self.member in plan.behind
+            template = held.tree if mine and held is not None else (self._last.result if self._last else None)
+            if template is None:
+                template = self._model.trainable_parameters() if self._model is not None else {}
+            got = broadcast_tree(self._ring, template, source)
+            meta_blob = (
+                msgpack.packb(self._last.__dict__ | {"result": None}) if source and self._last else None
+            )
+            meta = msgpack.unpackb(broadcast_bytes(self._ring, meta_blob, source), strict_map_key=False)
+            if mine:
+                result = ("take", got, meta)
+        if plan.state_now and plan.stale:
+            tree, meta = self._broadcast_state(self.member == plan.state_source)
+            if self.member in plan.stale:
+                self._adopt(tree, meta)
+                self._joined_gen = self._gen
+        if plan.pinned_gen is not None and plan.pinned_gen in self._history:
+            self._pinned = (plan.target, plan.pinned_gen)
+        self._state_due = plan if plan.zero else None
+        return result

@@ -4,9 +4,9 @@ The agent starts it with the job spec in $MESHTRAIN_JOB_SPEC (JSON: job,
 rank, size, node, generation, script, args, bind, report_fd). The handshake:
 
 1. bind the ring listener and tell the agent its port ("ready" on the report pipe);
-2. read the roster (every rank's ring address) as one JSON line on stdin;
-3. connect the ring, install the job's `Mesh` so `meshtrain.init()` returns it,
-   and run the script as `__main__`.
+2. start reading the job's membership views from stdin (meshtrain.worker.views);
+3. install the job's elastic `Mesh` so `meshtrain.init()` returns it, and run
+   the script as `__main__`; the ring forms at its first `batches`/`allreduce`.
 
 An exception in the script is sent to the agent once, as a "crash" message
 with the traceback trimmed to the user's frames, instead of being printed:
@@ -21,7 +21,7 @@ import os
 import runpy
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,7 @@ from meshtrain import mesh as mesh_module
 from meshtrain.errors import PeerLost
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
+from meshtrain.worker.views import ViewBoard
 
 SPEC_ENV = "MESHTRAIN_JOB_SPEC"
 RING_CONNECT_TIMEOUT_S = 30.0
@@ -49,6 +50,8 @@ class JobSpec:
     generation: int = 0
     bind: str = "0.0.0.0"
     report_fd: int | None = None
+    member: str | None = None  # this worker's id in the job's views (the node's name, "~k" if re-admitted)
+    options: dict[str, Any] = field(default_factory=dict)  # run options: ledger, checkpoints, joiner
 
     @staticmethod
     def from_env(env: dict[str, str] | os._Environ[str]) -> JobSpec:
@@ -76,53 +79,57 @@ def _take_keyring() -> Any:
     return Keyring.from_text(text, ENV_SECRET) if text else None
 
 
-def _connect_ring(spec: JobSpec, reporter: Reporter) -> Any:
-    """Handshake with the agent and form the ring; None for a one-worker job."""
-    keyring = _take_keyring()  # before the user's script is imported, whatever the job's size
-    listener = None
-    if spec.size > 1:
-        from meshtrain.ring import RingListener
+def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
+    """Bind the ring listener, tell the agent its port, start reading views: the elastic mesh."""
+    from meshtrain.ring import RingListener
 
-        listener = RingListener.bind(host=spec.bind, port=0)
-    reporter.send({"k": "ready", "ring_port": listener.port if listener is not None else None})
-    line = sys.stdin.readline()
-    if not line:
-        sys.exit(EXIT_NO_START)  # the agent cancelled before the start
-    roster = json.loads(line)
-    if listener is None:
-        return None
-    from meshtrain.ring import Ring
+    keyring = _take_keyring()  # before the user's script is imported
+    listener = RingListener.bind(host=spec.bind, port=0)
+    reporter.send({"k": "ready", "ring_port": listener.port})
+    views = ViewBoard(sys.stdin).start()
+    checkpoints = None
+    if spec.options.get("checkpoint_every") or spec.options.get("resume"):
+        from meshtrain.worker.checkpointing import WorkerCheckpoints
 
-    addrs = [(str(h), int(p)) for h, p in roster["addrs"]]
-    try:
-        ring = Ring.connect(
-            listener,
-            rank=spec.rank,
-            addrs=addrs,
-            job=spec.job,
-            generation=spec.generation,
-            timeout=RING_CONNECT_TIMEOUT_S,
-            keyring=keyring,
+        checkpoints = WorkerCheckpoints.create(
+            spec.options, node=spec.node, member=spec.member or spec.node, report=reporter.send
         )
-    finally:  # the agent adds refused ring hellos (strangers, replays) to its drop counters
-        drops = getattr(listener, "drops", None)
-        reporter.send({"k": "ring", "drops": drops.snapshot() if drops is not None else {}})
-    reporter.send({"k": "ring", "authenticated": bool(getattr(ring, "authenticated", False))})
-    return ring
+        if checkpoints is not None:
+            views.on_message = checkpoints.on_message
+    return WorkerMesh(
+        member=spec.member or spec.node,
+        job=spec.job,
+        node=spec.node,
+        listener=listener,
+        views=views,
+        reporter=reporter,
+        keyring=keyring,
+        joiner=bool(spec.options.get("joiner")),
+        ledger_dir=spec.options.get("ledger"),
+        checkpoints=checkpoints,
+    )
+
+
+def _ring_report(mesh: WorkerMesh, reporter: Reporter) -> None:
+    """The agent adds refused ring hellos (strangers, replays) to its drop counters."""
+    drops = getattr(mesh._listener, "drops", None)
+    reporter.send({"k": "ring", "drops": drops.snapshot() if drops is not None else {}})
+    if mesh.ring_authenticated is not None:
+        reporter.send({"k": "ring", "authenticated": mesh.ring_authenticated})
 
 
 def run(spec: JobSpec) -> int:
-    """Run the script as this rank; the exit status the agent sees."""
+    """Run the script as this worker; the exit status the agent sees."""
     reporter = Reporter(spec.report_fd)
-    try:
-        ring = _connect_ring(spec, reporter)
-    except PeerLost as exc:
-        reporter.send({"k": "crash", "summary": str(exc), "traceback": "", "secondary": True})
-        reporter.close()
-        return EXIT_CRASH
-    mesh = WorkerMesh(
-        rank=spec.rank, size=spec.size, job=spec.job, node=spec.node, ring=ring, reporter=reporter
-    )
+    mesh = _make_mesh(spec, reporter)
+    if not spec.options.get("joiner"):
+        try:
+            mesh.connect(RING_CONNECT_TIMEOUT_S)
+        except PeerLost as exc:
+            reporter.send({"k": "crash", "summary": str(exc), "traceback": "", "secondary": True})
+            reporter.close()
+            return EXIT_CRASH
+        _ring_report(mesh, reporter)
     mesh_module._MESH = mesh
     script = os.path.abspath(spec.script)
     sys.argv = [spec.script, *spec.args]
@@ -150,6 +157,7 @@ def run(spec: JobSpec) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
+            _ring_report(mesh, reporter)
             mesh.close()
         except Exception:  # noqa: BLE001 - closing a broken ring must not mask the script's status
             pass
