@@ -32,6 +32,7 @@ from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.views import ViewBoard
 
 SPEC_ENV = "MESHTRAIN_JOB_SPEC"
+LEDGER_ENV = "MESHTRAIN_LEDGER_DIR"  # debug mode: every worker logs the slices of each committed step
 RING_CONNECT_TIMEOUT_S = 30.0
 EXIT_CRASH = 1
 EXIT_NO_START = 3
@@ -105,7 +106,7 @@ def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
         reporter=reporter,
         keyring=keyring,
         joiner=bool(spec.options.get("joiner")),
-        ledger_dir=spec.options.get("ledger"),
+        ledger_dir=spec.options.get("ledger") or os.environ.get(LEDGER_ENV),
         checkpoints=checkpoints,
     )
 

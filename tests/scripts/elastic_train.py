@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import time
 
 import mlx.core as mx
@@ -25,14 +27,41 @@ parser.add_argument("--n", type=int, default=384)
 parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--step-sleep", type=float, default=0.0)
+parser.add_argument("--hidden", type=int, default=64)
+parser.add_argument(
+    "--die",
+    action="append",
+    default=[],
+    metavar="MEMBER:STEP:WHERE",
+    help="fault injection: SIGKILL this worker at global STEP, in 'forward' or 'allreduce'",
+)
 args = parser.parse_args()
+
+
+def maybe_die(member: str, step: int, where: str) -> None:
+    """SIGKILL ourselves: right away (mid-forward) or 2 ms into the all-reduce (mid-stream)."""
+    for spec in args.die:
+        m, s, w = spec.split(":")
+        if m == member and int(s) == step and w == where:
+            delay = 0.002 if where == "allreduce" else 0.0
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            if delay == 0.0:
+                time.sleep(5)
+
 
 mesh = meshtrain.init()
 rng = np.random.default_rng(123)
 x_all = rng.standard_normal((args.n, 16)).astype(np.float32)
 y_all = np.argmax(x_all @ rng.standard_normal((16, 4)).astype(np.float32), axis=1).astype(np.int32)
 mx.random.seed(0)
-model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+model = nn.Sequential(
+    nn.Linear(16, args.hidden),
+    nn.ReLU(),
+    nn.Linear(args.hidden, args.hidden),
+    nn.ReLU(),
+    nn.Linear(args.hidden, 4),
+)
+me = str(getattr(mesh, "member", "local"))
 optimizer = optim.Adam(learning_rate=1e-2)
 mesh.register(model, optimizer)
 loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
@@ -46,13 +75,16 @@ for epoch in range(args.epochs):
 
             loss, grads = mx.array(0.0), tree_map(mx.zeros_like, model.trainable_parameters())
         time.sleep(args.step_sleep)
+        at = getattr(mesh, "committed", 0)
+        maybe_die(me, at, "forward")
+        maybe_die(me, at, "allreduce")
         grads = mesh.allreduce(grads, weight=len(idx), wire_dtype="float32")
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         mesh.report(epoch=epoch, epochs=args.epochs, step=step, loss=float(loss), samples=len(idx))
     if mesh.is_main:
         print(f"epoch {epoch + 1} done", flush=True)
-member = getattr(mesh, "member", "local")
+member = me
 tree = {"params": model.parameters(), "opt": optimizer.state}
 committed = getattr(mesh, "committed", 0)
 result = {"digest": state_digest(tree, committed), "committed": committed}
