@@ -90,7 +90,6 @@ def test_kill_mid_allreduce_and_mid_forward_then_a_node_joins(
 ) -> None:
     agents, ledger, out = four
     epochs = 8
-    started = time.monotonic()
     job = run_job(
         agents[0].home,
         out,

@@ -29,6 +29,8 @@ class WorkerProgress:
     samples_seen: deque[tuple[float, float]] = field(default_factory=deque)  # (t, cumulative samples)
     first: tuple[float, float] | None = None  # (t, cumulative samples) of the first report
     last_t: float = 0.0
+    share: float | None = None  # its share of the global batch, as the worker reports it
+    share_why: str = ""  # why the share is what it is ("2.0x faster", "on battery: halved")
 
     def add_samples(self, t: float, samples: float) -> None:
         self.samples_total += samples
@@ -120,6 +122,20 @@ class JobState:
             w.step = int(metrics["step"]) + 1
         if isinstance(metrics.get("ring_mb_s"), (int, float)):
             self.ring_mb_s = float(metrics["ring_mb_s"])
+        if isinstance(metrics.get("share"), (int, float)):
+            w.share = float(metrics["share"])
+        if isinstance(metrics.get("share_why"), str):
+            w.share_why = metrics["share_why"][:40]
+        paused = metrics.get("paused")
+        if isinstance(paused, int) and not isinstance(paused, bool):
+            if paused > 0 and self.state == "running":
+                workers = metrics.get("workers")
+                self.state, self.message = (
+                    "paused",
+                    f"paused: {workers} of the {paused} nodes --min-nodes asks for",
+                )
+            elif paused == 0 and self.state == "paused":
+                self.state, self.message = "running", None
         if rank != self.main:
             return  # job-wide progress comes from one worker: the lowest live one
         # scripts report loop indices (epoch and step from 0); the snapshot shows counts (epoch in
@@ -187,7 +203,10 @@ class JobState:
                 "samples_per_s": rates[rank],
                 "step": w.step,
                 "loss": w.loss,
-                "share": (w.samples_total / seen) if seen else (1.0 / len(self.workers)),
+                "share": w.share
+                if w.share is not None
+                else ((w.samples_total / seen) if seen else (1.0 / len(self.workers))),
+                "why": w.share_why,
             }
             for rank, w in sorted(self.workers.items())
         ]

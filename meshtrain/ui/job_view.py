@@ -194,6 +194,9 @@ def worker_table(job: Mapping[str, Any], rows: int | None, width: int = 80) -> T
     table.add_column("samples/s", no_wrap=True, ratio=3)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("loss", justify="right", no_wrap=True)
+    why = any(text(w, "why") for w in workers)  # a column only once some share has a reason
+    if why:
+        table.add_column("why", no_wrap=True, overflow="ellipsis", ratio=2, style="dim")
     shown = workers if rows is None else workers[:rows]
     for w in shown:
         rate = number(w, "samples_per_s")
@@ -206,9 +209,10 @@ def worker_table(job: Mapping[str, Any], rows: int | None, width: int = 80) -> T
             rate_cell,
             str(integer(w, "step")),
             fmt.loss(number(w, "loss")),
+            *([text(w, "why")] if why else []),
         )
     if rows is not None and len(workers) > rows:
-        table.add_row(Text(f"… {len(workers) - rows} more", style="dim"), "", "", "", "", "")
+        table.add_row(Text(f"… {len(workers) - rows} more", style="dim"), *[""] * (5 + why))
     if not workers:
         table.add_row(Text("no workers yet", style="dim"), "", "", "", "", "")
     return table

@@ -62,6 +62,8 @@ class _OpenStep:
     generation: int
     members: tuple[str, ...]
     epoch: int
+    weights: dict[str, float]  # the members' shares of this step's global batch, in rank order
+    samples: int = 0  # this worker's slice
     reduced: bool = False
 
 
@@ -100,6 +102,8 @@ class WorkerMesh(Mesh):
         joiner: bool = False,
         ledger_dir: str | None = None,
         checkpoints: Any = None,
+        share_mode: str = "perf",
+        on_battery: str = "reduce",
     ) -> None:
         self.member = member
         self.job = job
@@ -113,6 +117,13 @@ class WorkerMesh(Mesh):
         self._gen = -1
         self._roster: tuple[str, ...] = ()
         self._history: dict[int, tuple[str, ...]] = {}
+        self._weights: dict[int, dict[str, float]] = {}  # per generation: the shares its steps use
+        self._share_mode = share_mode
+        self._on_battery = on_battery
+        self._meter: Any = None
+        self._rebalance_due = False
+        self._share_reason = ""
+        self._handed_out = 0.0  # when the open step's batch was handed out (its compute time, for shares)
         self._model: Any = None
         self._optimizer: Any = None
         self._sampler: StepSampler | None = None
@@ -200,11 +211,13 @@ class WorkerMesh(Mesh):
             if sampler.epoch != epoch:
                 return  # this epoch is done (or was, before this worker joined)
             shares = self._step_members()
-            self._open = _OpenStep(
-                self.committed, self._pinned[1] if self._pinned else self._gen, shares, epoch
-            )
+            generation = self._pinned[1] if self._pinned else self._gen
+            weights = self._weights_of(generation, shares)
             self._pinned = None
-            mine = sampler.assignment({m: 1.0 for m in shares}).get(self.member)
+            mine = sampler.assignment(weights).get(self.member)
+            count = len(mine) if mine is not None else 0
+            self._open = _OpenStep(self.committed, generation, shares, epoch, weights, count)
+            self._handed_out = time.perf_counter()
             yield mine if mine is not None else np.empty(0, np.int64)
 
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
@@ -222,6 +235,7 @@ class WorkerMesh(Mesh):
         if not step_reduction:
             return self._free_allreduce(tree, weight, wire)
         assert self._open is not None
+        self._measure(tree)
         held = _Held(tree, float(weight), wire)
         if self._ring is None or self._stale_view():
             outcome = self._recover(held)
@@ -246,6 +260,10 @@ class WorkerMesh(Mesh):
     def report(self, **metrics: float) -> None:
         """Queue metrics for the live view; batched, never blocks the step."""
         extra: dict[str, Any] = {"generation": self._gen}
+        if self._roster:
+            extra["share"] = self._weights_of(self._gen, self._roster).get(self.member, 0.0)
+            if self._share_reason:
+                extra["share_why"] = self._share_reason
         if self._ring_mb_s is not None:
             extra["ring_mb_s"] = self._ring_mb_s
         self._reporter.report({**metrics, **extra})
@@ -284,6 +302,8 @@ class WorkerMesh(Mesh):
             if self._state_due is not None and self.member in self._state_due.zero:
                 self._zero_participate(self._state_due)
                 self._send_due_state()
+        if self._rebalance_due:
+            self._rebalance()
         if self._checkpoints is not None and self._has_state and self._sampler is not None:
             self._checkpoints.at_boundary(self.committed, self._state_tree, self._meta())
 
@@ -293,13 +313,14 @@ class WorkerMesh(Mesh):
         """Step `self.committed` is done: ledger, sampler (carrying lost slices), counters."""
         assert self._open is not None and self._sampler is not None
         step, epoch = self.committed, self._sampler.epoch
-        assignment = self._sampler.assignment({m: 1.0 for m in self._open.members})
+        assignment = self._sampler.assignment(self._open.weights)
         used = {m: assignment[m] for m in self._open.members if m in contributors}
         if sampler_state is not None:
             self._sampler.load(sampler_state)
         else:
             lost = [assignment[m] for m in self._open.members if m not in contributors]
-            self._sampler.commit(np.concatenate(lost) if lost else ())
+            if self._sampler.commit(np.concatenate(lost) if lost else ()):
+                self._rebalance_due = True  # an epoch ended: every member re-balances at this boundary
         self.committed += 1
         self._open.reduced = True
         if result is not None:
@@ -357,6 +378,8 @@ class WorkerMesh(Mesh):
             "generation": self._gen,
             "members": list(self._roster),
             "history": {str(g): list(m) for g, m in self._history.items()},
+            "weights": {str(g): w for g, w in self._weights.items()},
+            "rebalance_due": self._rebalance_due,
         }
 
     def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -376,6 +399,9 @@ class WorkerMesh(Mesh):
             self._sampler.load(s)
         for g, members in (meta.get("history") or {}).items():
             self._history.setdefault(int(g), tuple(members))
+        for g, weights in (meta.get("weights") or {}).items():
+            self._weights[int(g)] = {str(m): float(w) for m, w in weights.items()}
+        self._rebalance_due = bool(meta.get("rebalance_due"))
         self._has_state = True
         self._last = None
 
@@ -410,6 +436,59 @@ class WorkerMesh(Mesh):
             self._ring.allreduce_tree(zeros, step=plan.target, weight=0.0, wire_dtype=plan.wire or "float32")
         except RING_FAILURES:
             self._mark_broken()
+
+    # --- shares -------------------------------------------------------------------------------
+    def _weights_of(self, generation: int, members: tuple[str, ...]) -> dict[str, float]:
+        """The shares of a generation's steps: equal until measured speeds re-balance them."""
+        weights = self._weights.get(generation)
+        if weights is None or tuple(weights) != members:
+            weights = self._weights[generation] = {m: 1.0 / len(members) for m in members}
+        return weights
+
+    def _measure(self, grads: Any) -> None:
+        """Time from handing out the batch to its gradients: this worker's compute for its slice.
+
+        MLX is lazy: the gradients are evaluated here (the ring would do it next anyway)."""
+        if self._share_mode != "perf" or self._open is None:
+            return
+        import mlx.core as mx
+
+        mx.eval(grads)
+        if self._meter is None:
+            from meshtrain.train.shares import ThroughputMeter
+
+            self._meter = ThroughputMeter()
+        self._meter.record(self._open.samples, time.perf_counter() - self._handed_out)
+
+    def _rebalance(self) -> None:
+        """At an epoch's end, every member swaps (speed, power factor) and applies the same new shares."""
+        self._rebalance_due = False
+        if self._share_mode != "perf" or self._ring is None or len(self._roster) < 2:
+            return
+        from meshtrain import power
+        from meshtrain.train.shares import plan_shares
+
+        factor, reason = power.power_factor(power.probe(), self._on_battery)
+        rate = self._meter.rate() if self._meter is not None else None
+        size, rank = len(self._roster), self._roster.index(self.member)
+        vec = np.zeros(size * 2, np.float32)
+        vec[2 * rank : 2 * rank + 2] = [rate or 0.0, factor + 1.0]  # +1: zero means "not measured"
+        try:
+            summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
+        except RING_FAILURES:
+            self._mark_broken()  # the next boundary recovers; the shares stay as they were
+            return
+        rows = summed.reshape(size, 2)
+        rates = {m: (float(r[0]) if r[0] > 0 else None) for m, r in zip(self._roster, rows, strict=True)}
+        factors = {
+            m: (max(0.0, float(r[1]) - 1.0), reason if m == self.member else "")
+            for m, r in zip(self._roster, rows, strict=True)
+        }
+        current = self._weights_of(self._gen, self._roster)
+        decision = plan_shares(rates, current, factors=factors)
+        if decision.changed:
+            self._weights[self._gen] = dict(decision.shares)
+        self._share_reason = decision.reasons.get(self.member, "")
 
     # --- generations ---------------------------------------------------------------------------
     def _stale_view(self) -> bool:

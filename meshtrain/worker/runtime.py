@@ -108,6 +108,8 @@ def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
         joiner=bool(spec.options.get("joiner")),
         ledger_dir=spec.options.get("ledger") or os.environ.get(LEDGER_ENV),
         checkpoints=checkpoints,
+        share_mode=str(spec.options.get("shares") or os.environ.get("MESHTRAIN_SHARES") or "perf"),
+        on_battery=os.environ.get("MESHTRAIN_ON_BATTERY", "reduce"),
     )
 
 

@@ -1,0 +1,182 @@
+"""A worker's checkpoint duties: the protocol participant wired to this node's store.
+
+The mesh calls three things, always from the training thread except `on_message`:
+
+- `on_message(msg)`: a protocol message from the leader (the agent wrote ``{"ckpt": msg}`` to our
+  stdin; the mesh's stdin thread hands it over). It is only queued: the training thread owns the
+  state machine, the store and MLX's arrays, so nothing here needs a lock beyond the deque.
+- `at_boundary(step, state, meta)`: after every step. It first tells the participant the step is
+  done (a Prepare already waiting for this step writes now), then applies the queued messages (a
+  Prepare naming this very step also writes now; one naming a step we passed is answered "too
+  late", and the leader aims further ahead next time). `state()` is called only when a part is
+  written, so a boundary with nothing due costs a deque check.
+- `resume()`: the newest complete checkpoint in this node's store (the agent fetched the mesh's
+  newest here before starting us), as (state tree, meta, step).
+
+Acks go to the leader through `report({"k": "ckpt", "to": leader_node, "msg": wire})`; the agent
+forwards them. Writing is synchronous on the training thread: the snapshot is then exactly the
+state after `step`, at the cost of pausing training for the write (see bench/checkpoint.py).
+
+What a part holds besides params and optimizer state: ``state.json`` keeps ``meta`` as given (epoch,
+cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``rng``), and the term.
+`resume` returns that meta with ``"rng"`` added (a list of ints for `store.restore_rng`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from meshtrain.checkpoints.options import CheckpointOptions
+from meshtrain.checkpoints.store import CheckpointStore, unflatten_tree
+from meshtrain.errors import UserError
+from meshtrain.leader.checkpoint import (
+    Abort,
+    CheckpointParticipant,
+    CommitPart,
+    Discard,
+    Message,
+    ParticipantAction,
+    Send,
+    WritePart,
+    message_from_wire,
+    to_wire,
+)
+
+__all__ = ["ENV_CHECKPOINTS", "WorkerCheckpoints"]
+
+ENV_CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"
+"""The agent tells its workers where its checkpoint store is (each node of a --local mesh has its own)."""
+
+Report = Callable[[dict[str, Any]], None]
+State = Callable[[], dict[str, Any]]
+
+
+class WorkerCheckpoints:
+    def __init__(
+        self,
+        options: CheckpointOptions,
+        *,
+        node: str,
+        member: str,
+        report: Report,
+        store: CheckpointStore,
+    ) -> None:
+        self.options = options
+        self.node = node
+        self.member = member
+        self.report = report
+        self.store = store
+        self.run = options.run
+        self.participant = CheckpointParticipant(node, options.run)
+        self.inbox: deque[dict[str, Any]] = deque()
+        self.written: list[int] = []
+        self.committed: list[int] = []
+        self.failures: list[str] = []
+
+    @classmethod
+    def create(
+        cls, options: dict[str, Any], *, node: str, member: str, report: Report
+    ) -> WorkerCheckpoints | None:
+        """None when the job has no checkpointing (options lack "checkpoint_every" and "resume")."""
+        parsed = CheckpointOptions.from_dict(options)
+        if parsed is None:
+            return None
+        root = os.environ.get(ENV_CHECKPOINTS)
+        store = CheckpointStore(Path(root)) if root else CheckpointStore()
+        return cls(parsed, node=node, member=member, report=report, store=store)
+
+    # ------------------------------------------------------------ the stdin thread
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        """Queue a protocol message from the leader; `at_boundary` handles it (deque appends are atomic)."""
+        if isinstance(msg, dict):
+            self.inbox.append(msg)
+
+    # ------------------------------------------------------------ the training thread
+
+    def at_boundary(self, step: int, state: State, meta: dict[str, Any]) -> None:
+        """After `step` steps: write this member's part if a Prepare names this step."""
+        if not self.inbox and not self.participant.parts:
+            self.participant.step = step  # nothing owed, nothing asked: the common, cheap case
+            return
+        self._execute(self.participant.step_done(step), state, meta)
+        while self.inbox:
+            raw = self.inbox.popleft()
+            try:
+                message = message_from_wire(dict(raw))
+            except (TypeError, ValueError):
+                continue  # a malformed line is the sender's bug, not a reason to stop training
+            self._execute(self.participant.on_message(message), state, meta)
+            self._sweep_if_new_leader(message)
+
+    def resume(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
+        """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here."""
+        if self.store.latest(self.run) is None:
+            return None
+        checkpoint = self.store.load(self.run)
+        saved = checkpoint.state
+        meta = dict(saved.get("meta") or {})
+        meta.setdefault("cursor", saved.get("cursor"))
+        meta.setdefault("generation", saved.get("generation", 0))
+        meta.setdefault("metrics", saved.get("metrics") or {})
+        if saved.get("rng"):
+            meta["rng"] = [int(x) for x in saved["rng"]]
+        tree = {"params": unflatten_tree(checkpoint.params), "opt": unflatten_tree(checkpoint.optimizer)}
+        self.participant.step = checkpoint.step
+        return tree, meta, checkpoint.step
+
+    # ------------------------------------------------------------ carrying out the participant's actions
+
+    def _execute(self, actions: list[ParticipantAction], state: State, meta: Mapping[str, Any]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                for to in a.to:
+                    self.report({"k": "ckpt", "to": to, "msg": to_wire(a.message)})
+            elif isinstance(a, WritePart):
+                self._execute(self._write(a, state, meta), state, meta)
+            elif isinstance(a, CommitPart):
+                self._commit(a)
+            elif isinstance(a, Discard):
+                self.store.discard(self.run, a.step)
+
+    def _write(self, a: WritePart, state: State, meta: Mapping[str, Any]) -> list[ParticipantAction]:
+        try:
+            tree = state()
+            record = self.store.write_part(
+                self.run,
+                a.step,
+                tree["params"],
+                tree.get("opt"),
+                cursor=meta.get("cursor"),
+                generation=int(meta.get("generation") or 0),
+                metrics=dict(meta.get("metrics") or {}),
+                extra={"term": a.term, "meta": dict(meta), "member": self.member},
+            )
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:  # a full disk fails the round
+            reason = f"{exc.__class__.__name__}: {exc}"
+            self.failures.append(reason)
+            return self.participant.part_failed(a.term, a.step, reason)
+        self.written.append(a.step)
+        return self.participant.part_written(a.term, a.step, int(record["bytes"]))
+
+    def _commit(self, a: CommitPart) -> None:
+        try:
+            self.store.commit(self.run, a.step, a.manifest)
+        except UserError as exc:
+            self.failures.append(str(exc))
+            return
+        self.committed.append(a.step)
+        self.store.prune(self.run, self.options.keep)
+
+    def _sweep_if_new_leader(self, message: Message) -> None:
+        """A new leader's Abort: also remove parts an earlier process of ours left (it crashed)."""
+        if (
+            isinstance(message, Abort)
+            and message.step is None
+            and message.term >= self.participant.highest_term
+        ):
+            self.store.clean(self.run, keep_steps=list(self.participant.parts), incoming=False)
