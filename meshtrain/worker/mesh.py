@@ -28,6 +28,8 @@ raises PeerLost, and the next step boundary recovers the ring.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +54,21 @@ CONNECT_TIMEOUT_S = 30.0
 PAUSE_POLL_S = 1.0
 RETRY_SAME_VIEW_S = 5.0  # a ring that broke with no member lost (a stall) forms again with the same view
 STATUS_STEP = -1
+
+
+FAULT_ENV = "MESHTRAIN_FAULT"  # test hook: "MEMBER:STEP:forward|allreduce[,...]" SIGKILLs that worker there
+
+
+def _inject_fault(member: str, step: int, where: str) -> None:
+    """Fault injection for tests and bench/faults.py: SIGKILL this worker 2 ms into the step's
+    all-reduce (mid-stream) or 2 ms after its batch is handed out (mid-forward)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        parts = item.split(":")
+        if len(parts) == 3 and parts[0] == member and parts[1] == str(step) and parts[2] == where:
+            threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
 @dataclass
@@ -218,6 +235,7 @@ class WorkerMesh(Mesh):
             count = len(mine) if mine is not None else 0
             self._open = _OpenStep(self.committed, generation, shares, epoch, weights, count)
             self._handed_out = time.perf_counter()
+            _inject_fault(self.member, self.committed, "forward")
             yield mine if mine is not None else np.empty(0, np.int64)
 
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
@@ -236,6 +254,7 @@ class WorkerMesh(Mesh):
             return self._free_allreduce(tree, weight, wire)
         assert self._open is not None
         self._measure(tree)
+        _inject_fault(self.member, self.committed, "allreduce")
         held = _Held(tree, float(weight), wire)
         if self._ring is None or self._stale_view():
             outcome = self._recover(held)
