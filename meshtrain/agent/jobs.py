@@ -35,6 +35,7 @@ from meshtrain.wire import StreamClosed
 SNAPSHOT_INTERVAL_S = 0.5
 PREPARE_TIMEOUT_S = 120.0
 EXIT_WAIT_S = 10.0
+MAX_INCARNATIONS = 4  # workers started on one node for one job (the first and three replacements)
 
 
 def new_job_id() -> str:
@@ -335,21 +336,26 @@ class JobRunner:
         for p in self._parts:
             if not p.lost and p.exit_code is None and p.name not in alive:
                 self._lose(p, "its node left the mesh")
-        if self._finished_any() or not self._admits_joiners():
+        if self._finished_any():
             return
         busy = {p.name for p in self._parts if not p.lost and p.exit_code is None}
         usable = {
             c.name for c in self.membership.candidates() if c.state == "alive" and c.protocol == self.protocol
         }
         for name in sorted(usable - busy):
-            if name in self._joining:
+            if name in self._joining or not self._admits(name):
                 continue
             self._joining.add(name)
             asyncio.ensure_future(self._admit(name))
 
-    def _admits_joiners(self) -> bool:
-        """Nodes joining mid-job are taken when the user asked for all nodes (no --nodes)."""
-        return self.request.nodes is None
+    def _admits(self, name: str) -> bool:
+        """A node joining mid-job gets a worker when the user asked for all nodes (no --nodes); a node
+        of the job whose worker was lost gets a new one -- at most MAX_INCARNATIONS, so a node whose
+        worker keeps dying does not restart it forever."""
+        incarnations = sum(1 for p in self._parts if p.name == name)
+        if incarnations >= MAX_INCARNATIONS:
+            return False
+        return self.request.nodes is None or incarnations > 0
 
     async def _admit(self, name: str) -> None:
         try:
