@@ -195,7 +195,8 @@ def test_a_silent_non_zero_exit_and_a_lost_agent_are_failures_too() -> None:
     assert runner._verdict().message == "a (rank 0) exited with code 3: out of memory"
     other = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
     assert other._handle(b, None, [])
-    assert other._verdict().message == "every worker was lost; the last, b (rank 1): lost contact with its agent"
+    lost = "every worker was lost; the last, b (rank 1): lost contact with its agent"
+    assert other._verdict().message == lost
     done = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
     assert done._handle(a, {"kind": "event", "type": "exit", "code": 0}, [])
     assert done._verdict().state == "done" and done._verdict().exit_code == 0
