@@ -246,6 +246,7 @@ class JobLog:
         self._accuracy: float | None = None
         self._log: list[str] = []
         self._finished = False
+        self._shares: dict[str, str] = {}
 
     def feed(self, snapshot: Mapping[str, Any] | None) -> list[str]:
         job: Mapping[str, Any] = snapshot if isinstance(snapshot, Mapping) else {}
@@ -266,6 +267,11 @@ class JobLog:
             log = strings(job, "log")
             lines += new_tail(self._log, log)
             self._log = log
+        for w in items(job, "workers"):
+            why, node = text(w, "why"), text(w, "node", "?")
+            if why and self._shares.get(node) != why:
+                self._shares[node] = why
+                lines.append(f"share: {node} {fmt.percent(number(w, 'share'))} of each batch ({why})")
         epoch = shown_epoch(job)
         if state == "running" and epoch > self._epoch:
             self._epoch = epoch
