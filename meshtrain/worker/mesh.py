@@ -349,6 +349,7 @@ class WorkerMesh(Mesh):
                 "epoch": epoch,
                 "step": step,
                 "gen": self._gen,
+                "t": time.time(),  # wall clock: bench/recovery.py times recoveries from it
                 "slices": {m: v.tolist() for m, v in used.items()},
             }
             with self._ledger.open("a") as f:
