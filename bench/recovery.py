@@ -1,6 +1,7 @@
 """Elastic recovery on a namespaced LAN: how long training stops when a node dies, joins, or flaps.
 
     sudo python bench/recovery.py     # 1 Gbit/s links, 4 hosts: kill, join, flap 1 s, flap 10 s
+    sudo python bench/recovery.py --profile wifi --scenarios flap1,flap10
 
 Hosts 0-2 run `meshtrain join` (lan gossip profile) and train examples/mnist.py (MLP, bf16 wire)
 with the debug sample ledger on (MESHTRAIN_LEDGER_DIR): every committed step is logged with its
@@ -51,8 +52,10 @@ def env_for(home: Path, i: int, secret: str, ledger: Path) -> dict[str, str]:
     }
 
 
-def start_agent(c: Cluster, i: int, home: Path, secret: str, ledger: Path) -> subprocess.Popen[bytes]:
-    flags = ["--host", c.ip(i), "--port", str(PORT), "--no-discovery", "--profile", "lan"]
+def start_agent(
+    c: Cluster, i: int, home: Path, secret: str, ledger: Path, profile: str
+) -> subprocess.Popen[bytes]:
+    flags = ["--host", c.ip(i), "--port", str(PORT), "--no-discovery", "--profile", profile]
     if i:
         flags += ["--seed", f"{c.ip(0)}:{PORT}"]
     return c.join(i, home / f"agent{i}.log", env_for(home, i, secret, ledger), *flags)
@@ -111,7 +114,7 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
     secret = Keyring([generate_secret()]).to_text()
     result: dict[str, object] = {"scenario": name}
     with Cluster(4, prefix="mrc", rate=args.rate) as c:
-        agents = {i: start_agent(c, i, home, secret, ledger) for i in range(3)}
+        agents = {i: start_agent(c, i, home, secret, ledger, args.profile) for i in range(3)}
         try:
             deadline = time.monotonic() + 30
             while alive(c, home, secret, ledger) < 3:
@@ -144,7 +147,7 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
                 for pid in [agents[2].pid, *worker_pids(agents[2].pid)]:
                     os.kill(pid, signal.SIGKILL)
             elif name == "join":
-                agents[3] = start_agent(c, 3, home, secret, ledger)
+                agents[3] = start_agent(c, 3, home, secret, ledger, args.profile)
             elif name.startswith("flap"):
                 c.cut(2)
                 time.sleep(float(name.removeprefix("flap")))
@@ -174,13 +177,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default="kill,join,flap1,flap10")
     parser.add_argument("--rate", default="1gbit")
+    parser.add_argument(
+        "--profile", default="lan", help="gossip profile: lan (suspicion ~1 s), wifi (>= 2 s)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--warm-steps", type=int, default=30, help="steps of host2 before the event")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     if not available():
         raise SystemExit("needs root, ip and tc (network namespaces)")
-    print(f"recovery on 3 namespaced hosts (+1 to join), links {args.rate}, gossip profile lan;")
+    print(f"recovery on 3 namespaced hosts (+1 to join), links {args.rate}, gossip profile {args.profile};")
     print(f"examples/mnist.py --model mlp --train-limit {TRAIN_LIMIT} --epochs {args.epochs} (bf16 wire)")
     for name in args.scenarios.split(","):
         print(json.dumps(scenario(name, args)), flush=True)
