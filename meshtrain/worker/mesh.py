@@ -434,6 +434,8 @@ class WorkerMesh(Mesh):
         """The boundary after a pinned step: the holders' first hands the state to the zero participants."""
         plan, self._state_due = self._state_due, None
         assert plan is not None
+        if self._ring is None:
+            return  # the ring broke meanwhile: the next generation's plan finds who still needs state
         try:
             tree, meta = self._broadcast_state(self.member == plan.state_source)
         except RING_FAILURES:
@@ -452,6 +454,8 @@ class WorkerMesh(Mesh):
         if template is None:
             raise UserError("call mesh.register(model, optimizer) before training so nodes can join")
         zeros = tree_map(mx.zeros_like, template)
+        if self._ring is None:
+            return
         try:
             self._ring.allreduce_tree(zeros, step=plan.target, weight=0.0, wire_dtype=plan.wire or "float32")
         except RING_FAILURES:
