@@ -8,7 +8,8 @@ with the debug sample ledger on (MESHTRAIN_LEDGER_DIR): every committed step is 
 time and ring generation. Scenarios, each on a fresh job:
 
 - kill:  SIGKILL host 2's agent and worker at once; resume = first step committed in a newer
-         generation minus the kill time;
+         generation minus the kill time (the dead agent's TCP connections reset: detected at once);
+- silent: cut host 2's link for good (a machine powered off): only gossip can tell; resume as above;
 - join:  start an agent on host 3 mid-training; join-to-first-step = its worker's first committed
          step minus the agent's start (agent start, gossip join, worker start, data load, state);
 - flap S: take host 2's link down for S seconds, then up: shorter than the suspicion timeout, no
@@ -146,6 +147,8 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
             if name == "kill":
                 for pid in [agents[2].pid, *worker_pids(agents[2].pid)]:
                     os.kill(pid, signal.SIGKILL)
+            elif name == "silent":
+                c.cut(2)  # a machine powered off: no RST, no FIN; only gossip can tell
             elif name == "join":
                 agents[3] = start_agent(c, 3, home, secret, ledger, args.profile)
             elif name.startswith("flap"):
@@ -154,8 +157,10 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
                 c.heal(2)
             output, _ = job.communicate(timeout=args.timeout)
             after = [r for r in rows(ledger) if r["t"] > t0]
-            if name == "kill":
-                newer = [r["t"] for r in after if r["gen"] > gen_before]
+            if name in ("kill", "silent") or name.startswith("flap"):
+                newer = [
+                    r["t"] for r in after if r["gen"] > gen_before and not r["member"].startswith("host2")
+                ]
                 result["resume_s"] = round(min(newer) - t0, 2) if newer else None
             elif name == "join":
                 mine = [r["t"] for r in after if r["member"].startswith("host3")]
