@@ -145,3 +145,48 @@ def test_sigkill_of_the_leader_node_agent_and_worker(four: tuple[list[AgentProce
     assert leader not in digests and len(digests) == 3, digests
     assert len(set(digests.values())) == 1, f"replicas diverged: {digests}"
     check_ledger(ledger, epochs)
+
+
+@pytest.mark.timeout(150)
+def test_below_min_nodes_the_job_pauses_and_resumes_when_a_node_returns(tmp_path: Path) -> None:
+    import threading
+
+    ledger, out = tmp_path / "ledger", tmp_path / "out"
+    ledger.mkdir()
+    out.mkdir()
+    a = start_agent(tmp_path, "a", None, ledger)
+    agents = [a, start_agent(tmp_path, "b", a.token, ledger)]
+    lines: list[str] = []
+    try:
+        wait_for(lambda: alive_names(a.home) == {"a", "b"})
+        env = {**os.environ, "MESHTRAIN_HOME": str(a.home)}
+        cmd = [sys.executable, "-m", "meshtrain", "run", str(SCRIPT), "--min-nodes", "2", "--"]
+        cmd += ["--out", str(out), "--epochs", "5", "--step-sleep", "0.05"]
+        job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert job.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(iter(job.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        wait_for(
+            lambda: (
+                len((ledger / "ledger-b.jsonl").read_text().splitlines()) >= 5
+                if (ledger / "ledger-b.jsonl").exists()
+                else False
+            ),
+            timeout=60,
+        )
+        for pid in [agents[1].proc.pid, *worker_pids(agents[1])]:  # node b is gone: 1 worker < 2
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: any("paused" in line for line in lines), timeout=30)
+        steps_when_paused = len((ledger / "ledger-a.jsonl").read_text().splitlines())
+        time.sleep(1.0)
+        assert len((ledger / "ledger-a.jsonl").read_text().splitlines()) == steps_when_paused  # no training
+        agents.append(start_agent(tmp_path / "again", "b", a.token, ledger))  # b restarts its agent
+        _, stderr = job.communicate(timeout=100)
+        reader.join(5)
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert job.returncode == 0, stderr[-3000:]
+    digests = finished_digests(out)
+    assert set(digests) == {"a", "b~1"} and len(set(digests.values())) == 1, digests
+    check_ledger(ledger, 5)

@@ -550,10 +550,12 @@ class WorkerMesh(Mesh):
                 if len(view.members) >= view.min_nodes:
                     if paused:
                         self._reporter.report({"paused": 0})
+                        self._reporter.flush()
                     return view
                 if not paused:
                     paused = True
                     self._reporter.report({"paused": view.min_nodes, "workers": len(view.members)})
+                    self._reporter.flush()
                 newer_than = view.version
             self._views.wait_newer(view.version if view is not None else -1, PAUSE_POLL_S)
 

@@ -50,6 +50,10 @@ class Reporter:
             self._queue_batch()
             self._drain(block=False)
 
+    def flush(self) -> None:
+        """Send what is queued now (a paused worker reports no steps that would flush it)."""
+        self.close()
+
     def close(self) -> None:
         """Flush everything, waiting for the agent if it must."""
         if self._fd is None:
