@@ -268,10 +268,10 @@ class JobLog:
             lines += new_tail(self._log, log)
             self._log = log
         for w in items(job, "workers"):
-            why, node = text(w, "why"), text(w, "node", "?")
-            if why and self._shares.get(node) != why:
-                self._shares[node] = why
-                lines.append(f"share: {node} {fmt.percent(number(w, 'share'))} of each batch ({why})")
+            why, node, share = text(w, "why"), text(w, "node", "?"), fmt.percent(number(w, "share"))
+            if why and self._shares.get(node) != share:  # a new share, not every new wording of the same
+                self._shares[node] = share
+                lines.append(f"share: {node} {share} of each batch ({why})")
         epoch = shown_epoch(job)
         if state == "running" and epoch > self._epoch:
             self._epoch = epoch
