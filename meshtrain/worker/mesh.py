@@ -141,6 +141,7 @@ class WorkerMesh(Mesh):
         self._rebalance_due = False
         self._share_reason = ""
         self._handed_out = 0.0  # when the open step's batch was handed out (its compute time, for shares)
+        self._bytes_per_sample = 0.0  # the most a sample has cost a step in memory (for the memory cap)
         self._model: Any = None
         self._optimizer: Any = None
         self._sampler: StepSampler | None = None
@@ -477,7 +478,12 @@ class WorkerMesh(Mesh):
             return
         import mlx.core as mx
 
+        base = mx.get_active_memory()  # the graph is built, not run: what the step holds before it runs
+        mx.reset_peak_memory()
         mx.eval(grads)
+        if self._open.samples > 0:
+            per_sample = max(mx.get_peak_memory() - base, 1) / self._open.samples
+            self._bytes_per_sample = max(self._bytes_per_sample, per_sample)
         if self._meter is None:
             from meshtrain.train.shares import ThroughputMeter
 
@@ -494,25 +500,48 @@ class WorkerMesh(Mesh):
 
         factor, reason = power.power_factor(power.probe(), self._on_battery)
         rate = self._meter.rate() if self._meter is not None else None
+        cap = self._memory_cap()
         size, rank = len(self._roster), self._roster.index(self.member)
-        vec = np.zeros(size * 2, np.float32)
-        vec[2 * rank : 2 * rank + 2] = [rate or 0.0, factor + 1.0]  # +1: zero means "not measured"
+        vec = np.zeros(size * 3, np.float32)
+        vec[3 * rank : 3 * rank + 3] = [rate or 0.0, factor + 1.0, cap + 1.0]  # +1: zero is "unknown"
         try:
             summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
         except RING_FAILURES:
             self._mark_broken()  # the next boundary recovers; the shares stay as they were
             return
-        rows = summed.reshape(size, 2)
+        rows = summed.reshape(size, 3)
+        caps = {
+            m: (int(round(r[2])) - 1 if r[2] >= 1 else None) for m, r in zip(self._roster, rows, strict=True)
+        }
         rates = {m: (float(r[0]) if r[0] > 0 else None) for m, r in zip(self._roster, rows, strict=True)}
         factors = {
             m: (max(0.0, float(r[1]) - 1.0), reason if m == self.member else "")
             for m, r in zip(self._roster, rows, strict=True)
         }
         current = self._weights_of(self._gen, self._roster)
-        decision = plan_shares(rates, current, factors=factors)
+        batch = self._sampler.global_batch if self._sampler is not None else None
+        try:
+            decision = plan_shares(rates, current, factors=factors, caps=caps, global_batch=batch)
+        except ValueError as exc:  # the caps cannot hold the batch: keep the shares, say why
+            self._share_reason = str(exc)[:40]
+            return
         if decision.changed:
             self._weights[self._gen] = dict(decision.shares)
         self._share_reason = decision.reasons.get(self.member, "")
+
+    def _memory_cap(self) -> int:
+        """Samples per step this node's free memory holds at the measured cost per sample (-1: unknown).
+
+        The cost is the largest step peak above the memory held before the step, per
+        sample; free memory is psutil's `available` (unified memory on Apple silicon)."""
+        if self._bytes_per_sample <= 0:
+            return -1
+        import psutil
+
+        from meshtrain.train.shares import memory_cap
+
+        free = psutil.virtual_memory().available
+        return min(memory_cap(free, self._bytes_per_sample), 2**23)  # exact in the float32 swap
 
     # --- generations ---------------------------------------------------------------------------
     def _stale_view(self) -> bool:
