@@ -313,7 +313,8 @@ class WorkerMesh(Mesh):
     def _boundary(self) -> None:
         """Between steps: close a step that had no reduction, recover, admit, hand state over."""
         if self._open is not None and not self._open.reduced:
-            self._commit(None, self._open.members, None)  # a local step (local SGD): nothing to reduce
+            self._measure(None)  # a local step (local SGD) is timed here: it has no all-reduce
+            self._commit(None, self._open.members, None)  # nothing to reduce
         self._open = None
         if self._state_due is not None:
             self._send_due_state()
@@ -478,16 +479,18 @@ class WorkerMesh(Mesh):
             return
         import mlx.core as mx
 
-        base = mx.get_active_memory()  # the graph is built, not run: what the step holds before it runs
-        mx.reset_peak_memory()
-        mx.eval(grads)
-        if self._open.samples > 0:
-            per_sample = max(mx.get_peak_memory() - base, 1) / self._open.samples
-            self._bytes_per_sample = max(self._bytes_per_sample, per_sample)
         if self._meter is None:
             from meshtrain.train.shares import ThroughputMeter
 
             self._meter = ThroughputMeter()
+        if grads is not None:
+            base = mx.get_active_memory()  # the graph is built, not run: what the step holds before it runs
+            mx.reset_peak_memory()
+            mx.eval(grads)
+            if self._open.samples > 0:
+                per_sample = max(mx.get_peak_memory() - base, 1) / self._open.samples
+                self._bytes_per_sample = max(self._bytes_per_sample, per_sample)
+        # a local step (grads None, local SGD) is timed at the next boundary: all of it is compute
         self._meter.record(self._open.samples, time.perf_counter() - self._handed_out)
 
     def _rebalance(self) -> None:
