@@ -17,8 +17,14 @@ all-reduce reaches busbw equal to it.
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py --netns --wire-dtype bfloat16
 
 ``--auth both`` adds "meshtrain-auth" (the same ring with the mesh secret:
-challenge-response hello, HMAC-SHA256 tag on every frame) interleaved with
+challenge-response hello, a 16-byte GCM tag (GMAC) on every frame) interleaved with
 the unauthenticated one, and prints the ratio meshtrain-auth/meshtrain.
+``--encrypt both`` adds "meshtrain-enc" (the mesh secret with --encrypt:
+AES-256-GCM payloads) the same way, with the ratios meshtrain-enc/meshtrain
+and, with --auth too, meshtrain-enc/meshtrain-auth:
+
+    flock /tmp/meshtrain-bench.lock .venv/bin/python bench/allreduce.py --backends meshtrain \
+        --auth both --encrypt both --ns 2 --sizes 4,16
 """
 
 from __future__ import annotations
@@ -56,12 +62,20 @@ def _timed(fn, iters: int, warmup: int) -> list[float]:  # type: ignore[no-untyp
 
 
 def worker_meshtrain(
-    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str, auth: bool = False
+    rank: int,
+    addrs: list[tuple[str, int]],
+    sizes: list[int],
+    iters: int,
+    wire: str,
+    auth: bool = False,
+    encrypt: bool = False,
 ) -> dict:
     from meshtrain.ring import DEFAULT_CHUNK_BYTES, Ring, RingListener
     from meshtrain.security import load_keyring
 
-    keyring = load_keyring(create=False)[0] if auth else None  # from MESHTRAIN_SECRET, set by the driver
+    keyring = None
+    if auth or encrypt:  # from MESHTRAIN_SECRET, set by the driver
+        keyring = load_keyring(create=False)[0].with_encrypt(encrypt)
 
     host, port = addrs[rank]
     with RingListener.bind(host, port) as listener:
@@ -78,7 +92,8 @@ def worker_meshtrain(
             sockbuf=sockbuf,
             keyring=keyring,
         )
-        assert ring.authenticated == auth
+        assert ring.authenticated == (auth or encrypt)
+        assert (ring._link is not None and ring._link.encrypted) == encrypt
         out = {}
         for size in sizes:
             buf = np.random.default_rng(rank).standard_normal(size // 4).astype(np.float32)
@@ -161,9 +176,16 @@ def worker_meshtrain_auth(
     return worker_meshtrain(rank, addrs, sizes, iters, wire, auth=True)
 
 
+def worker_meshtrain_enc(
+    rank: int, addrs: list[tuple[str, int]], sizes: list[int], iters: int, wire: str
+) -> dict:
+    return worker_meshtrain(rank, addrs, sizes, iters, wire, encrypt=True)
+
+
 WORKERS = {
     "meshtrain": worker_meshtrain,
     "meshtrain-auth": worker_meshtrain_auth,
+    "meshtrain-enc": worker_meshtrain_enc,
     "mlx": worker_mlx,
     "tcp": worker_tcp,
     "gloo": worker_gloo,
@@ -176,6 +198,52 @@ def worker_main(args: argparse.Namespace) -> None:
     result = WORKERS[args.backend](args.rank, addrs, sizes, args.iters, args.wire)
     if args.rank == 0:
         print("RESULT " + json.dumps({str(k): v for k, v in result.items()}), flush=True)
+
+
+# --- what authentication and encryption cost one core ------------------------------------
+
+
+def cipher_speed(chunk: int, seconds: float = 1.0) -> None:
+    """Per-core throughput of what the ring does to every byte: HMAC-SHA256 tag, AES-256-GCM seal/open.
+
+    Run alone (no ring): the CPU ceiling each mode puts on one direction of one link.
+    """
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from meshtrain.security.aead import AEAD_TAG_BYTES
+
+    key, nonce, head = os.urandom(32), os.urandom(12), b"h" * 64
+    aead = AESGCM(key)  # what FrameCipher calls (one fixed nonce is fine for timing only)
+    payload = memoryview(bytearray(os.urandom(chunk)))
+    sealed = memoryview(bytearray(chunk + AEAD_TAG_BYTES))
+    plain = memoryview(bytearray(chunk))
+    aead.encrypt_into(nonce, payload, head, sealed)
+
+    def tag() -> None:
+        mac = hmac.new(key, head, hashlib.sha256)
+        mac.update(payload)
+        mac.digest()
+
+    def copy() -> None:
+        plain[:] = payload
+
+    cores = os.cpu_count()
+    print(f"# per-core cost on {chunk // 1024} KiB frames (one thread; the machine has {cores} cores)")
+    for name, fn in (
+        ("memcpy", copy),
+        ("hmac-sha256 tag", tag),
+        ("gmac tag (ring auth)", lambda: aead.encrypt(nonce, head, payload)),
+        ("aes-256-gcm seal", lambda: aead.encrypt_into(nonce, payload, head, sealed)),
+        ("aes-256-gcm open", lambda: aead.decrypt_into(nonce, sealed, head, plain)),
+    ):
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            fn()
+            n += 1
+        print(f"{name:>20}: {n * chunk / elapsed / 1e6:8.0f} MB/s")
 
 
 # --- driver ------------------------------------------------------------------------
@@ -252,6 +320,12 @@ def main() -> None:
         choices=["off", "on", "both"],
         help="ring authentication: off, on, or both interleaved (ratio meshtrain-auth/meshtrain)",
     )
+    ap.add_argument(
+        "--encrypt",
+        default="off",
+        choices=["off", "on", "both"],
+        help="ring encryption (AES-256-GCM): off, on, or both interleaved (ratio meshtrain-enc/meshtrain)",
+    )
     ap.add_argument("--prefix", default="rg", help="network namespace prefix with --netns")
     ap.add_argument("--netns", action="store_true", help="one host per namespace on a shaped LAN")
     ap.add_argument("--rate", default="1gbit", help="link rate with --netns")
@@ -259,21 +333,31 @@ def main() -> None:
     ap.add_argument(
         "--chunk-kib", type=int, default=0, help="meshtrain sub-chunk size (default: the library's)"
     )
+    ap.add_argument(
+        "--cipher-speed",
+        action="store_true",
+        help="only measure per-core HMAC-SHA256 and AES-256-GCM throughput on ring-sized frames",
+    )
     args = ap.parse_args()
     if args.worker:
         worker_main(args)
+        return
+    if args.cipher_speed:
+        cipher_speed(args.chunk_kib * 1024 or MiB)
         return
 
     if args.chunk_kib:
         os.environ["MESHTRAIN_CHUNK_KIB"] = str(args.chunk_kib)
     variants = [(b, "float32") for b in args.backends.split(",")]
-    if args.auth != "off":
+    if args.auth != "off" or args.encrypt != "off":
         from meshtrain.security import Keyring, generate_secret
 
         os.environ["MESHTRAIN_SECRET"] = Keyring([generate_secret()]).to_text()  # inherited by workers
         at = next((i for i, (b, _) in enumerate(variants) if b == "meshtrain"), 0)
-        variants.insert(at + 1, ("meshtrain-auth", "float32"))
-        if args.auth == "on":
+        added = [("meshtrain-auth", "float32")] if args.auth != "off" else []
+        added += [("meshtrain-enc", "float32")] if args.encrypt != "off" else []
+        variants[at + 1 : at + 1] = added
+        if "on" in (args.auth, args.encrypt) and "both" not in (args.auth, args.encrypt):
             variants = [v for v in variants if v[0] != "meshtrain"]
     if args.wire_dtype:
         variants.insert(1, ("meshtrain", args.wire_dtype))
@@ -322,6 +406,8 @@ def report(n: int, sizes: list[int], variants: list[tuple[str, str]], times: dic
         ratios += [
             f"{o}/{base}={bw[o] / bw[base]:.2f}" for o in names if o.startswith("meshtrain-") and o != base
         ]
+        if "meshtrain-enc" in bw and "meshtrain-auth" in bw and base != "meshtrain-auth":
+            ratios.append(f"meshtrain-enc/meshtrain-auth={bw['meshtrain-enc'] / bw['meshtrain-auth']:.2f}")
         print(f"{size / MiB:6.0f}Mi " + " ".join(f"{c:>24}" for c in cells) + "   " + " ".join(ratios))
     sys.stdout.flush()
 

@@ -30,7 +30,7 @@ import mlx.optimizers as optim
 from meshtrain.checkpoints.store import CheckpointStore, flatten_tree
 from meshtrain.checkpoints.transfer import CheckpointServer, fetch_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mnist_cnn() -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""Command line: `meshtrain join | run | status | leave | doctor`.
+"""Command line: `meshtrain join | run | status | leave | checkpoints | export | doctor`.
 
 Every user mistake ends as one line on stderr and a non-zero exit code;
 tracebacks are for bugs only (and for the user's own script, shown once).
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="read the mesh secret from FILE (mode 0600); MESHTRAIN_SECRET is honoured too",
     )
+    join.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt all mesh traffic (AES-GCM), not only authenticate it; the printed token carries it",
+    )
     join.add_argument("--interface", help="network interface to use for discovery and traffic")
     join.add_argument(
         "--profile",
@@ -75,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="run in the background (stop with `meshtrain leave`)"
     )
     join.add_argument("--log", metavar="FILE", help="with --detach: where the agent writes its log")
+    join.add_argument(
+        "--on-battery",
+        choices=("continue", "reduce", "leave"),
+        default="reduce",
+        help="on battery or hot: keep this node's share, halve it (default), or take none",
+    )
     join.set_defaults(handler=_handler("join"))
 
     run = sub.add_parser(
@@ -101,6 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--local", type=positive, metavar="N", help="an embedded mesh of N local nodes, just for this run"
     )
+    run.add_argument(
+        "--checkpoint-every",
+        metavar="STEPS|PERIOD",
+        help="take a coordinated checkpoint every STEPS steps (200) or every PERIOD (30s, 5m, 1h)",
+    )
+    run.add_argument(
+        "--checkpoint-replicas",
+        type=int,
+        default=2,
+        metavar="K",
+        help="whole copies of each checkpoint besides the first, on other nodes (default 2)",
+    )
+    run.add_argument(
+        "--keep",
+        type=positive,
+        default=3,
+        metavar="N",
+        help="complete checkpoints each node keeps (default 3)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's newest complete checkpoint, wherever in the mesh it is",
+    )
+    run.add_argument(
+        "--name", metavar="RUN", help="the run's name for its checkpoints (default: the script's stem)"
+    )
+    run.add_argument(
+        "--shares",
+        choices=("perf", "equal"),
+        default="perf",
+        help="each node's share of the global batch: by measured speed (default) or equal",
+    )
+    run.add_argument(
+        "--ledger",
+        metavar="DIR",
+        help="debug: every worker logs the sample indices of each committed step to DIR on its node",
+    )
     run.set_defaults(handler=_handler("run"))
 
     status = sub.add_parser("status", help="the mesh and its jobs, as this machine's agent sees them")
@@ -110,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     leave = sub.add_parser("leave", help="stop this machine's agent; it leaves the mesh gracefully")
     leave.set_defaults(handler=_handler("leave"))
+
+    from meshtrain.checkpoints.commands import add_parsers as add_checkpoint_parsers
+
+    add_checkpoint_parsers(sub)
 
     doctor = sub.add_parser("doctor", help="what this machine offers: MLX device, BLAS, cores, interfaces")
     doctor.set_defaults(handler=_doctor)
@@ -131,7 +184,19 @@ def _doctor(args: argparse.Namespace) -> int:
     return int(doctor.run(args))
 
 
-RUN_VALUE_FLAGS = ("--nodes", "--min-nodes", "--wait", "--local")
+RUN_VALUE_FLAGS = (
+    "--shares",
+    "--ledger",
+    "--nodes",
+    "--min-nodes",
+    "--wait",
+    "--local",
+    "--checkpoint-every",
+    "--checkpoint-replicas",
+    "--keep",
+    "--name",
+)
+RUN_SWITCHES = ("--resume",)
 
 
 def split_run_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -155,7 +220,9 @@ def split_run_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             ours.extend(argv[i : i + take])
             i += take
             continue
-        if token in ("-h", "--help") or not have_script:
+        if token in RUN_SWITCHES:
+            ours.append(token)
+        elif token in ("-h", "--help") or not have_script:
             ours.append(token)
             have_script = have_script or not token.startswith("-")
         else:

@@ -80,7 +80,13 @@ async def run_embedded(
     agents = await start_local_mesh(n)
     try:
         job = JobRequest(
-            script=request.script, args=request.args, bundle=request.bundle, nodes=str(n), wait=FORM_TIMEOUT_S
+            script=request.script,
+            args=request.args,
+            bundle=request.bundle,
+            nodes=str(n),
+            wait=FORM_TIMEOUT_S,
+            min_nodes=request.min_nodes,
+            options=request.options,
         )
         runner = JobRunner(request=job, membership=agents[0], protocol=agents[0].protocol)
         if not runner_ready.done():

@@ -180,17 +180,18 @@ def test_round_commits_on_the_chosen_writers(tmp_path: Path) -> None:
     w = World(tmp_path, ("a", "b", "c", "d"), replicas=1)
     w.elect("a", 1)
     w.flush()
-    w.train_to(10)  # due at 10: Prepare names step 11
+    w.train_to(9)  # the Prepare aims one step ahead; step 10 is due, so it names exactly 10
     assert [m["type"] for _, m in w.queue] == ["prepare", "prepare"]  # replicas=1: two writers, a and b
+    assert {m["step"] for _, m in w.queue} == {10}
     w.flush()
-    w.train_to(11)
-    assert w.leftovers() == ["a/11", "b/11"] and w.committed == []  # parts written, nothing counts yet
+    w.train_to(10)
+    assert w.leftovers() == ["a/10", "b/10"] and w.committed == []  # parts written, nothing counts yet
     w.flush()  # acks -> commit -> manifests
-    assert w.committed == [11] and w.complete("a") == [11] and w.complete("b") == [11]
+    assert w.committed == [10] and w.complete("a") == [10] and w.complete("b") == [10]
     assert w.complete("c") == [] and w.leftovers() == []
-    manifest = w.stores["a"].manifest(RUN, 11)
+    manifest = w.stores["a"].manifest(RUN, 10)
     assert manifest["writers"] == ["a", "b"] and manifest["term"] == 1 and manifest["leader"] == "a"
-    assert manifest["time"] == 1e9 + 11 and manifest["files"]["params.safetensors"]["bytes"] > 0
+    assert manifest["time"] == 1e9 + 10 and manifest["files"]["params.safetensors"]["bytes"] > 0
     assert w.replicated == []  # two copies were enough
 
 
@@ -212,29 +213,29 @@ def test_leader_killed_between_acks_and_manifest(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.elect("a", 1)
     w.flush()
+    w.train_to(9)
+    w.flush()  # Prepare(10) delivered
     w.train_to(10)
-    w.flush()  # Prepare(11) delivered
-    w.train_to(11)
     w.flush()
-    assert w.committed == [11]
-    w.train_to(21)
-    w.flush()  # Prepare(22) delivered: 10 steps after the last commit
-    w.train_to(22)  # every writer wrote its part and queued a Written for "a"
+    assert w.committed == [10]
+    w.train_to(19)
+    w.flush()  # Prepare(20) delivered: 10 steps after the last commit
+    w.train_to(20)  # every writer wrote its part and queued a Written for "a"
     acks = [m for _, m in w.queue if m["type"] == "written"]
     assert len(acks) == 3
     w.crash_leader()
     w.flush()  # the acks reach nobody
-    assert all(w.complete(n) == [11] for n in w.nodes)
-    assert sorted(w.leftovers()) == ["a/22", "b/22", "c/22"]
+    assert all(w.complete(n) == [10] for n in w.nodes)
+    assert sorted(w.leftovers()) == ["a/20", "b/20", "c/20"]
     w.elect("b", 2)  # the election's next leader, term 2
     w.flush()
-    assert w.leftovers() == [] and all(w.complete(n) == [11] for n in w.nodes)
-    w.train_to(32)
+    assert w.leftovers() == [] and all(w.complete(n) == [10] for n in w.nodes)
+    w.train_to(29)
     w.flush()
-    w.train_to(33)
+    w.train_to(30)
     w.flush()
-    assert w.committed == [11, 33] and all(w.complete(n) == [11, 33] for n in w.nodes)
-    assert w.stores["c"].manifest(RUN, 33)["term"] == 2
+    assert w.committed == [10, 30] and all(w.complete(n) == [10, 30] for n in w.nodes)
+    assert w.stores["c"].manifest(RUN, 30)["term"] == 2
 
 
 def test_stale_commit_from_a_dead_leaders_term_is_ignored(tmp_path: Path) -> None:
@@ -284,16 +285,16 @@ def test_timeout_and_lost_writer_abort_and_clean_up(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.elect("a", 1)
     w.flush()
-    w.train_to(10)
+    w.train_to(9)
     w.flush()
-    w.train_to(11)
+    w.train_to(10)
     w.queue = [q for q in w.queue if q[1]["node"] != "c"]  # c's ack is lost
     w.flush()
-    assert w.committed == [] and sorted(w.leftovers()) == ["a/11", "b/11", "c/11"]
+    assert w.committed == [] and sorted(w.leftovers()) == ["a/10", "b/10", "c/10"]
     w.now += 31.0
     w.apply("a", w.coordinator.poll(w.now))  # type: ignore[union-attr]
     w.flush()
-    assert w.aborted == [(11, "timed out waiting for acks")] and w.leftovers() == []
+    assert w.aborted == [(10, "timed out waiting for acks")] and w.leftovers() == []
     c = CheckpointCoordinator(RUN, 1, "a", CheckpointPolicy(every_steps=1), now=0.0)
     c.progress(1.0, 1, ["a", "b"])
     assert c.member_lost(2.0, "zz") == []
@@ -387,7 +388,7 @@ def test_sessions_and_coordinator_end_to_end(tmp_path: Path) -> None:
             assert isinstance(a, Send)
             inbox.extend((t, to_wire(a.message)) for t in a.to)
         pump()
-    assert coordinator.committed == [3, 6] and all(s.committed == [3, 6] for s in sessions.values())
+    assert coordinator.committed == [2, 4, 6] and all(s.committed == [2, 4, 6] for s in sessions.values())
     assert [i.step for i in sessions["w0"].store.checkpoints(RUN)] == [6]  # keep=1 pruned step 3
     ck = sessions["w1"].resume()
     assert ck is not None and ck.state["cursor"] == 192 and ck.state["term"] == 7
@@ -457,3 +458,11 @@ def test_leader_shell_commits_replicates_and_times_out(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert [i.step for i in CheckpointStore(tmp_path / "w0").checkpoints(RUN)] == [2]
+
+
+def test_a_prepare_goes_out_one_report_early_for_the_exact_multiple() -> None:
+    c = CheckpointCoordinator(RUN, 1, "a", CheckpointPolicy(every_steps=20), now=0.0, lead_steps=2)
+    assert c.progress(1.0, 9, ["a"]) == []  # 9 + 2 is not due, and nothing says reports are sparse
+    c.horizon_steps = 10  # the shell saw the job make 10 steps between reports: 19 would be too late
+    (send,) = c.progress(1.5, 9, ["a"])
+    assert isinstance(send, Send) and isinstance(send.message, Prepare) and send.message.step == 20

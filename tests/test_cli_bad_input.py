@@ -35,7 +35,7 @@ def meshtrain(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (
             ["fly"],
             "meshtrain: argument command: invalid choice: 'fly' "
-            "(choose from 'join', 'run', 'status', 'leave', 'doctor')",
+            "(choose from 'join', 'run', 'status', 'leave', 'checkpoints', 'export', 'doctor')",
         ),
     ],
 )

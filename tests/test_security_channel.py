@@ -54,6 +54,7 @@ def test_request_and_reply_over_an_authenticated_channel() -> None:
         assert header["op"] == "run" and payload == b"cba"
         # the exact bytes of a frame, sent a second time in the stream, do not verify
         head = wire.encode_header({"kind": "request", "op": "stop", "nbytes": 0})
+        assert channel.send is not None  # an HMAC channel (no --encrypt)
         frame = head + channel.send.tag(head)
         writer.write(frame + frame)
         await writer.drain()

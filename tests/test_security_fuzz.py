@@ -53,7 +53,6 @@ from meshtrain.wire import (
     header_length,
     known_kinds,
     read_frame,
-    write_frame,
 )
 
 _ENV = os.environ.get("MESHTRAIN_FUZZ_EXAMPLES")
@@ -68,6 +67,8 @@ def examples(default: int) -> int:
 NOW = 1_800_000_000.0
 KEY = bytes(range(32))
 RING = Keyring([KEY])
+ENCRYPTED = Keyring([KEY], encrypt=True)  # `--encrypt`: AES-GCM envelopes and sealed control frames
+MODES = pytest.mark.parametrize("ring", [RING, ENCRYPTED], ids=["auth", "encrypted"])
 MAX = 1400
 FUZZ_SETTINGS: dict[str, Any] = {
     "deadline": None,
@@ -106,20 +107,30 @@ VALID_PACKET = encode_packet(
 )
 
 
+@MODES
 @settings(max_examples=examples(500), **FUZZ_SETTINGS)
-@given(st.binary(max_size=300) | st.binary(min_size=60, max_size=70000))
-def test_opener_random_bytes_are_counted_drops(data: bytes) -> None:
-    opener = DatagramOpener(RING)
+@given(
+    st.binary(max_size=300)
+    | st.binary(min_size=60, max_size=70000)
+    | st.tuples(st.sampled_from([b"\x01", b"\x02"]), st.binary(max_size=300)).map(
+        lambda vb: b"MTd" + vb[0] + RING.primary_id + vb[1]  # this mesh's key id: the crypto runs
+    )
+)
+def test_opener_random_bytes_are_counted_drops(ring: Keyring, data: bytes) -> None:
+    opener = DatagramOpener(ring)
     assert opener.open_or_none(data, NOW) is None
     assert opener.counters.total == 1
 
 
+@MODES
 @settings(max_examples=examples(500), **FUZZ_SETTINGS)
 @given(edits)
-def test_opener_mutated_sealed_datagrams_never_pass_altered(changes: list[tuple[int, int, int]]) -> None:
-    sealed = DatagramSealer(RING).seal(VALID_PACKET, NOW)
+def test_opener_mutated_sealed_datagrams_never_pass_altered(
+    ring: Keyring, changes: list[tuple[int, int, int]]
+) -> None:
+    sealed = DatagramSealer(ring).seal(VALID_PACKET, NOW)
     bad = mutate(sealed, changes)
-    opener = DatagramOpener(RING)
+    opener = DatagramOpener(ring)
     body = opener.open_or_none(bad, NOW)
     if body is None:
         assert opener.counters.total == 1
@@ -264,13 +275,14 @@ def test_oversized_lengths_are_refused_before_reading_or_allocating() -> None:
 class LiveControl:
     """A real ControlServer on loopback, on one event loop kept across hypothesis examples."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: Keyring = RING) -> None:
+        self.keyring = keyring
         self.loop = asyncio.new_event_loop()
         self.errors: list[dict[str, Any]] = []
         self.loop.set_exception_handler(lambda _loop, ctx: self.errors.append(ctx))
         self.requests = 0
         unlimited = ConnectionLimiter(rate=1e9, burst=10**9)  # fuzzing the decoders, not the limiter
-        self.server = ControlServer(self._handle, protocol=1, keyring=RING, limiter=unlimited)
+        self.server = ControlServer(self._handle, protocol=1, keyring=keyring, limiter=unlimited)
         self.port = self.loop.run_until_complete(self.server.start_tcp("127.0.0.1", 0))
 
     async def _handle(self, header: dict[str, Any], payload: bytes, conn: Conn) -> None:
@@ -290,16 +302,16 @@ class LiveControl:
                 writer.write(before)
                 writer.write_eof()
             else:
-                channel = await dial_channel(reader, writer, RING)
+                channel = await dial_channel(reader, writer, self.keyring)
                 if frame is not None:
                     writer.write(frame)
                     writer.write_eof()
                 else:
                     assert header is not None
                     payload = header.pop("_payload", b"")
-                    await write_frame(writer, header, payload, mac=channel.send)
+                    await channel.write(writer, header, payload)
                 while True:  # whatever the server answers, until it closes
-                    await read_frame(reader, mac=channel.recv)
+                    await channel.read(reader)
         except (WireError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -310,7 +322,7 @@ class LiveControl:
                 pass
 
     def still_serves(self) -> dict[str, Any]:
-        return self.loop.run_until_complete(call(("127.0.0.1", self.port), "status", keyring=RING))
+        return self.loop.run_until_complete(call(("127.0.0.1", self.port), "status", keyring=self.keyring))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.server.close())
@@ -367,6 +379,45 @@ def test_control_forged_frames_after_a_valid_handshake(control: LiveControl, dat
 def test_control_authenticated_hostile_requests(control: LiveControl, header: dict[str, Any]) -> None:
     control.exchange(None, None, header)
     assert not control.errors
+
+
+@pytest.fixture(scope="module")
+def encrypted_control() -> Iterator[LiveControl]:
+    live = LiveControl(ENCRYPTED)
+    try:
+        yield live
+    finally:
+        live.close()
+
+
+VALID_SEALED = (
+    encode_header({"kind": "sealed", "nbytes": len(VALID_REQUEST) + 16}) + VALID_REQUEST + bytes(16)
+)
+
+
+@settings(max_examples=examples(150), **FUZZ_SETTINGS)
+@given(st.binary(max_size=200) | st.builds(mutate, st.just(VALID_SEALED), edits))
+def test_encrypted_control_forged_frames_after_a_valid_handshake(
+    encrypted_control: LiveControl, data: bytes
+) -> None:
+    before = encrypted_control.requests
+    encrypted_control.exchange(None, data, None)
+    assert encrypted_control.requests == before  # nothing unsealed or altered reaches the handler
+    assert not encrypted_control.errors
+
+
+@settings(max_examples=examples(150), **FUZZ_SETTINGS)
+@given(request_headers)
+def test_encrypted_control_sealed_hostile_requests(
+    encrypted_control: LiveControl, header: dict[str, Any]
+) -> None:
+    encrypted_control.exchange(None, None, header)
+    assert not encrypted_control.errors
+
+
+def test_encrypted_control_still_serves(encrypted_control: LiveControl) -> None:
+    assert encrypted_control.still_serves()["ok"] is True
+    assert encrypted_control.requests >= 1
 
 
 def test_control_survives_a_header_that_breaks_decode_header(control: LiveControl) -> None:

@@ -161,6 +161,7 @@ def test_datagrams_authenticate_and_each_drop_has_its_reason() -> None:
         "malformed": b"MTd\x01short",
         "oversized": b"x" * 70000,
         "unknown_mesh": DatagramSealer(Keyring([generate_secret()])).seal(b"hi", NOW),
+        "mode_mismatch": DatagramSealer(Keyring([KEY], encrypt=True)).seal(b"hi", NOW),
     }
     for reason, data in cases.items():
         with pytest.raises(Dropped) as info:
@@ -174,6 +175,7 @@ def test_datagrams_authenticate_and_each_drop_has_its_reason() -> None:
         "oversized": 1,
         "unknown_mesh": 1,
         "rate_limited": 0,
+        "mode_mismatch": 1,
     }
 
 

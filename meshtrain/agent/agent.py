@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -25,13 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from meshtrain import PROTOCOL_VERSION, __version__
-from meshtrain.agent.control import Conn, ControlServer, socket_path, state_dir
+from meshtrain.agent.control import Conn, ControlServer, call, socket_path, state_dir
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
 from meshtrain.agent.placement import Candidate
 from meshtrain.agent.snapshot import EVENTS_KEPT, mesh_snapshot
 from meshtrain.agent.workers import HostedWorker, host_worker
+from meshtrain.checkpoints.node import (
+    CKPT_META_KEY,
+    NodeCheckpoints,
+    claim_store,
+    read_term_floor,
+    write_term_floor,
+)
 from meshtrain.errors import WireError
 from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
+from meshtrain.worker.checkpointing import ENV_CHECKPOINTS
 
 LOAD_PERIOD_S = 5.0
 JOB_EVENTS_BEFORE = 5
@@ -122,6 +131,7 @@ class Agent:
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()
         self.election: Any = None  # meshtrain.leader.Election, once the node has an id
+        self.checkpoints: NodeCheckpoints | None = None  # store, transfer server, checkpoint leader role
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
         self.control_port = 0
@@ -132,10 +142,22 @@ class Agent:
         from meshtrain.gossip import PROFILES, GossipNode
 
         self.control_port = await self._server.start_tcp(self.host, 0)
+        store, lock = claim_store(self.home, self.name)
+        self.checkpoints = NodeCheckpoints(
+            self,
+            store,
+            call=call,
+            deliver=self._deliver_to_worker,
+            event=self._event,
+            keyring=self.keyring,
+            lock=lock,
+        )
+        ckpt_port = await self.checkpoints.start(self.host)
         meta = {
             "proto": self.protocol,
             "version": __version__,
             "control": self.control_port,
+            CKPT_META_KEY: ckpt_port,
             **node_facts(),
             "load": None,
             "job": None,
@@ -160,7 +182,11 @@ class Agent:
 
         loop = asyncio.get_running_loop()
         self.election = Election(
-            self.node.id, eligible=is_agent, started=loop.time(), settle=ELECTION_SETTLE_S
+            self.node.id,
+            eligible=is_agent,
+            started=loop.time(),
+            settle=ELECTION_SETTLE_S,
+            term_floor=read_term_floor(self.home),
         )
         self._event("joined", self.name, f"this node, gossip port {self.node.port}")
         self._elect()
@@ -193,6 +219,9 @@ class Agent:
             runner.cancel(f"{self.name} is leaving the mesh")
         for task in self._tasks:
             task.cancel()
+        if self.checkpoints is not None:
+            with contextlib.suppress(Exception):
+                await self.checkpoints.close()
         await self._server.close()
         if self.node is not None:
             with contextlib.suppress(Exception):
@@ -238,6 +267,8 @@ class Agent:
         if event.kind != "updated":
             member = event.member
             self._event(event.kind, member.name, f"{member.addr[0]}:{member.addr[1]}")
+        if event.kind in ("dead", "left") and self.checkpoints is not None:
+            self.checkpoints.member_lost(event.member.name)
         self._elect()
 
     def _elect(self) -> None:
@@ -246,7 +277,8 @@ class Agent:
             return
         from meshtrain.leader.election import Claim, LeaderChanged, Resign
 
-        for action in self.election.observe(self.members(), asyncio.get_running_loop().time()):
+        actions = self.election.observe(self.members(), asyncio.get_running_loop().time())
+        for action in actions:
             if isinstance(action, Claim):
                 self.node.update_meta(**{self.election.meta_key: action.term})
             elif isinstance(action, Resign):
@@ -256,6 +288,17 @@ class Agent:
                 name = next((m.name for m in self.members() if m.id == leader), leader or "none")
                 term = f", term {action.current.term}" if action.current.settled else ""
                 self._event("leader", name, f"checkpoint leader{term}")
+        if actions:
+            self._leadership_to_checkpoints()
+
+    def _leadership_to_checkpoints(self) -> None:
+        """Tell the checkpoint layer who leads (settled only) and whether it is us; persist the term."""
+        if self.checkpoints is None or self.election is None:
+            return
+        current = self.election.current
+        name = next((m.name for m in self.members() if m.id == current.leader), None)
+        self.checkpoints.leadership(name if current.settled else None, self.election.claim)
+        write_term_floor(self.home, self.election.highest_term)
 
     async def _elect_periodically(self) -> None:
         """A view that stops changing must still settle (the election's claim waits out its settle time)."""
@@ -338,7 +381,7 @@ class Agent:
             self.runners.pop(runner.job, None)
 
     def _on_hosted(self, hosted: HostedWorker, started: bool) -> None:
-        key = f"{hosted.job}/{hosted.rank}"
+        key = f"{hosted.job}/{hosted.member or hosted.rank}"
         if started:
             self.hosted[key] = hosted
         else:
@@ -349,6 +392,40 @@ class Agent:
         current = next(iter(self.hosted.values()), None)
         if self.node is not None:
             self.node.update_meta(job=current.job if current else None, role="worker" if current else None)
+
+    # checkpoints: the hooks the job coordinator and the worker host call
+
+    async def before_worker_start(self, job: str, options: dict[str, Any] | None) -> None:
+        """Before a worker of `job` starts here: with ``resume``, fetch the run's newest checkpoint."""
+        if self.checkpoints is not None:
+            await self.checkpoints.before_worker_start(job, options)
+
+    def on_job_progress(self, job: str, step: int, members: list[tuple[str, str]]) -> None:
+        """The coordinator's (step, [(member id, node name)]) of `job`: on to the checkpoint leader."""
+        if self.checkpoints is None:
+            return
+        runner = self.runners.get(job)
+        options = getattr(runner.request, "options", None) if runner is not None else None
+        self.checkpoints.on_job_progress(job, step, members, options)
+
+    def on_worker_report(self, job: str, member: str, message: dict[str, Any]) -> None:
+        """A hosted worker's ``{"k": "ckpt", ...}`` report (an ack for the leader). Synchronous."""
+        if self.checkpoints is not None:
+            self.checkpoints.on_worker_report(job, member, message)
+
+    def send_to_worker(self, job: str, member: str, obj: dict[str, Any]) -> bool:
+        """One JSON line to the worker of `job` that runs here as `member`; False when there is none."""
+        for hosted in list(self.hosted.values()):
+            if hosted.job == job and (hosted.member or self.name) == member:
+                return bool(hosted.send_line(obj))
+        return False
+
+    def _deliver_to_worker(self, job: str, member: str, obj: dict[str, Any]) -> bool:
+        return self.send_to_worker(job, member, obj)  # late-bound: tests stand in for the worker here
+
+    def _on_hosted_report(self, hosted: HostedWorker, message: dict[str, Any]) -> None:
+        if message.get("k") == "ckpt":
+            self.on_worker_report(hosted.job, hosted.member or self.name, message)
 
     # control requests
 
@@ -369,9 +446,14 @@ class Agent:
                 jobs_dir=self._jobs_dir,
                 extra_env=self._worker_env(),
                 on_change=self._on_hosted,
+                on_report=self._on_hosted_report,
+                before_start=self.before_worker_start,
             )
         elif op == "run" and local:
             await self._handle_run(header, payload, conn)
+        elif isinstance(op, str) and op.startswith("ckpt") and self.checkpoints is not None:
+            ok, message = await self.checkpoints.handle(header)
+            await conn.reply(ok, message=message)
         elif op == "leave" and local:
             await conn.reply(True)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.leave()))
@@ -381,6 +463,8 @@ class Agent:
     def _worker_env(self) -> dict[str, str]:
         """The worker's extra environment: the keyring travels here, never on a command line."""
         env = dict(self.worker_env)
+        if self.checkpoints is not None:
+            env[ENV_CHECKPOINTS] = str(self.checkpoints.store.root)
         if self.keyring is not None:
             env[ENV_SECRET] = self.keyring.to_text()
         return env
@@ -395,6 +479,9 @@ class Agent:
             min_nodes=header.get("min_nodes"),
             wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
         )
+        options = header.get("options")
+        if isinstance(options, dict) and options:
+            request = dataclasses.replace(request, options=dict(options))
         runner = JobRunner(request=request, membership=self, protocol=self.protocol)
 
         async def watch_submitter() -> None:

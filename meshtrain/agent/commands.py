@@ -59,16 +59,20 @@ def resolve_keyring(args: argparse.Namespace) -> tuple[Any, bool]:
     With --token the token's secret becomes this machine's primary key (stored,
     older keys kept for rotation) and its seed is joined through; nothing
     unrelated is created first. Without any secret, the first `join` creates one.
+    `--encrypt` (or a token of an encrypted mesh) turns encryption on; kept in
+    the config file's secret, so the agent encrypts at every later start too.
     """
     from meshtrain.cli import seed as parse_seed
     from meshtrain.security import Keyring, load_keyring, parse_token
-    from meshtrain.security.secret import store_joined_secret
+    from meshtrain.security.secret import default_secret_path, store_joined_secret, write_secret_file
 
     token_text = getattr(args, "token", None)
     secret_file = getattr(args, "secret_file", None)
+    encrypt = bool(getattr(args, "encrypt", False))
+    own_file = secret_file is None and not os.environ.get("MESHTRAIN_SECRET")
     if token_text is None:
         try:
-            return load_keyring(secret_file, create=not args.seed)
+            keyring, created = load_keyring(secret_file, create=not args.seed)
         except UserError as exc:
             if str(exc).startswith("no mesh secret"):  # --seed names a mesh whose secret we lack
                 host, port = args.seed[0]
@@ -78,15 +82,21 @@ def resolve_keyring(args: argparse.Namespace) -> tuple[Any, bool]:
                     "(or pass --secret-file)"
                 ) from None
             raise
+        if encrypt and not keyring.encrypt:
+            keyring = keyring.with_encrypt(True)
+            if own_file:
+                write_secret_file(default_secret_path(), keyring)
+        return keyring, created
     token = parse_token(token_text)
+    encrypt = encrypt or token.encrypt  # the mesh's setting comes with its token
     try:
         keyring, _ = load_keyring(secret_file, create=False)
     except UserError:
         keyring = Keyring([token.secret])
-    if secret_file is None and not os.environ.get("MESHTRAIN_SECRET"):
-        keyring = store_joined_secret(keyring, token.secret)
+    if own_file:
+        keyring = store_joined_secret(keyring, token.secret, encrypt=encrypt)
     else:
-        keyring = Keyring([token.secret, *keyring.keys])
+        keyring = Keyring([token.secret, *keyring.keys], encrypt=encrypt)
     if token.seed:
         try:
             address = parse_seed(token.seed)
@@ -132,6 +142,7 @@ async def _join(args: argparse.Namespace) -> int:
         interface=args.interface,
         discovery=not args.no_discovery,
         keyring=keyring,
+        worker_env={"MESHTRAIN_ON_BATTERY": getattr(args, "on_battery", "reduce")},
     )
     try:
         await agent.start()
@@ -180,6 +191,7 @@ def _join_detached(args: argparse.Namespace) -> int:
     ]
     for flag, value in (
         ("--name", args.name),
+        ("--on-battery", getattr(args, "on_battery", None)),
         ("--interface", args.interface),
         ("--secret-file", args.secret_file),
     ):
@@ -189,6 +201,8 @@ def _join_detached(args: argparse.Namespace) -> int:
         argv += ["--seed", f"{host}:{port}"]
     if args.no_discovery:
         argv.append("--no-discovery")
+    if keyring.encrypt:  # also when the secret comes from --secret-file or MESHTRAIN_SECRET
+        argv.append("--encrypt")
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -297,6 +311,10 @@ class Renderer:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = _checkpoint_options(args)  # flag mistakes first, before the script is even read
+    options["shares"] = getattr(args, "shares", "perf")
+    if getattr(args, "ledger", None):
+        options["ledger"] = os.path.abspath(args.ledger)
     bundle = bundle_snapshot(args.script)
     if args.local is not None and args.nodes is not None:
         raise UserError("--local N makes its own mesh of N nodes: drop --nodes")
@@ -310,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         min_nodes=args.min_nodes,
         wait=wait,
+        options=options,
     )
     _use_uvloop()
     renderer = Renderer()
@@ -320,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
             f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
             f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
         )
+    if options.get("checkpoint_every") and result.state != "done":
+        print(f"continue from its last checkpoint: the same command with --resume (run {options['run']})")
     if result.state == "failed":
         if result.traceback:
             print(result.traceback.rstrip(), file=sys.stderr)
@@ -327,6 +348,20 @@ def run(args: argparse.Namespace) -> int:
     elif result.state == "cancelled":
         print(f"meshtrain: job cancelled: {result.message}", file=sys.stderr)
     return result.exit_code
+
+
+def _checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`run`'s checkpoint flags as the job's options dict (empty without --checkpoint-every/--resume)."""
+    from meshtrain.checkpoints.options import CheckpointOptions
+
+    return CheckpointOptions.build(
+        args.script,
+        every=getattr(args, "checkpoint_every", None),
+        replicas=getattr(args, "checkpoint_replicas", 2),
+        keep=getattr(args, "keep", 3),
+        resume=bool(getattr(args, "resume", False)),
+        name=getattr(args, "name", None),
+    ).to_dict()
 
 
 async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> JobResult:
@@ -379,6 +414,7 @@ async def _run_on_agent(
         nodes=request.nodes,
         min_nodes=request.min_nodes,
         wait=request.wait,
+        options=request.options,
     )
 
     def cancel() -> None:

@@ -12,6 +12,9 @@ With a keyring (the mesh secret), every TCP connection is first authenticated
 (meshtrain.security.channel) and each of its frames carries a session tag: a
 stranger cannot ask anything, and is counted in `drops`. The unix socket needs
 no secret: its 0600 mode already limits it to the user who owns the agent.
+On a mesh with `--encrypt` the TCP channel also encrypts every frame, header
+and payload (meshtrain.security.channel), so job submissions and state are
+not readable on the network.
 
 The TCP listener is reachable by anyone on the network, so before any byte is
 read each connection passes a `ConnectionLimiter`: a token bucket per source
@@ -35,9 +38,9 @@ from typing import Any
 from meshtrain import PROTOCOL_VERSION
 from meshtrain.errors import UserError, WireError
 from meshtrain.security import DropCounters, Keyring
-from meshtrain.security.channel import AUTH_FAILED, accept_channel, dial_channel
+from meshtrain.security.channel import AUTH_FAILED, Channel, accept_channel, dial_channel
 from meshtrain.security.drops import BAD_TAG, MALFORMED, RATE_LIMITED
-from meshtrain.security.handshake import FrameMac, NonceMemory
+from meshtrain.security.handshake import MODE_MISMATCH_TEXT, FrameMac, NonceMemory
 from meshtrain.wire import StreamClosed, read_frame, write_frame
 
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
@@ -46,6 +49,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 NO_SECRET = (
     "this machine does not hold the mesh's secret: run `meshtrain join --token ...` "
     "(the command the mesh's first `join` printed) first"
+)
+MODE_MISMATCH = (
+    "this machine's --encrypt setting differs from the mesh's: join with the mesh's current "
+    "`meshtrain join --token ...` command (it carries the setting)"
 )
 
 
@@ -131,23 +138,31 @@ class Conn:
         writer: asyncio.StreamWriter,
         mac_send: FrameMac | None = None,
         mac_recv: FrameMac | None = None,
+        channel: Channel | None = None,
     ) -> None:
+        """`channel` (an authenticated, possibly encrypted, connection) or the bare `mac_*` tags."""
         self.reader = reader
         self.writer = writer
-        self.mac_send = mac_send
-        self.mac_recv = mac_recv
+        self.channel = channel
+        self.mac_send = channel.send if channel is not None else mac_send
+        self.mac_recv = channel.recv if channel is not None else mac_recv
         self._send_lock = asyncio.Lock()
 
     @property
     def authenticated(self) -> bool:
-        return self.mac_recv is not None
+        return self.mac_recv is not None or (self.channel is not None and self.channel.encrypted)
 
     async def send(self, kind: str, header: dict[str, Any], payload: bytes = b"") -> None:
         async with self._send_lock:
-            await write_frame(self.writer, {**header, "kind": kind}, payload, mac=self.mac_send)
+            if self.channel is not None:
+                await self.channel.write(self.writer, {**header, "kind": kind}, payload)
+            else:
+                await write_frame(self.writer, {**header, "kind": kind}, payload, mac=self.mac_send)
 
     async def recv(self) -> tuple[dict[str, Any], bytes]:
         """The next frame; StreamClosed at a clean end of stream, WireError on a forged one."""
+        if self.channel is not None:
+            return await self.channel.read(self.reader, max_payload=MAX_BUNDLE_BYTES)
         return await read_frame(self.reader, max_payload=MAX_BUNDLE_BYTES, mac=self.mac_recv)
 
     async def reply(self, ok: bool, **fields: Any) -> None:
@@ -240,7 +255,7 @@ class ControlServer:
                     return
                 except asyncio.TimeoutError:
                     return
-                conn = Conn(reader, writer, mac_send=channel.send, mac_recv=channel.recv)
+                conn = Conn(reader, writer, channel=channel)
             try:
                 header, payload = await conn.recv()
             except WireError as exc:
@@ -311,7 +326,7 @@ async def open_request(
             except BaseException:
                 await conn.close()
                 raise
-            conn = Conn(reader, writer, mac_send=channel.send, mac_recv=channel.recv)
+            conn = Conn(reader, writer, channel=channel)
     await conn.send("request", {"op": op, "proto": protocol, **fields}, payload)
     return conn
 
@@ -341,7 +356,8 @@ async def call(
         conn = await open_request(target, op, keyring=keyring, **fields)
     except WireError as exc:
         if AUTH_FAILED in str(exc):
-            raise UserError(f"{who}: {NO_SECRET}") from None
+            why = MODE_MISMATCH if MODE_MISMATCH_TEXT in str(exc) else NO_SECRET
+            raise UserError(f"{who}: {why}") from None
         raise
     try:
         header, _ = await conn.recv()
@@ -352,5 +368,6 @@ async def call(
     finally:
         await conn.close()
     if header.get("error") == AUTH_FAILED:
-        raise UserError(f"{who}: {NO_SECRET}")
+        mismatch = MODE_MISMATCH_TEXT in str(header.get("reason", ""))
+        raise UserError(f"{who}: {MODE_MISMATCH if mismatch else NO_SECRET}")
     return check_reply(header, who)

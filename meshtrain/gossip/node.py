@@ -8,7 +8,9 @@ no exception from the network reaches the event loop.
 With a keyring (the mesh secret) every datagram, beacon and push-pull/TCP-ping
 body is sealed (meshtrain.security.auth) and opened before any parsing: another
 mesh's packets, forged, stale or replayed ones are counted in `security_drops`
-by reason and never reach the codec or the state machine.
+by reason and never reach the codec or the state machine. A keyring with
+`encrypt` (`meshtrain join --encrypt`) makes the sealing AES-GCM: bodies are
+ciphertext, and a node with the other setting is dropped as `mode_mismatch`.
 
 Identity: `id` defaults to `name` (names must be unique in a mesh, like
 memberlist). A node's first incarnation is its start time in milliseconds, so a

@@ -257,6 +257,7 @@ class CheckpointCoordinator:
         self.replicas = replicas
         self.ack_timeout = ack_timeout
         self.lead_steps = lead_steps
+        self.horizon_steps = 0
         self.last_step = last_step
         self.last_time = now
         self.round: _Round | None = None
@@ -268,14 +269,21 @@ class CheckpointCoordinator:
 
     def progress(self, now: float, step: int, participants: Iterable[str]) -> list[CoordinatorAction]:
         """The job finished step `step` with these workers; maybe start a checkpoint a little ahead
-        (workers run on while the Prepare travels, so it names step + lead_steps)."""
-        if self.round is not None or not self.policy.due(step, now, self.last_step, self.last_time):
+        (workers run on while the Prepare travels, so it names step + lead_steps, or with a step
+        policy the due multiple when that is later: `every 20` then means steps 20, 40, ...).
+        `horizon_steps` (set by the shell: how far the job gets between two progress reports) lets
+        the Prepare go out one report early, so the multiple is not already passed at the next one."""
+        target = step + self.lead_steps
+        if self.round is not None or not self.policy.due(
+            target + self.horizon_steps, now, self.last_step, self.last_time
+        ):
             return []
         nodes = sorted(set(participants))
         if not nodes:
             return []
         writers = tuple(nodes[: self.replicas + 1])
-        target = step + self.lead_steps
+        if self.policy.every_steps is not None:  # the Prepare is ahead anyway: aim at the exact multiple
+            target = max(target, self.last_step + self.policy.every_steps)
         self.round = _Round(target, writers, now + self.ack_timeout)
         return [Send(writers, Prepare(self.run, self.term, self.leader, target, writers))]
 

@@ -8,7 +8,9 @@ job or a stray client is dropped instead of corrupting a reduction.
 With a keyring, the hello is also a challenge-response
 (meshtrain.security.handshake): both ends prove they hold the mesh secret,
 a replayed hello is refused, and each connection gets a fresh session key
-with which every later frame is tagged.
+with which every later frame is tagged, or, on a mesh with `--encrypt`, whose
+payload is AES-GCM encrypted (a neighbour with the other setting is refused
+as `mode_mismatch`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from meshtrain import wire
 from meshtrain.errors import PeerLost, WireError
 from meshtrain.security import handshake
+from meshtrain.security.aead import StreamKey
 from meshtrain.security.drops import DropCounters
 from meshtrain.security.handshake import HandshakeError, NonceMemory
 from meshtrain.security.secret import Keyring
@@ -108,14 +111,17 @@ def recv_hello(sock: socket.socket) -> dict[str, Any]:
 
 
 class Neighbours:
-    """The two checked sockets of a ring member and, when authenticated, their session keys."""
+    """The two checked sockets of a ring member and, when authenticated, their session keys.
+
+    A key is the session's bytes (HMAC tags) or a StreamKey (which says whether frames are encrypted).
+    """
 
     def __init__(
         self,
         left: socket.socket,
         right: socket.socket,
-        left_key: bytes | None = None,
-        right_key: bytes | None = None,
+        left_key: bytes | StreamKey | None = None,
+        right_key: bytes | StreamKey | None = None,
     ) -> None:
         self.left, self.right = left, right
         self.left_key, self.right_key = left_key, right_key
@@ -172,7 +178,7 @@ def connect_neighbours(
     except BaseException:
         right.close()  # the right neighbour sees end of stream now, not when this socket is collected
         raise
-    right_key: bytes | None = None
+    right_key: StreamKey | None = None
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -182,7 +188,8 @@ def connect_neighbours(
                 raise HandshakeError(str(ack.get("reason", "the neighbour refused our proof")))
             if ack.get("ok") is True and ack.get("gen") == generation:
                 if keyring is not None:
-                    right_key = handshake.session_key(handshake.check_accept(keyring, sent, ack), sent, ack)
+                    session = handshake.session_key(handshake.check_accept(keyring, sent, ack), sent, ack)
+                    right_key = StreamKey(session, keyring.encrypt)
                 break
         except HandshakeError as exc:
             right.close()
@@ -210,7 +217,7 @@ def _accept_left(
     timeout: float,
     sockbuf: int | None,
     keyring: Keyring | None,
-) -> tuple[socket.socket, bytes | None]:
+) -> tuple[socket.socket, StreamKey | None]:
     """Accept until the expected left neighbour of this job and generation says hello (and proves the key)."""
     rejected: str | None = None
     while True:
@@ -242,10 +249,11 @@ def _accept_left(
                     listener.drops.count(exc.reason)
                     send_hello(conn, {"error": AUTH_FAILED, "reason": str(exc)})
                 else:
-                    reply = handshake.accept_reply(key, theirs, {**hello, "ok": True})
+                    ok = {**hello, "ok": True}
+                    reply = handshake.accept_reply(key, theirs, ok, encrypt=keyring.encrypt)
                     tune(conn, sockbuf)
                     send_hello(conn, reply)
-                    return conn, handshake.session_key(key, theirs, reply)
+                    return conn, StreamKey(handshake.session_key(key, theirs, reply), keyring.encrypt)
         except (OSError, WireError, ConnectionError):
             pass
         conn.close()  # another job, an old generation, a stranger, or garbage: not our neighbour

@@ -17,8 +17,17 @@ MALFORMED = "malformed"  # cannot be parsed (truncated envelope, bad msgpack, wr
 OVERSIZED = "oversized"  # longer than the limit of its socket
 UNKNOWN_MESH = "unknown_mesh"  # signed with a key this mesh does not hold (another mesh's node)
 RATE_LIMITED = "rate_limited"  # a control connection refused by the per-source rate or concurrency limit
+MODE_MISMATCH = "mode_mismatch"  # this mesh's key, but the other --encrypt setting
 
-DROP_REASONS: tuple[str, ...] = (BAD_TAG, REPLAY, MALFORMED, OVERSIZED, UNKNOWN_MESH, RATE_LIMITED)
+DROP_REASONS: tuple[str, ...] = (
+    BAD_TAG,
+    REPLAY,
+    MALFORMED,
+    OVERSIZED,
+    UNKNOWN_MESH,
+    RATE_LIMITED,
+    MODE_MISMATCH,
+)
 
 
 class DropCounters:

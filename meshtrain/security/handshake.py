@@ -20,6 +20,14 @@ fails at step 2 on either side, with a clear reason.
 Frames after the handshake carry ``HMAC(session key, seq | frame bytes)``
 with an implicit per-connection sequence number (as TLS records do), so a
 frame dropped, reordered, repeated or altered in the stream fails its tag.
+(The ring tags its frames the same way with a cheaper 16-byte GMAC,
+meshtrain.security.aead.FrameGmac; control channels use `FrameMac`.)
+
+With `--encrypt` (the keyring's `encrypt` flag) hello and answer carry
+``enc: True`` inside what the proofs cover, and each side refuses a peer
+whose setting differs (`mode_mismatch`): an encrypting node never streams
+plaintext to, or accepts it from, anyone. Frames are then AES-GCM sealed
+under keys derived from the session key (meshtrain.security.aead).
 """
 
 from __future__ import annotations
@@ -90,9 +98,19 @@ class NonceMemory:
         return None
 
 
+ENCRYPT_FIELD = "enc"
+MODE_MISMATCH_TEXT = "the peer's --encrypt setting differs from this mesh's"
+
+
+def _mode(message: dict[str, Any]) -> bool:
+    return message.get(ENCRYPT_FIELD, False) is True
+
+
 def dial_hello(keyring: Keyring, fields: dict[str, Any], now: float) -> dict[str, Any]:
-    """The dialer's hello: `fields` plus key id, nonce, time and proof."""
+    """The dialer's hello: `fields` plus key id, nonce, time, the encrypt mode (when on) and proof."""
     hello = {**fields, "kid": keyring.primary_id, "nonce": secrets.token_bytes(NONCE_BYTES), "ts": now}
+    if keyring.encrypt:
+        hello[ENCRYPT_FIELD] = True
     hello["proof"] = _mac(keyring.primary, b"dial", _transcript(hello))
     return hello
 
@@ -121,15 +139,21 @@ def _check_dial(keyring: Keyring, hello: dict[str, Any], memory: NonceMemory, no
         raise HandshakeError("the peer belongs to another mesh (unknown key)", drops.UNKNOWN_MESH)
     if not hmac.compare_digest(proof, _mac(key, b"dial", _transcript(hello))):
         raise HandshakeError("bad hello proof (the peer does not hold this mesh's secret)")
+    if _mode(hello) != keyring.encrypt:
+        raise HandshakeError(MODE_MISMATCH_TEXT, drops.MODE_MISMATCH)
     refused = memory.admit(nonce, float(ts), now)
     if refused is not None:
         raise HandshakeError(refused, drops.REPLAY)
     return key
 
 
-def accept_reply(key: bytes, hello: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """The acceptor's answer to a checked hello: `fields` plus its nonce and proof."""
+def accept_reply(
+    key: bytes, hello: dict[str, Any], fields: dict[str, Any], encrypt: bool = False
+) -> dict[str, Any]:
+    """The acceptor's answer to a checked hello: `fields` plus its nonce, mode (when on) and proof."""
     reply = {**fields, "nonce": secrets.token_bytes(NONCE_BYTES)}
+    if encrypt:
+        reply[ENCRYPT_FIELD] = True
     reply["proof"] = _mac(key, b"accept", _transcript(hello, reply))
     return reply
 
@@ -144,6 +168,8 @@ def check_accept(keyring: Keyring, hello: dict[str, Any], reply: dict[str, Any])
     key = keyring.primary
     if not hmac.compare_digest(proof, _mac(key, b"accept", _transcript(hello, reply))):
         raise HandshakeError("bad answer proof (the peer does not hold this mesh's secret)")
+    if _mode(reply) != keyring.encrypt:
+        raise HandshakeError(MODE_MISMATCH_TEXT, drops.MODE_MISMATCH)
     return key
 
 
@@ -158,6 +184,8 @@ class FrameMac:
     must tag/check every frame in order. hashlib releases the GIL while it
     hashes a large buffer, so tagging runs beside the other thread's I/O.
     """
+
+    tag_bytes = TAG_BYTES
 
     def __init__(self, session: bytes) -> None:
         self._session = session

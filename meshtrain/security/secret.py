@@ -16,6 +16,13 @@ Keys are written as ``mk1.<base64url>``; a join token is
 ``mt1.<base64url(version | secret | seed address | checksum)>``: one word
 that survives copy-paste, with a checksum so a mangled token is a one-line
 UserError instead of a silently different mesh.
+
+Encryption (`meshtrain join --encrypt`) is a property of the mesh, so it
+travels with the secret: the keyring's `encrypt` flag is the word
+``encrypt`` among the keys (a line of the file, an item of the variable), and
+a token of an encrypted mesh is version 2 (version | flags | secret | seed |
+checksum), so every joiner encrypts too. A node whose setting differs from
+the mesh's cannot talk to it: its packets are dropped as `mode_mismatch`.
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ SECRET_BYTES = 32
 KEY_ID_BYTES = 4
 KEY_PREFIX = "mk1."
 TOKEN_PREFIX = "mt1."
-_TOKEN_VERSION = 1
+_TOKEN_VERSION = 1  # version | secret | seed | checksum: a mesh without encryption
+_TOKEN_VERSION_FLAGS = 2  # version | flags | secret | seed | checksum
+_FLAG_ENCRYPT = 0x01
+ENCRYPT_WORD = "encrypt"  # the keyring's encrypt flag in a secret file or MESHTRAIN_SECRET
 _CHECKSUM_BYTES = 4
 _MAX_SEED = 255
 
@@ -90,9 +100,12 @@ def key_id(key: bytes) -> bytes:
 
 
 class Keyring:
-    """The keys of a mesh: send with the first (`primary`), accept any (rotation)."""
+    """The keys of a mesh: send with the first (`primary`), accept any (rotation).
 
-    def __init__(self, keys: Sequence[bytes]) -> None:
+    `encrypt`: the mesh's traffic is AES-GCM encrypted, not only authenticated.
+    """
+
+    def __init__(self, keys: Sequence[bytes], encrypt: bool = False) -> None:
         if not keys:
             raise UserError("the mesh secret has no keys")
         unique: list[bytes] = []
@@ -104,6 +117,7 @@ class Keyring:
         self.keys: tuple[bytes, ...] = tuple(unique)
         self._by_id = {key_id(k): k for k in reversed(self.keys)}  # on a clash the first key wins
         self.primary_id = key_id(self.keys[0])
+        self.encrypt = bool(encrypt)
 
     @property
     def primary(self) -> bytes:
@@ -113,19 +127,31 @@ class Keyring:
         """The key named `kid`, or None when this mesh does not know it."""
         return self._by_id.get(bytes(kid))
 
+    def with_encrypt(self, encrypt: bool) -> Keyring:
+        """The same keys with encryption on or off."""
+        return Keyring(self.keys, encrypt=encrypt)
+
+    def text_items(self) -> list[str]:
+        """The keys (and the word `encrypt` when set): the lines of a file, the items of the variable."""
+        return [encode_key(k) for k in self.keys] + ([ENCRYPT_WORD] if self.encrypt else [])
+
     def to_text(self) -> str:
         """The form MESHTRAIN_SECRET takes (comma-separated keys): how a worker inherits the keyring."""
-        return ",".join(encode_key(k) for k in self.keys)
+        return ",".join(self.text_items())
 
     @classmethod
     def from_text(cls, text: str, where: str) -> Keyring:
-        parts = [p for p in text.replace("\n", ",").split(",") if p.strip() and not p.strip().startswith("#")]
-        if not parts:
+        items = (p.strip() for p in text.replace("\n", ",").split(","))
+        parts = [p for p in items if p and not p.startswith("#")]
+        encrypt = ENCRYPT_WORD in parts
+        keys = [p for p in parts if p != ENCRYPT_WORD]
+        if not keys:
             raise UserError(f"{where}: no mesh key found")
-        return cls([decode_key(p, where) for p in parts])
+        return cls([decode_key(p, where) for p in keys], encrypt=encrypt)
 
     def __repr__(self) -> str:  # never print key material
-        return f"Keyring({len(self.keys)} keys, primary id {self.primary_id.hex()})"
+        mode = ", encrypted" if self.encrypt else ""
+        return f"Keyring({len(self.keys)} keys, primary id {self.primary_id.hex()}{mode})"
 
 
 def default_secret_path(env: Mapping[str, str] | None = None) -> Path:
@@ -142,7 +168,7 @@ def write_secret_file(path: Path, keyring: Keyring) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, ("\n".join(encode_key(k) for k in keyring.keys) + "\n").encode("ascii"))
+        os.write(fd, ("\n".join(keyring.text_items()) + "\n").encode("ascii"))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -187,9 +213,14 @@ def load_keyring(
     return keyring, True
 
 
-def store_joined_secret(keyring: Keyring, key: bytes, env: Mapping[str, str] | None = None) -> Keyring:
-    """Make `key` (from a join token) this machine's primary key, keeping older ones for rotation."""
-    merged = Keyring([key, *keyring.keys])
+def store_joined_secret(
+    keyring: Keyring, key: bytes, env: Mapping[str, str] | None = None, encrypt: bool | None = None
+) -> Keyring:
+    """Make `key` (from a join token) this machine's primary key, keeping older ones for rotation.
+
+    The encryption setting is the joined mesh's: `encrypt` when given, else the keyring's.
+    """
+    merged = Keyring([key, *keyring.keys], encrypt=keyring.encrypt if encrypt is None else encrypt)
     write_secret_file(default_secret_path(env), merged)
     return merged
 
@@ -201,15 +232,17 @@ def store_joined_secret(keyring: Keyring, key: bytes, env: Mapping[str, str] | N
 class JoinToken:
     secret: bytes
     seed: str | None = None  # "host:port" of a node to contact first (optional: LAN discovery finds one)
+    encrypt: bool = False  # the mesh encrypts its traffic: the joiner must too
 
 
-def make_token(secret: bytes, seed: str | None = None) -> str:
+def make_token(secret: bytes, seed: str | None = None, encrypt: bool = False) -> str:
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a mesh secret is {SECRET_BYTES} bytes")
     seed_bytes = (seed or "").encode("utf-8")
     if len(seed_bytes) > _MAX_SEED:
         raise ValueError("seed address too long")
-    body = bytes([_TOKEN_VERSION]) + secret + seed_bytes
+    head = bytes([_TOKEN_VERSION_FLAGS, _FLAG_ENCRYPT]) if encrypt else bytes([_TOKEN_VERSION])
+    body = head + secret + seed_bytes
     return TOKEN_PREFIX + _b64(body + hashlib.sha256(body).digest()[:_CHECKSUM_BYTES])
 
 
@@ -223,20 +256,29 @@ def parse_token(text: str) -> JoinToken:
     except (ValueError, binascii.Error):
         raise UserError("the join token is damaged (not base64url); copy it again") from None
     shortest = 1 + SECRET_BYTES + _CHECKSUM_BYTES
-    if not shortest <= len(raw) <= shortest + _MAX_SEED:
+    if not shortest <= len(raw) <= shortest + 1 + _MAX_SEED:
         raise UserError("the join token is damaged (wrong length); copy it again")
     body, checksum = raw[:-_CHECKSUM_BYTES], raw[-_CHECKSUM_BYTES:]
     if not hmac.compare_digest(hashlib.sha256(body).digest()[:_CHECKSUM_BYTES], checksum):
         raise UserError("the join token is damaged (checksum mismatch); copy it again")
-    if body[0] != _TOKEN_VERSION:
+    if body[0] == _TOKEN_VERSION:
+        flags, start = 0, 1
+    elif body[0] == _TOKEN_VERSION_FLAGS and len(body) >= 2 + SECRET_BYTES and body[1] <= _FLAG_ENCRYPT:
+        flags, start = body[1], 2
+    else:
         raise UserError(f"join token version {body[0]} is not supported by this meshtrain")
+    seed_bytes = body[start + SECRET_BYTES :]
+    if len(seed_bytes) > _MAX_SEED:
+        raise UserError("the join token is damaged (wrong length); copy it again")
     try:
-        seed = body[1 + SECRET_BYTES :].decode("utf-8")
+        seed = seed_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError("the join token is damaged (bad seed address); copy it again") from None
-    return JoinToken(secret=body[1 : 1 + SECRET_BYTES], seed=seed or None)
+    return JoinToken(
+        secret=body[start : start + SECRET_BYTES], seed=seed or None, encrypt=bool(flags & _FLAG_ENCRYPT)
+    )
 
 
 def join_command(keyring: Keyring, seed: str | None = None) -> str:
     """The exact command another machine runs to join this mesh."""
-    return f"meshtrain join --token {make_token(keyring.primary, seed)}"
+    return f"meshtrain join --token {make_token(keyring.primary, seed, encrypt=keyring.encrypt)}"

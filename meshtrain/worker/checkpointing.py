@@ -14,8 +14,10 @@ The mesh calls three things, always from the training thread except `on_message`
   newest here before starting us), as (state tree, meta, step).
 
 Acks go to the leader through `report({"k": "ckpt", "to": leader_node, "msg": wire})`; the agent
-forwards them. Writing is synchronous on the training thread: the snapshot is then exactly the
-state after `step`, at the cost of pausing training for the write (see bench/checkpoint.py).
+forwards them. Progress too: twice a second the member with the lowest id reports
+``{"k": "ckpt", "progress": step, "members": [...]}``, which the agent hands to the leader.
+Writing is synchronous on the training thread: the snapshot is then exactly the state after
+`step`, at the cost of pausing training for the write (see bench/checkpoint.py).
 
 What a part holds besides params and optimizer state: ``state.json`` keeps ``meta`` as given (epoch,
 cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``rng``), and the term.
@@ -25,6 +27,7 @@ cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``r
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +54,7 @@ __all__ = ["ENV_CHECKPOINTS", "WorkerCheckpoints"]
 ENV_CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"
 """The agent tells its workers where its checkpoint store is (each node of a --local mesh has its own)."""
 
+PROGRESS_PERIOD_S = 0.5
 Report = Callable[[dict[str, Any]], None]
 State = Callable[[], dict[str, Any]]
 
@@ -64,8 +68,10 @@ class WorkerCheckpoints:
         member: str,
         report: Report,
         store: CheckpointStore,
+        joiner: bool = False,
     ) -> None:
         self.options = options
+        self.joiner = joiner
         self.node = node
         self.member = member
         self.report = report
@@ -76,6 +82,7 @@ class WorkerCheckpoints:
         self.written: list[int] = []
         self.committed: list[int] = []
         self.failures: list[str] = []
+        self._progress_sent = -PROGRESS_PERIOD_S
 
     @classmethod
     def create(
@@ -87,7 +94,8 @@ class WorkerCheckpoints:
             return None
         root = os.environ.get(ENV_CHECKPOINTS)
         store = CheckpointStore(Path(root)) if root else CheckpointStore()
-        return cls(parsed, node=node, member=member, report=report, store=store)
+        joiner = bool(options.get("joiner"))
+        return cls(parsed, node=node, member=member, report=report, store=store, joiner=joiner)
 
     # ------------------------------------------------------------ the stdin thread
 
@@ -100,6 +108,7 @@ class WorkerCheckpoints:
 
     def at_boundary(self, step: int, state: State, meta: dict[str, Any]) -> None:
         """After `step` steps: write this member's part if a Prepare names this step."""
+        self._maybe_report_progress(step, meta)
         if not self.inbox and not self.participant.parts:
             self.participant.step = step  # nothing owed, nothing asked: the common, cheap case
             return
@@ -114,8 +123,12 @@ class WorkerCheckpoints:
             self._sweep_if_new_leader(message)
 
     def resume(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
-        """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here."""
-        if self.store.latest(self.run) is None:
+        """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here.
+
+        Only with ``--resume``: a run started without it starts fresh even if its name has checkpoints
+        (explicit beats surprising), and a worker joining a running job gets the state from its peers.
+        """
+        if not self.options.resume or self.joiner or self.store.latest(self.run) is None:
             return None
         checkpoint = self.store.load(self.run)
         saved = checkpoint.state
@@ -128,6 +141,20 @@ class WorkerCheckpoints:
         tree = {"params": unflatten_tree(checkpoint.params), "opt": unflatten_tree(checkpoint.optimizer)}
         self.participant.step = checkpoint.step
         return tree, meta, checkpoint.step
+
+    def _maybe_report_progress(self, step: int, meta: Mapping[str, Any]) -> None:
+        """Twice a second, one member (the lowest id) tells the leader how far the job is: the exact
+        committed step and who takes part, straight from the training loop (via our agent)."""
+        if self.options.policy is None:
+            return
+        now = time.monotonic()
+        if now - self._progress_sent < PROGRESS_PERIOD_S:
+            return
+        members = [str(m) for m in meta.get("members") or []] or [self.member]
+        if min(members) != self.member:
+            return
+        self._progress_sent = now
+        self.report({"k": "ckpt", "progress": step, "members": members})
 
     # ------------------------------------------------------------ carrying out the participant's actions
 

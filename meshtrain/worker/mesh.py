@@ -142,6 +142,7 @@ class WorkerMesh(Mesh):
         self._share_reason = ""
         self._handed_out = 0.0  # when the open step's batch was handed out (its compute time, for shares)
         self._bytes_per_sample = 0.0  # the most a sample has cost a step in memory (for the memory cap)
+        self._metrics: dict[str, float] = {}  # the last loss / test accuracy reported (checkpoints list them)
         self._model: Any = None
         self._optimizer: Any = None
         self._sampler: StepSampler | None = None
@@ -228,8 +229,8 @@ class WorkerMesh(Mesh):
             self._boundary()
             if sampler.epoch != epoch:
                 return  # this epoch is done (or was, before this worker joined)
-            shares = self._step_members()
-            generation = self._pinned[1] if self._pinned else self._gen
+            generation = self._step_generation()
+            shares = self._history[generation] if generation != self._gen else self._roster
             weights = self._weights_of(generation, shares)
             self._pinned = None
             mine = sampler.assignment(weights).get(self.member)
@@ -286,6 +287,9 @@ class WorkerMesh(Mesh):
                 extra["share_why"] = self._share_reason
         if self._ring_mb_s is not None:
             extra["ring_mb_s"] = self._ring_mb_s
+        for key in ("loss", "test_accuracy"):
+            if isinstance(metrics.get(key), (int, float)):
+                self._metrics[key] = float(metrics[key])  # checkpoints list them
         self._reporter.report({**metrics, **extra})
 
     def close(self) -> None:
@@ -304,11 +308,12 @@ class WorkerMesh(Mesh):
         self._recover(None)
 
     # --- steps --------------------------------------------------------------------------------
-    def _step_members(self) -> tuple[str, ...]:
-        """Who has a slice of the next step: the pinned generation's members, else the current ring's."""
+    def _step_generation(self) -> int:
+        """Whose shares slice the next step: the generation it is pinned to (an interrupted step being
+        finished), else the current ring's. A pin for an earlier step is stale and ignored."""
         if self._pinned is not None and self._pinned[0] == self.committed:
-            return self._history[self._pinned[1]]
-        return self._roster
+            return self._pinned[1]
+        return self._gen
 
     def _boundary(self) -> None:
         """Between steps: close a step that had no reduction, recover, admit, hand state over."""
@@ -338,6 +343,8 @@ class WorkerMesh(Mesh):
         used = {m: assignment[m] for m in self._open.members if m in contributors}
         if sampler_state is not None:
             self._sampler.load(sampler_state)
+            if self._sampler.epoch != epoch:
+                self._rebalance_due = True  # the step taken from another member ended the epoch
         else:
             lost = [assignment[m] for m in self._open.members if m not in contributors]
             if self._sampler.commit(np.concatenate(lost) if lost else ()):
@@ -402,6 +409,7 @@ class WorkerMesh(Mesh):
             "history": {str(g): list(m) for g, m in self._history.items()},
             "weights": {str(g): w for g, w in self._weights.items()},
             "rebalance_due": self._rebalance_due,
+            "metrics": dict(self._metrics),
         }
 
     def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
