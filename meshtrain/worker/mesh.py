@@ -156,6 +156,8 @@ class WorkerMesh(Mesh):
         self._ring_mb_s: float | None = None
         self._announced = False
         self._ledger = Path(ledger_dir) / f"ledger-{member}.jsonl" if ledger_dir else None
+        if self._ledger is not None:
+            self._ledger.parent.mkdir(parents=True, exist_ok=True)
         self._checkpoints = checkpoints
         self.wire_dtype: str | None = None
         self.generation_changes = 0
