@@ -194,11 +194,13 @@ class Ring:
         return f"{host}:{port}", rank
 
     def _stream(self, reduction: RingReduction, step: int) -> None:
-        assert self._link is not None
+        link = self._link
+        if link is None:  # closed from another thread (a new membership view) since _check_alive
+            raise self._broken or PeerLost("self", self.generation, "ring closed")
         base = {"kind": "chunk", "job": self.job, "gen": self.generation, "step": step}
         base["dtype"] = reduction.wire_dtype
         try:
-            self._link.run_allreduce(reduction, base, self._blame)
+            link.run_allreduce(reduction, base, self._blame)
         except LinkFailed as exc:
             peer, rank = exc.origin or self._blame(exc)
             reason = f"stalled for more than {self.timeout:g}s" if exc.reason == "stalled" else exc.reason

@@ -323,9 +323,12 @@ class WorkerMesh(Mesh):
             self._measure(None)  # a local step (local SGD) is timed here: it has no all-reduce
             self._commit(None, self._open.members, None)  # nothing to reduce
         self._open = None
-        if self._state_due is not None:
-            self._send_due_state()
-        if self._ring is None or self._stale_view():
+        if self._state_due is not None and self.committed == self._state_due.target + 1:
+            self._send_due_state()  # the boundary after the pinned step (a member behind first takes
+            # the step before it and finishes the pinned one: it gets here one boundary later)
+        while self._ring is None or self._stale_view() or not self._has_state:
+            # a worker without the job's state never takes a batch: it recovers until it has it
+            # (a hand-over interrupted by yet another view leaves it stateless: form again)
             self._recover(None)
             if self._state_due is not None and self.member in self._state_due.zero:
                 self._zero_participate(self._state_due)
@@ -672,5 +675,5 @@ class WorkerMesh(Mesh):
                 self._joined_gen = self._gen
         if plan.pinned_gen is not None and plan.pinned_gen in self._history:
             self._pinned = (plan.target, plan.pinned_gen)
-        self._state_due = plan if plan.zero else None
+        self._state_due = plan if plan.zero else None  # sent when `committed` reaches plan.target + 1
         return result
