@@ -26,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from meshtrain.train.step_sampler import ledger_problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("host0", "host1", "host2", "host3")
@@ -62,18 +64,8 @@ def status(home: Path) -> dict:
 
 
 def exactly_once(ledger: Path, n: int) -> str:
-    steps: dict[tuple[int, int], dict] = {}
-    for path in ledger.glob("ledger-*.jsonl"):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if steps.setdefault((row["epoch"], row["step"]), row["slices"]) != row["slices"]:
-                return f"members disagree at {(row['epoch'], row['step'])}"
-    epochs = sorted({e for e, _ in steps})
-    for e in epochs:
-        seen = Counter(i for (ep, _), sl in steps.items() if ep == e for v in sl.values() for i in v)
-        if sorted(seen) != list(range(n)) or max(seen.values()) != 1:
-            return f"VIOLATED in epoch {e}"
-    return f"exactly once ({len(epochs)} epochs, {len(steps)} steps)"
+    problem = ledger_problem(ledger, n)
+    return "exactly once" if problem is None else f"VIOLATED: {problem}"
 
 
 def run(name: str, args: argparse.Namespace) -> dict[str, object]:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshtrain.netns import Cluster, available, stop_processes  # noqa: E402
 from meshtrain.security.secret import Keyring, generate_secret  # noqa: E402
+from meshtrain.train.step_sampler import ledger_problem  # noqa: E402
 
 PORT = 7946
 TRAIN_LIMIT = 20000
@@ -86,15 +86,8 @@ def rows(ledger: Path) -> list[dict]:
 
 
 def exactly_once(ledger: Path, n: int) -> str:
-    steps: dict[tuple[int, int], dict] = {}
-    for r in rows(ledger):
-        steps.setdefault((r["epoch"], r["step"]), r["slices"])
-    epochs = sorted({e for e, _ in steps})
-    for e in epochs:
-        seen = Counter(i for (ep, _), sl in steps.items() if ep == e for v in sl.values() for i in v)
-        if sorted(seen) != list(range(n)) or max(seen.values()) != 1:
-            return f"VIOLATED in epoch {e}"
-    return f"exactly once in each of {len(epochs)} epochs"
+    problem = ledger_problem(ledger, n)
+    return "exactly once in each epoch" if problem is None else f"VIOLATED: {problem}"
 
 
 def worker_pids(pid: int) -> list[int]:

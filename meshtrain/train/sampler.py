@@ -53,6 +53,23 @@ def split_counts(total: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
+def split_by_shares(indices: np.ndarray, shares: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Contiguous slices of `indices`, one per member in the mapping's order, sized by share."""
+    counts = split_counts(len(indices), list(shares.values()))
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for member, count in zip(shares, counts, strict=True):
+        out[member] = indices[start : start + count]
+        start += count
+    return out
+
+
+def epoch_permutation(seed: int, epoch: int, dataset_size: int) -> np.ndarray:
+    """The order of an epoch: PCG64 of (seed, epoch), the same on every machine and numpy version."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    return rng.permutation(dataset_size).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class SamplerState:
     """Everything that distinguishes one point of training from another, as far as data goes."""
@@ -128,8 +145,7 @@ class GlobalSampler:
         """The order of `epoch`: the same on every machine and numpy version (PCG64 of seed, epoch)."""
         epoch = self.epoch if epoch is None else epoch
         if epoch != self._perm_epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._perm = rng.permutation(self.dataset_size).astype(np.int64)
+            self._perm = epoch_permutation(self.seed, epoch, self.dataset_size)
             self._perm_epoch = epoch
         return self._perm
 
@@ -144,14 +160,7 @@ class GlobalSampler:
 
     def assignment(self, shares: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each member's slice of the current global batch; together they are the batch, no overlaps."""
-        batch = self.global_batch_indices()
-        counts = split_counts(len(batch), list(shares.values()))
-        out: dict[str, np.ndarray] = {}
-        start = 0
-        for member, count in zip(shares, counts, strict=True):
-            out[member] = batch[start : start + count]
-            start += count
-        return out
+        return split_by_shares(self.global_batch_indices(), shares)
 
     def slice_for(self, member: str, shares: Mapping[str, float]) -> np.ndarray:
         """This member's indices of the current global batch."""
@@ -175,13 +184,7 @@ class GlobalSampler:
         old = self.assignment(old_shares)
         lost = [old[m] for m in old_shares if m not in survivors]
         orphans = np.concatenate(lost) if lost else np.empty(0, np.int64)
-        counts = split_counts(len(orphans), list(survivors.values()))
-        extra: dict[str, np.ndarray] = {}
-        start = 0
-        for member, count in zip(survivors, counts, strict=True):
-            extra[member] = orphans[start : start + count]
-            start += count
-        return extra
+        return split_by_shares(orphans, survivors)
 
     def advance(self) -> bool:
         """Commit the current global batch: move the cursor; True when an epoch just ended."""

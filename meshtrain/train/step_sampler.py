@@ -13,15 +13,18 @@ step adds one short step to the epoch instead of leaking into the next one.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from meshtrain.errors import UserError
-from meshtrain.train.sampler import split_counts
+from meshtrain.train.sampler import epoch_permutation, split_by_shares
 
-__all__ = ["StepSampler"]
+__all__ = ["StepSampler", "ledger_problem"]
 
 
 class StepSampler:
@@ -75,8 +78,7 @@ class StepSampler:
     def permutation(self) -> np.ndarray:
         """The order of the current epoch: PCG64 of (seed, epoch), the same on every machine."""
         if self.epoch != self._perm_epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
-            self._perm = rng.permutation(self.dataset_size).astype(np.int64)
+            self._perm = epoch_permutation(self.seed, self.epoch, self.dataset_size)
             self._perm_epoch = self.epoch
         return self._perm
 
@@ -92,14 +94,7 @@ class StepSampler:
 
     def assignment(self, shares: Mapping[str, float]) -> dict[str, np.ndarray]:
         """Each member's contiguous slice of the batch, by share (in the mapping's order)."""
-        batch = self.batch()
-        counts = split_counts(len(batch), list(shares.values()))
-        out: dict[str, np.ndarray] = {}
-        start = 0
-        for member, count in zip(shares, counts, strict=True):
-            out[member] = batch[start : start + count]
-            start += count
-        return out
+        return split_by_shares(self.batch(), shares)
 
     def commit(self, orphans: Any = ()) -> bool:
         """Consume the batch, carry `orphans` into the next step; True when the epoch just ended."""
@@ -112,3 +107,20 @@ class StepSampler:
             self.cursor = 0
             return True
         return False
+
+
+def ledger_problem(ledger_dir: Path, dataset_size: int) -> str | None:
+    """Check the debug ledger a job wrote (`run --ledger DIR`): None when every index of every epoch is
+    in exactly one committed step and the members that logged a step agree on its slices; else why not."""
+    steps: dict[tuple[int, int], dict[str, list[int]]] = {}
+    for path in sorted(ledger_dir.glob("ledger-*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            key = (int(row["epoch"]), int(row["step"]))
+            if steps.setdefault(key, row["slices"]) != row["slices"]:
+                return f"members disagree on the slices of step {key}"
+    for epoch in sorted({e for e, _ in steps}):
+        seen = Counter(i for (e, _), sl in steps.items() if e == epoch for v in sl.values() for i in v)
+        if sorted(seen) != list(range(dataset_size)) or max(seen.values()) != 1:
+            return f"epoch {epoch}: not every index exactly once"
+    return None
