@@ -315,6 +315,10 @@ def run(args: argparse.Namespace) -> int:
     options["shares"] = getattr(args, "shares", "perf")
     if getattr(args, "ledger", None):
         options["ledger"] = os.path.abspath(args.ledger)
+        try:
+            Path(options["ledger"]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--ledger {args.ledger}: cannot create it: {exc.strerror or exc}") from None
     bundle = bundle_snapshot(args.script)
     if args.local is not None and args.nodes is not None:
         raise UserError("--local N makes its own mesh of N nodes: drop --nodes")
