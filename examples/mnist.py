@@ -163,6 +163,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="1",
         help="H local steps between syncs (DiLoCo local SGD), or 'auto'; 1 = per-step gradient sync",
     )
+    parser.add_argument(
+        "--evals-per-epoch",
+        type=int,
+        default=1,
+        help="test evaluations per epoch (a finer time-to-accuracy; local SGD evaluates at its next sync)",
+    )
     parser.add_argument("--outer-lr", type=float, default=0.7, help="local SGD outer learning rate")
     parser.add_argument(  # DiLoCo's 0.9 is tuned for H ~ 500; at H = 4 on the MLP it measured 95.5% vs 97.9%
         "--outer-momentum", type=float, default=0.5, help="local SGD outer Nesterov momentum (default 0.5)"
@@ -208,9 +214,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{model_name} on {mx.default_device()}, {n_train} samples, world size {mesh.size}", flush=True)
         mode = "per-step gradient sync" if outer is None else outer.describe()
         print(f"mode: {mode}, wire {args.wire}", flush=True)
+    if args.evals_per_epoch < 1:
+        raise SystemExit("mnist.py: --evals-per-epoch must be at least 1")
+    eval_every = max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))
     accuracy = 0.0
     for epoch in range(args.epochs):
-        start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        start, loss_sum, seen, evaluated = time.perf_counter(), 0.0, 0, 0
         batches = mesh.batches(n_train, args.batch_size, epoch=epoch, seed=args.seed)
         for step, idx in enumerate(batches):
             if len(idx) == 0:  # more workers than samples in this batch: still take part
@@ -223,8 +232,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             if outer is None or len(idx) > 0:  # local SGD: a worker with no samples has nothing to learn
                 apply_update(grads)
             mx.eval(model.parameters(), optimizer.state, loss)
-            if outer is not None:
-                outer.step(samples=len(idx))
+            synced = outer is None or outer.step(samples=len(idx)) or not outer.active
+            if (step + 1) // eval_every > evaluated and synced and step + 1 < steps_per_epoch:
+                evaluated = (step + 1) // eval_every  # mid-epoch: the shared model, right after a sync
+                if mesh.is_main:
+                    accuracy = evaluate(model, x_test, y_test)
+                    print(
+                        f"epoch {epoch + (step + 1) / steps_per_epoch:.2f}/{args.epochs}  "
+                        f"test accuracy {accuracy * 100:.2f}%",
+                        flush=True,
+                    )
             loss_value = float(loss)
             loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
             mesh.report(
