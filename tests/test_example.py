@@ -42,14 +42,36 @@ def test_cnn_and_mlp_have_the_documented_sizes() -> None:
 )
 def test_example_trains_and_prints_final_accuracy() -> None:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--model", "mlp", "--epochs", "1", "--train-limit", "5000"],
+        [sys.executable, str(EXAMPLE), "--model", "mlp", "--epochs", "1", "--train-limit", "5000"]
+        + ["--evals-per-epoch", "4"],
         capture_output=True,
         text=True,
         timeout=90,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert re.fullmatch(r"epoch 1/1  loss \d+\.\d{3}  test accuracy \d+\.\d{2}%  \d+\.\d s", lines[-2]), lines
+    evaluating = r"  \(evaluating so far \d+\.\d{2} s\)"
+    mid = [
+        line
+        for line in lines
+        if re.fullmatch(r"epoch 0\.\d\d/1  test accuracy \d+\.\d{2}%" + evaluating, line)
+    ]
+    assert len(mid) == 3, (
+        lines
+    )  # 40 steps, an evaluation every 10: after 10, 20 and 30; the 4th ends the epoch
+    assert re.fullmatch(
+        r"epoch 1/1  loss \d+\.\d{3}  test accuracy \d+\.\d{2}%  \d+\.\d s" + evaluating, lines[-2]
+    ), lines
     match = re.fullmatch(r"final test accuracy: (\d+\.\d{2})%", lines[-1])
     assert match, lines
     assert 80.0 < float(match.group(1)) <= 100.0
+    # bench/scaling.py reads these lines for time-to-accuracy
+    spec = importlib.util.spec_from_file_location(
+        "scaling_bench", EXAMPLE.parent.parent / "bench" / "scaling.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert [bool(bench.MID_EPOCH_LINE.search(line)) for line in lines[-6:-2]] == [False, True, True, True]
+    assert bench.EPOCH_LINE.search(lines[-2]) and bench.EVAL_TIME.search(lines[-2])
