@@ -11,8 +11,9 @@ pinned to `--cores-per-node` cores of its own, and runs `meshtrain run
 examples/mnist.py --nodes N` from host 0 with the mode's flags. It reads the
 job's output as it streams: time-to-accuracy is the wall time from the
 script's first line (the job has started: mesh formed, data loaded) to the
-first per-epoch evaluation at or above `--target` (the script evaluates once
-per epoch). The job is then cancelled (Ctrl-C semantics: every node stops),
+first test evaluation at or above `--target` (`--evals-per-epoch`, default 8:
+the script evaluates 8 times an epoch; local SGD at its first sync after each
+point). The job is then cancelled (Ctrl-C semantics: every node stops),
 unless `--no-stop-at-target`. A run past `--max-run-s` is cancelled too and
 reported as "> LIMIT". The table gives, per (link, mode, N): samples/s,
 time-to-target, speed-up against N=1 of the same mode and against the best
@@ -57,21 +58,25 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from meshtrain import netns
 from meshtrain.security import Keyring, generate_secret
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+MID_EPOCH_LINE = re.compile(r"epoch ([\d.]+)/(\d+)\s+test accuracy ([\d.]+)%")  # --evals-per-epoch
+EVAL_TIME = re.compile(r"evaluating so far ([\d.]+) s")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)\s+loss ([\d.]+)\s+test accuracy ([\d.]+)%\s+([\d.]+) s")
 START_LINE = re.compile(r"world size (\d+)")
 THROUGHPUT_LINE = re.compile(r"throughput: ([\d,]+) samples/s")
@@ -128,6 +133,8 @@ class Run:
     """One `meshtrain run`: what it printed, when, and how it ended."""
 
     epochs: list[tuple[int, float, float, float]] = field(default_factory=list)  # (k, acc %, s, at)
+    evals: list[tuple[float, float]] = field(default_factory=list)  # every evaluation: (acc %, at)
+    eval_s: list[float] = field(default_factory=list)  # per evaluation: the main's evaluating so far
     started_at: float | None = None  # the script's first line (seconds after submit)
     samples_per_s: float | None = None
     auto_h: int | None = None
@@ -138,10 +145,12 @@ class Run:
     limit_s: float = 0.0
     output: list[str] = field(default_factory=list)
 
-    def time_to(self, target: float) -> float | None:
-        for _, acc, _, at in self.epochs:
+    def time_to(self, target: float, training_only: bool = False) -> float | None:
+        """Wall time to the first evaluation at target; `training_only` leaves out evaluating."""
+        for i, (acc, at) in enumerate(self.evals):
             if acc >= target:
-                return at - (self.started_at or 0.0)
+                evaluating = self.eval_s[i] if training_only and i < len(self.eval_s) else 0.0
+                return at - (self.started_at or 0.0) - evaluating
         return None
 
     def rate(self, samples_per_epoch: int) -> float:
@@ -374,13 +383,19 @@ def _wait_for_mesh(hosts: Hosts, n: int, home: Path, secret: str) -> None:
 
 def parse_epochs(text: str) -> dict[int, int]:
     """`4` (every N) or `1=4,2=4,8=8` (per N; an N not listed takes the largest N listed below it)."""
+    return parse_per_n(text, int)
+
+
+def parse_per_n(text: str, cast: Callable[[str], T]) -> dict[int, T]:
+    """A value for every N (`4`) or per N (`1=4,2=4,8=8`)."""
     if "=" not in text:
-        return {1: int(text)}
+        return {1: cast(text)}
     pairs = (item.split("=", 1) for item in text.split(",") if item.strip())
-    return dict(sorted((int(n), int(e)) for n, e in pairs))
+    return dict(sorted((int(n), cast(e)) for n, e in pairs))
 
 
-def epochs_for(n: int, table: dict[int, int]) -> int:
+def epochs_for(n: int, table: dict[int, T]) -> T:
+    """Table lookup: an N not listed takes the largest N listed below it."""
     below = [k for k in table if k <= n]
     return table[max(below)] if below else table[min(table)]
 
@@ -388,6 +403,8 @@ def epochs_for(n: int, table: dict[int, int]) -> int:
 def script_flags(mode: str, n: int, args: argparse.Namespace) -> list[str]:
     """examples/mnist.py's flags for this mode at N nodes (same epochs and seed everywhere)."""
     flags = ["--epochs", str(epochs_for(n, args.epochs)), "--seed", str(args.seed), *MODES[mode]]
+    if args.evals_per_epoch > 1:
+        flags += ["--evals-per-epoch", str(args.evals_per_epoch)]
     if args.model:
         flags += ["--model", args.model]
     if args.train_limit:
@@ -399,7 +416,9 @@ def script_flags(mode: str, n: int, args: argparse.Namespace) -> list[str]:
             scale = n if args.lr_scale == "linear" else math.sqrt(n)
             flags += ["--lr", f"{base * scale:.6g}"]
     else:
-        flags += ["--batch-size", str(args.batch_size)]
+        flags += ["--batch-size", str(epochs_for(n, args.batch_size))]
+    if args.lr is not None:
+        flags += ["--lr", f"{epochs_for(n, args.lr):g}"]
     return flags
 
 
@@ -452,8 +471,14 @@ def run_job(
             result.started_at = now
         if (m := EPOCH_LINE.search(line)) is not None:
             result.epochs.append((int(m[1]), float(m[4]), float(m[5]), now))
-            if target is not None and float(m[4]) >= target:
-                cancel("target")
+            result.evals.append((float(m[4]), now))
+        elif (m := MID_EPOCH_LINE.search(line)) is not None:
+            result.evals.append((float(m[3]), now))
+        if (m := EVAL_TIME.search(line)) is not None:
+            result.eval_s.append(float(m[1]))
+        reached = result.evals and result.evals[-1][1] == now and result.evals[-1][0] >= (target or 101.0)
+        if reached:
+            cancel("target")
         if (m := THROUGHPUT_LINE.search(line)) is not None:
             result.samples_per_s = float(m[1].replace(",", ""))
         if (m := AUTO_LINE.search(line)) is not None:
@@ -573,10 +598,10 @@ def _run_cells(
                 note = (note + "; " if note else "") + "NO delay (no netem)"
             cells.append(Cell(str(link), mode, n, r, note))
             tta = r.time_to(args.target)
-            accs = ", ".join(f"{acc:.2f}%@{at - (r.started_at or 0):.1f}s" for _, acc, _, at in r.epochs)
+            accs = ", ".join(f"{acc:.2f}%@{at - (r.started_at or 0):.1f}s" for acc, at in r.evals)
             print(
                 f"  -> {r.rate(samples):,.0f} samples/s, to {args.target}%: "
-                f"{_seconds(tta, r)}; epochs: {accs}; wall {r.wall_s:.1f}s"
+                f"{_seconds(tta, r)}; evaluations: {accs}; wall {r.wall_s:.1f}s"
                 + (f"; H={r.auto_h}" if r.auto_h else ""),
                 flush=True,
             )
@@ -598,12 +623,13 @@ def _seconds(value: float | None, run: Run) -> str:
 def print_tta_table(cells: list[Cell], args: argparse.Namespace) -> None:
     samples = args.train_limit or 60000
     print(
-        f"\ntime to {args.target}% test accuracy, from the job's first line to the first epoch evaluation"
-        " at or above it (one evaluation per epoch)"
+        f"\ntime to {args.target}% test accuracy, from the job's first line to the first evaluation"
+        f" at or above it ({args.evals_per_epoch} evaluation(s) per epoch); `training`: the same less the"
+        " main worker's evaluation time (the others wait for it), and its speed-up against the best N=1"
     )
     header = (
         f"{'link':<14} {'mode':<15} {'N':>2} {'samples/s':>10} {'t->target':>10} {'vs N=1 same':>12}"
-        f" {'eff':>5} {'vs best N=1':>12} {'eff':>5} {'accuracy':>9}  note"
+        f" {'eff':>5} {'vs best N=1':>12} {'eff':>5} {'accuracy':>9} {'training':>9} {'vs best':>8}  note"
     )
     print(header)
     for link in dict.fromkeys(c.link for c in cells):
@@ -611,16 +637,21 @@ def print_tta_table(cells: list[Cell], args: argparse.Namespace) -> None:
         base_same = {c.mode: c.run.time_to(args.target) for c in here if c.nodes == 1}
         n1 = [t for t in base_same.values() if t is not None]
         best_n1 = min(n1) if n1 else None
+        n1_train = [t for c in here if c.nodes == 1 and (t := c.run.time_to(args.target, True)) is not None]
+        best_n1_train = min(n1_train) if n1_train else None
         for c in here:
             tta = c.run.time_to(args.target)
             same = base_same.get(c.mode)
             s_same = same / tta if same and tta else None
             s_best = best_n1 / tta if best_n1 and tta else None
-            acc = c.run.epochs[-1][1] if c.run.epochs else float("nan")
+            acc = max((a for a, _ in c.run.evals), default=float("nan"))  # the best evaluation
+            train = c.run.time_to(args.target, training_only=True)
+            s_train = best_n1_train / train if best_n1_train and train else None
             print(
                 f"{link:<14} {MODE_NAMES[c.mode]:<15} {c.nodes:>2} {c.run.rate(samples):>10,.0f}"
                 f" {_seconds(tta, c.run):>10} {_ratio(s_same):>12} {_eff(s_same, c.nodes):>5}"
-                f" {_ratio(s_best):>12} {_eff(s_best, c.nodes):>5} {acc:>8.2f}%  {c.note}"
+                f" {_ratio(s_best):>12} {_eff(s_best, c.nodes):>5} {acc:>8.2f}%"
+                f" {_seconds(train, c.run):>9} {_ratio(s_train):>8}  {c.note}"
             )
 
 
@@ -644,6 +675,8 @@ def shares_flag_supported() -> bool:
 
 
 def heterogeneous(args: argparse.Namespace) -> None:
+    """Two nodes, host1 slowed: each alone, both at once (separate jobs), and together with equal and
+    with performance shares; every pair figure against the sum of the solos."""
     link = args.links[0]
     k = args.cores_per_node
     probe_quota = CpuQuota("msb-probe", k, args.slow_factor)
@@ -651,16 +684,24 @@ def heterogeneous(args: argparse.Namespace) -> None:
     probe_quota.remove()
     samples = args.train_limit or 60000
     flags = script_flags(args.hetero_mode, 2, args)
+    mode = MODE_NAMES[args.hetero_mode]
+    if "--sync-every" in flags and args.hetero_sync_every:
+        flags[flags.index("--sync-every") + 1] = args.hetero_sync_every
+        mode = f"local SGD H={args.hetero_sync_every}"
+    if "--evals-per-epoch" in flags:  # throughput: evaluate at epoch ends only (main evaluates, others wait)
+        del flags[flags.index("--evals-per-epoch") : flags.index("--evals-per-epoch") + 2]
     supported = shares_flag_supported()
     print(
         f"heterogeneous: 2 nodes, {k} core(s) each, host1 slowed to {args.slow_factor:g} of its speed"
-        f" by {how}; link {link}; mode {MODE_NAMES[args.hetero_mode]}; examples/mnist.py {' '.join(flags)};"
-        f" shares chosen by {'meshtrain run --shares' if supported else 'the agents MESHTRAIN_SHARES'}",
+        f" by {how}; link {link}; mode {mode}; examples/mnist.py {' '.join(flags)};"
+        f" shares chosen by {'meshtrain run --shares' if supported else 'the agents MESHTRAIN_SHARES'};"
+        f" {args.hetero_repeats} round(s)",
         flush=True,
     )
-    rates: dict[str, tuple[float, float]] = {}
+    # label -> one (job average, last epoch) pair per round
+    rates: dict[str, list[tuple[float, float]]] = {}
 
-    def one(hosts: Hosts, home: Path, secret: str, label: str, nodes: str, run_flags: list[str]) -> None:
+    def one(hosts: Hosts, home: Path, secret: str, label: str, nodes: str, run_flags: list[str]) -> list[str]:
         r = run_job(
             hosts,
             nodes,
@@ -672,43 +713,85 @@ def heterogeneous(args: argparse.Namespace) -> None:
             limit_s=args.max_run_s,
             echo=args.verbose,
         )
-        # The last epoch's rate: shares re-balance at epoch ends, so it is the planned shares' speed.
-        last = samples / r.epochs[-1][2] if r.epochs else float("nan")
-        rates[label] = (r.rate(samples), last)
+        # Per epoch: samples over the time between two epoch lines (the script prints its own epoch
+        # time to 0.1 s only); the first epoch from its own time. After the first epoch the shares
+        # have settled: those epochs together are the settled rate (several seconds: less noise).
+        seconds = [r.epochs[0][2]] if r.epochs else []
+        seconds += [b[3] - a[3] for a, b in zip(r.epochs, r.epochs[1:], strict=False)]
+        settled = samples * len(seconds[1:]) / sum(seconds[1:]) if seconds[1:] else float("nan")
+        rates.setdefault(label, []).append((r.rate(samples), settled))
         acc = r.epochs[-1][1] if r.epochs else float("nan")
-        epochs = ", ".join(f"{samples / secs:,.0f}" for _, _, secs, _ in r.epochs)
-        print(f"  -> {rates[label][0]:,.0f} samples/s job average; per epoch: {epochs}; accuracy {acc:.2f}%")
-        for line in r.share_lines[-6:]:
-            print(f"     live view: {line.strip()}")
+        epochs = ", ".join(f"{samples / secs:,.0f}" for secs in seconds)
+        sync = f"; {r.auto_h} steps between syncs" if r.auto_h and "auto" in flags else ""
+        out = [
+            f"  -> {label}: {r.rate(samples):,.0f} samples/s job average; per epoch: {epochs};"
+            f" accuracy {acc:.2f}%{sync}"
+        ]
+        return out + [f"     live view: {line.strip()}" for line in r.share_lines[-4:]]
+
+    def both_alone(hosts: Hosts, home: Path, secret: str) -> None:
+        """host0's and host1's solo jobs at the same time: every core busy, as in the pair."""
+        outs: dict[str, list[str]] = {}
+
+        def alone(label: str, node: str) -> None:
+            outs[label] = one(hosts, home, secret, label, node, [])
+
+        jobs = (("solo host0, both at once", "host0"), ("solo host1, both at once", "host1"))
+        threads = [threading.Thread(target=alone, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for label in sorted(outs):
+            print("\n".join(outs[label]), flush=True)
 
     sessions = [("equal", "perf")] if supported else [("equal",), ("perf",)]
-    for session in sessions:
-        env = {} if supported else {"MESHTRAIN_SHARES": session[0]}
-        quota = CpuQuota("msb-slow", k, args.slow_factor)
-        with mesh(2, link, args, quota, env) as (hosts, home, secret):
-            if "equal" in session:
-                one(hosts, home, secret, "solo host0", "host0", [])
-                one(hosts, home, secret, "solo host1 (slowed)", "host1", [])
-            for shares in session:
-                print(f"  shares {shares}" + ("" if supported else f" (agents' MESHTRAIN_SHARES={shares})"))
-                one(
-                    hosts,
-                    home,
-                    secret,
-                    f"pair, shares {shares}",
-                    "2",
-                    [f"--shares={shares}"] if supported else [],
+    for round_ in range(args.hetero_repeats):
+        for session in sessions:
+            env = {} if supported else {"MESHTRAIN_SHARES": session[0]}
+            quota = CpuQuota("msb-slow", k, args.slow_factor)
+            with mesh(2, link, args, quota, env) as (hosts, home, secret):
+                if "equal" in session:
+                    print(f"round {round_ + 1}", flush=True)
+                    print("\n".join(one(hosts, home, secret, "solo host0", "host0", [])), flush=True)
+                    print("\n".join(one(hosts, home, secret, "solo host1", "host1", [])), flush=True)
+                    both_alone(hosts, home, secret)
+                for shares in session:
+                    how_shares = [f"--shares={shares}"] if supported else []
+                    label = f"pair, shares {shares}"
+                    print("\n".join(one(hosts, home, secret, label, "2", how_shares)), flush=True)
+    _hetero_summary(rates)
+
+
+def _hetero_summary(rates: dict[str, list[tuple[float, float]]]) -> None:
+    """Each pair against the sum of the solos, per round and as the median over rounds."""
+    rounds = len(rates["solo host0"])
+    for i, what in ((0, "job average"), (1, "epochs 2 to the last (shares settled)")):
+        print(f"\n{what}, samples/s (rounds: {rounds}; median):")
+        for baseline, suffix in (("one at a time", ""), ("both at once", ", both at once")):
+            sums = [
+                a[i] + b[i]
+                for a, b in zip(rates["solo host0" + suffix], rates["solo host1" + suffix], strict=True)
+            ]
+            fast = [a[i] for a in rates["solo host0" + suffix]]
+            slow = [b[i] for b in rates["solo host1" + suffix]]
+            print(
+                f"  solos {baseline}: host0 {_runs(fast)}, host1 (slowed) {_runs(slow)}"
+                f" ({statistics.median(slow) / statistics.median(fast):.2f}x); sum {_runs(sums)}"
+            )
+            for shares in ("equal", "perf"):
+                pair = [p[i] for p in rates[f"pair, shares {shares}"]]
+                ratios = [p / s for p, s in zip(pair, sums, strict=True)]
+                print(
+                    f"    pair, shares {shares}: {_runs(pair)} = "
+                    + ", ".join(f"{r:.0%}" for r in ratios)
+                    + f" of the sum (median {statistics.median(ratios):.0%})"
                 )
-    for i, label in ((0, "job average"), (1, "last epoch (after the epoch-end re-balance)")):
-        fast, slow = rates["solo host0"][i], rates["solo host1 (slowed)"][i]
-        total = fast + slow
-        print(
-            f"\n{label}: solo host0 {fast:,.0f} samples/s, host1 (slowed) {slow:,.0f} ({slow / fast:.2f}x);"
-            f" sum of solos {total:,.0f} samples/s"
-        )
-        for shares in ("equal", "perf"):
-            rate = rates[f"pair, shares {shares}"][i]
-            print(f"  pair, shares {shares}: {rate:,.0f} samples/s = {rate / total:.0%} of the sum of solos")
+
+
+def _runs(values: list[float]) -> str:
+    text = ", ".join(f"{v:,.0f}" for v in values)
+    return text if len(values) == 1 else f"{text} (median {statistics.median(values):,.0f})"
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -729,18 +812,18 @@ def _describe_setup(args: argparse.Namespace) -> str:
     batch = (
         f"global batch {args.batch_per_node}*N (lr scale {args.lr_scale} for per-step modes)"
         if args.batch_per_node
-        else f"global batch {args.batch_size}"
+        else f"global batch {_epochs_text(args.batch_size)}"
     )
     return (
         f"examples/mnist.py --model {args.model or 'default'}, --epochs {_epochs_text(args.epochs)},"
-        f" {batch}, "
+        f" {batch}, peak lr {_epochs_text(args.lr) if args.lr else 'the default'}, "
         f"{args.train_limit or 60000} training samples, seed {args.seed}; {links}; "
         f"{len(available)} CPU cores here (os.cpu_count {os.cpu_count()}); {pinning}; "
         f"BLAS {os.environ.get('MESHTRAIN_BLAS') or os.environ.get('LD_PRELOAD') or 'default'}"
     )
 
 
-def _epochs_text(table: dict[int, int]) -> str:
+def _epochs_text(table: dict[int, T]) -> str:
     return str(table[1]) if list(table) == [1] else ",".join(f"N={n}:{e}" for n, e in table.items())
 
 
@@ -771,18 +854,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=parse_epochs("4"),
         help="the script's --epochs (its LR schedule length): E, or per N as 1=4,8=8",
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch, the same for every N")
+    parser.add_argument(
+        "--batch-size", type=lambda t: parse_per_n(t, int), default={1: 128}, help="global batch: B or per N"
+    )
+    parser.add_argument(
+        "--lr", type=lambda t: parse_per_n(t, float), default=None, help="the script's --lr: LR or per N"
+    )
     parser.add_argument("--batch-per-node", type=int, default=None, help="global batch = this * N instead")
     parser.add_argument("--lr-scale", choices=("none", "sqrt", "linear"), default="sqrt")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", type=float, default=98.0, help="test accuracy (%%) for time-to-accuracy")
     parser.add_argument("--no-stop-at-target", dest="stop_at_target", action="store_false")
+    parser.add_argument("--evals-per-epoch", type=int, default=8, help="evaluations per epoch (resolution)")
     parser.add_argument("--max-run-s", type=float, default=300.0, help="cancel a run after this many seconds")
     parser.add_argument("--hetero", action="store_true", help="the heterogeneous 2-node case instead")
     parser.add_argument("--slow-factor", type=float, default=0.5, help="--hetero: host1's CPU quota fraction")
-    parser.add_argument(  # per-step: the shares' speed meter sees every step's compute
-        "--hetero-mode", choices=sorted(MODES), default="bf16"
+    parser.add_argument(  # local SGD: an uneven pair meets only every H steps, so the sync is amortised
+        "--hetero-mode", choices=sorted(MODES), default="local-sgd"
+    )
+    parser.add_argument("--hetero-repeats", type=int, default=1, help="--hetero: rounds of the five runs")
+    parser.add_argument(
+        "--hetero-sync-every",
+        default="16",
+        help="--hetero with --hetero-mode local-sgd: the script's --sync-every (H or auto; default 16)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="echo every line of every job")
     args = parser.parse_args(argv)
