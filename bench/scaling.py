@@ -32,8 +32,11 @@ inherit. It measures each node's solo throughput (`--nodes host0`, then
 `--nodes host1`) and the pair's with equal and with performance-based shares
 (`meshtrain run --shares=equal|perf` where the tree has that flag, else agents
 started with MESHTRAIN_SHARES=equal|perf), and prints the pair's throughput
-against the sum of the solos: the job's average, and the last epoch's (shares
-re-balance at epoch ends, so the first epoch runs on equal shares).
+against the sum of the solos, run one at a time and both at once: the job's
+average, and epochs 2 to the last (shares settle at step 4; the first epoch
+also pays ring start-up and compiling), per round (`--hetero-repeats`) and
+their median. Its mode defaults to local SGD with H=16 (`--hetero-mode`,
+`--hetero-sync-every`): an uneven pair that meets every step waits every step.
 
 Where namespaces or `tc` do not work (a sandboxed kernel), `--loopback` runs
 the same agents on 127.0.0.1 with distinct ports: the links are then unshaped

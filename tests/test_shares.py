@@ -9,12 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshtrain.train.shares import (
+    CHECK_EVERY,
+    DEFAULT_DRIFT,
+    FIRST_CHECK,
+    SETTLE_DRIFT,
     ShareDecision,
     ThroughputMeter,
     bytes_per_sample,
+    drift_band,
     equal_shares,
     memory_cap,
     plan_shares,
+    rebalance_due,
 )
 
 NAMES = [f"host{i}" for i in range(8)]
@@ -49,6 +55,34 @@ def test_meter_window_forgets_old_speed_and_skips_empty_steps() -> None:
     assert meter.rate() == pytest.approx(200.0)
     meter.reset()
     assert meter.rate() is None
+
+
+# --- when to re-balance ----------------------------------------------------------------------------
+
+
+def test_checks_come_early_then_every_few_steps_and_at_epoch_ends() -> None:
+    due = [step for step in range(0, 3 * CHECK_EVERY + 1) if rebalance_due(step, epoch_ended=False)]
+    assert due == sorted({FIRST_CHECK, CHECK_EVERY, 2 * CHECK_EVERY, 3 * CHECK_EVERY})
+    assert FIRST_CHECK < CHECK_EVERY  # the equal starting shares do not last a whole check period
+    assert rebalance_due(7, epoch_ended=True) and not rebalance_due(7, epoch_ended=False)
+    assert not rebalance_due(0, epoch_ended=False)  # nothing measured yet
+    assert [s for s in range(1, 40) if rebalance_due(s, False, every=0, first=-1)] == []  # epoch ends only
+    with pytest.raises(ValueError):
+        rebalance_due(5, False, every=-1)
+
+
+def test_first_check_and_epoch_ends_settle_within_a_narrower_band() -> None:
+    assert drift_band(FIRST_CHECK, epoch_ended=False) == SETTLE_DRIFT
+    assert drift_band(3 * CHECK_EVERY + 7, epoch_ended=True) == SETTLE_DRIFT
+    assert drift_band(CHECK_EVERY, epoch_ended=False) == DEFAULT_DRIFT > SETTLE_DRIFT  # mid-epoch
+    current = {"fast": 0.70, "slow": 0.30}  # 10% off the measured ideal (2/3, 1/3)
+    rates = {"fast": 200.0, "slow": 100.0}
+    assert not plan_shares(rates, current, drift=drift_band(CHECK_EVERY, False)).changed
+    settled = plan_shares(rates, current, drift=drift_band(FIRST_CHECK, False))
+    assert settled.changed and settled.shares == pytest.approx({"fast": 2 / 3, "slow": 1 / 3})
+    assert settled.why == "rebalanced: slow drifted 11%"
+    # within the narrow band too: not worth a new batch shape (a recompiled step) on every member
+    assert not plan_shares(rates, {"fast": 0.68, "slow": 0.32}, drift=SETTLE_DRIFT).changed
 
 
 # --- proportional shares -------------------------------------------------------------------------
@@ -221,3 +255,10 @@ def test_shares_follow_speed_order(rates: list[float]) -> None:
 def test_decision_is_a_value() -> None:
     d = plan_shares({"a": 1.0}, None)
     assert isinstance(d, ShareDecision) and d.shares == {"a": 1.0} and d.counts(7) == {"a": 7}
+
+
+def test_shares_below_the_floor_are_replanned_even_within_the_drift_band() -> None:
+    # found by hypothesis: current shares under the 2% floor were kept when the band was wide
+    decision = plan_shares(_rates([32.0, 1.0]), {"host0": 1.0, "host1": 0.015625}, drift=1.0)
+    assert decision.changed and "under the floor" in decision.why
+    assert min(decision.shares.values()) >= 0.02 - 1e-12

@@ -17,9 +17,22 @@ same gossiped inputs (nothing here reads a clock, a sensor or a socket):
 Re-planning is hysteretic: shares change only when some member's ideal share
 is more than `drift` (relatively) away from its current one, when a cap or a
 leaving member demands it, when the members changed, or when asked
-(`force`, at an epoch boundary). Measurement noise of a few per cent then
-moves nothing, and a real change (a node on battery, a thermal throttle, a
-background job) moves shares at the next re-balance.
+(`force`). Measurement noise of a few per cent then moves nothing, and a real
+change (a node on battery, a thermal throttle, a background job) moves shares
+at the next re-balance.
+
+When to re-balance (`rebalance_due`): at step `FIRST_CHECK` of the job,
+every `CHECK_EVERY` global steps and at every epoch's end. The step count and
+the sampler's epoch are the same on every member, so they all swap their
+speeds at the same boundary and apply the same shares from the same step on.
+The first check comes a few measured steps into the job, so an uneven mesh
+does not run a whole epoch on equal shares; the checks every few steps catch
+a drift within seconds. The first check and the epoch ends use a narrower
+band (`drift_band`, 5% instead of 15%): the wide band keeps noise from moving
+shares mid-epoch, but shares left 10% off (a first estimate from two steps)
+would cost up to 10% of the throughput for good. Not zero: every new split
+is a new batch shape that each member's compiled step traces again (~0.1 s
+on a slow CPU), worth paying for 5% of speed but not for 1%.
 
 The gradient average stays exact whatever the shares: each member weights its
 gradient by its local batch size (`Mesh.allreduce(weight=len(idx))`).
@@ -36,30 +49,69 @@ from dataclasses import dataclass, field
 from meshtrain.train.sampler import split_counts
 
 __all__ = [
+    "CHECK_EVERY",
     "DEFAULT_DRIFT",
     "DEFAULT_FLOOR",
+    "SETTLE_DRIFT",
+    "FIRST_CHECK",
+    "WARMUP",
     "ShareDecision",
     "ThroughputMeter",
     "bytes_per_sample",
     "equal_shares",
     "memory_cap",
     "plan_shares",
+    "drift_band",
+    "rebalance_due",
 ]
 
 DEFAULT_DRIFT = 0.15  # re-balance when an ideal share is >15% (relative) away from the current one
+SETTLE_DRIFT = 0.05  # the band at the first check and at epoch ends (see drift_band)
 DEFAULT_FLOOR = 0.02  # every member still in the job keeps at least 2% of the global batch
 SAME_SPEED = 0.05  # rates within 5% of the slowest are reported as "same speed"
+WARMUP = 2  # steps the meter ignores at the start (graph compilation, caches)
+FIRST_CHECK = WARMUP + 2  # the job's first re-plan: after the warm-up and two measured steps
+CHECK_EVERY = 10  # global steps between drift checks (besides the first and every epoch's end)
+
+
+def rebalance_due(step: int, epoch_ended: bool, every: int = CHECK_EVERY, first: int = FIRST_CHECK) -> bool:
+    """Whether the boundary before global step `step` swaps speeds and re-plans the shares.
+
+    At step `first`, every `every` steps (0 = never) and at every epoch's end.
+    A pure function of numbers every member holds alike, so every member
+    answers the same at the same boundary and the all-reduce of the speed
+    table lines up.
+    """
+    if every < 0:
+        raise ValueError("every must be >= 0")
+    return epoch_ended or step == first or (every > 0 and step > 0 and step % every == 0)
+
+
+def drift_band(step: int, epoch_ended: bool, first: int = FIRST_CHECK) -> float:
+    """The relative drift that moves shares at this boundary's re-plan (plan_shares' `drift`).
+
+    Narrow (SETTLE_DRIFT) at the job's first check (the equal starting shares
+    are a guess, not a measurement) and at every epoch's end (many steps
+    measured since); wide (DEFAULT_DRIFT) at the checks in between, which are
+    there for real changes (a node on battery, a background job), not noise.
+    """
+    return SETTLE_DRIFT if epoch_ended or step == first else DEFAULT_DRIFT
 
 
 class ThroughputMeter:
     """Samples per second of the compute part of this worker's steps, robust to hiccups.
 
     `record(samples, seconds)` once per step with the local batch size and the
-    time of the step's compute only (forward, backward, optimizer; not the
-    all-reduce, which is the same wait for everyone). The first `warmup`
-    recorded steps are ignored (graph compilation, caches, BLAS thread start),
-    and the rate is the median per-step rate over the last `window` steps, so
-    one garbage-collection pause or a swapped-out page does not move shares.
+    time of the whole local step less the all-reduce: forward, backward,
+    optimizer update and the loop's own work, but not the wait for the other
+    members, which is the same for everyone. Counting the fixed per-step costs
+    (the optimizer touches every parameter whatever the batch) matters: with
+    shares proportional to samples/(whole step), the only fixed point of
+    re-planning is every member's step taking the same time, which is what a
+    synchronous step needs. The first `warmup` recorded steps are ignored
+    (graph compilation, caches, BLAS thread start), and the rate is the median
+    per-step rate over the last `window` steps, so one garbage-collection pause
+    or a swapped-out page does not move shares.
     """
 
     def __init__(self, warmup: int = 5, window: int = 32) -> None:
@@ -89,7 +141,13 @@ class ThroughputMeter:
         return bool(self._rates)
 
     def rate(self) -> float | None:
-        """Median samples/s of the recent steps, or None before any post-warm-up step."""
+        """Median samples/s of the recent steps, or None before any post-warm-up step.
+
+        New shares do not reset it: their first step (a new batch shape, compiled
+        again) is one outlier of the window, and a window that starts afresh at
+        every re-plan measured a busy machine's noise (other processes come and
+        go within a second) and chased it, moving shares every check.
+        """
         return statistics.median(self._rates) if self._rates else None
 
 
@@ -190,7 +248,7 @@ def plan_shares(
     drift:   relative change of an ideal share that is worth a re-balance.
     floor:   minimum share of every member with a positive factor (lowered to
              1/members if it were larger).
-    force:   re-balance even within the drift band (an epoch boundary).
+    force:   re-balance even within the drift band.
 
     Deterministic: the same inputs give the same shares on every member.
     """
@@ -224,7 +282,7 @@ def plan_shares(
     ideal = _water_fill(weight, lower, upper, ordered)
 
     now = _normalised(current, members)
-    trigger = _trigger(ideal, now, upper, members, drift, force)
+    trigger = _trigger(ideal, now, lower, upper, members, drift, force)
     shares = ideal if trigger or now is None else now
     reasons = {
         m: _reason(m, speed, factor, factors, shares, lower, upper, caps, active, cap_share) for m in members
@@ -326,6 +384,7 @@ def _normalised(current: Mapping[str, float] | None, members: Sequence[str]) -> 
 def _trigger(
     ideal: Mapping[str, float],
     now: Mapping[str, float] | None,
+    lower: Mapping[str, float],
     upper: Mapping[str, float],
     members: Sequence[str],
     drift: float,
@@ -339,8 +398,10 @@ def _trigger(
             return f"{m} leaving"
         if now[m] > upper[m] + 1e-12:
             return f"{m} over its memory cap"
+        if now[m] < lower[m] - 1e-12:
+            return f"{m} under the floor"
     if force:
-        return "epoch boundary"
+        return "scheduled re-plan"
     for m in sorted(members):
         base = now[m]
         change = abs(ideal[m] - base) / base if base > 0 else (math.inf if ideal[m] > 0 else 0.0)

@@ -141,6 +141,8 @@ class WorkerMesh(Mesh):
         self._rebalance_due = False
         self._share_reason = ""
         self._handed_out = 0.0  # when the open step's batch was handed out (its compute time, for shares)
+        self._before_reduce_s = 0.0  # the open step's compute up to its reduction (for shares)
+        self._reduced_at: float | None = None  # when its reduction returned (None: not cleanly)
         self._bytes_per_sample = 0.0  # the most a sample has cost a step in memory (for the memory cap)
         self._metrics: dict[str, float] = {}  # the last loss / test accuracy reported (checkpoints list them)
         self._model: Any = None
@@ -238,7 +240,7 @@ class WorkerMesh(Mesh):
             mine = sampler.assignment(weights).get(self.member)
             count = len(mine) if mine is not None else 0
             self._open = _OpenStep(self.committed, generation, shares, epoch, weights, count)
-            self._handed_out = time.perf_counter()
+            self._handed_out, self._reduced_at = time.perf_counter(), None
             _inject_fault(self.member, self.committed, "forward")
             yield mine if mine is not None else np.empty(0, np.int64)
 
@@ -278,6 +280,7 @@ class WorkerMesh(Mesh):
                 continue
             self._note_stats()
             self._commit(out, tuple(m for m in self._open.members if m in self._roster), None)
+            self._reduced_at = time.perf_counter()  # the rest of the step, to the next boundary, is compute
             return out
 
     def report(self, **metrics: float) -> None:
@@ -322,6 +325,8 @@ class WorkerMesh(Mesh):
         if self._open is not None and not self._open.reduced:
             self._measure(None)  # a local step (local SGD) is timed here: it has no all-reduce
             self._commit(None, self._open.members, None)  # nothing to reduce
+        elif self._open is not None and self._reduced_at is not None:
+            self._record_step(self._before_reduce_s + time.perf_counter() - self._reduced_at)
         self._open = None
         if self._state_due is not None and self.committed == self._state_due.target + 1:
             self._send_due_state()  # the boundary after the pinned step (a member behind first takes
@@ -356,6 +361,11 @@ class WorkerMesh(Mesh):
                 self._rebalance_due = True  # an epoch ended: every member re-balances at this boundary
         self.committed += 1
         self._open.reduced = True
+        if self._share_mode == "perf":
+            from meshtrain.train.shares import rebalance_due
+
+            # every CHECK_EVERY steps too (the flag travels in the state a joiner receives)
+            self._rebalance_due = rebalance_due(self.committed, self._rebalance_due)
         if result is not None:
             self._last = _Last(step, result, contributors, self._sampler.to_dict())
         if self._ledger is not None:
@@ -485,17 +495,18 @@ class WorkerMesh(Mesh):
         return weights
 
     def _measure(self, grads: Any) -> None:
-        """Time from handing out the batch to its gradients: this worker's compute for its slice.
+        """Time this worker's compute for its slice: the whole step, less the step's reduction.
 
-        MLX is lazy: the gradients are evaluated here (the ring would do it next anyway)."""
+        With `grads` (the step reduction is next): the time from handing out the
+        batch to its gradients, kept until the reduction returns; the time from
+        then to the next boundary (optimizer update, the loop's own work) is
+        added there. Without (a local step, local SGD): the whole step, recorded
+        now. MLX is lazy: the gradients are evaluated here (the ring would do it
+        next anyway)."""
         if self._share_mode != "perf" or self._open is None:
             return
         import mlx.core as mx
 
-        if self._meter is None:
-            from meshtrain.train.shares import ThroughputMeter
-
-            self._meter = ThroughputMeter()
         if grads is not None:
             base = mx.get_active_memory()  # the graph is built, not run: what the step holds before it runs
             mx.reset_peak_memory()
@@ -503,16 +514,28 @@ class WorkerMesh(Mesh):
             if self._open.samples > 0:
                 per_sample = max(mx.get_peak_memory() - base, 1) / self._open.samples
                 self._bytes_per_sample = max(self._bytes_per_sample, per_sample)
-        # a local step (grads None, local SGD) is timed at the next boundary: all of it is compute
-        self._meter.record(self._open.samples, time.perf_counter() - self._handed_out)
+            self._before_reduce_s = time.perf_counter() - self._handed_out
+            return
+        self._record_step(time.perf_counter() - self._handed_out)
+
+    def _record_step(self, seconds: float) -> None:
+        """The open step's compute seconds into the speed meter (perf shares only)."""
+        if self._share_mode != "perf" or self._open is None:
+            return
+        if self._meter is None:
+            from meshtrain.train.shares import WARMUP, ThroughputMeter
+
+            self._meter = ThroughputMeter(warmup=WARMUP)
+        self._meter.record(self._open.samples, seconds)
 
     def _rebalance(self) -> None:
-        """At an epoch's end, every member swaps (speed, power factor) and applies the same new shares."""
+        """At FIRST_CHECK, every CHECK_EVERY steps and at epoch ends, every member swaps (speed, power,
+        memory cap) and applies the same new shares from the next step on."""
         self._rebalance_due = False
         if self._share_mode != "perf" or self._ring is None or len(self._roster) < 2:
             return
         from meshtrain import power
-        from meshtrain.train.shares import plan_shares
+        from meshtrain.train.shares import drift_band, plan_shares
 
         factor, reason = power.power_factor(power.probe(), self._on_battery)
         rate = self._meter.rate() if self._meter is not None else None
@@ -536,8 +559,10 @@ class WorkerMesh(Mesh):
         }
         current = self._weights_of(self._gen, self._roster)
         batch = self._sampler.global_batch if self._sampler is not None else None
+        epoch_ended = self._sampler is not None and self._sampler.cursor == 0  # the same on every member
+        band = drift_band(self.committed, epoch_ended)
         try:
-            decision = plan_shares(rates, current, factors=factors, caps=caps, global_batch=batch)
+            decision = plan_shares(rates, current, factors=factors, caps=caps, global_batch=batch, drift=band)
         except ValueError as exc:  # the caps cannot hold the batch: keep the shares, say why
             self._share_reason = str(exc)[:40]
             return
