@@ -44,7 +44,6 @@ messages = st.one_of(
 packets = st.builds(Packet, ids, st.lists(messages, min_size=1, max_size=6).map(tuple))
 
 
-
 edits = st.lists(
     st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4
 )

@@ -81,7 +81,6 @@ edits = st.lists(
 )
 
 
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
