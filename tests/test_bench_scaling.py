@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from meshtrain import datasets
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -48,3 +52,22 @@ def test_the_ceiling_uses_the_ring_law(scaling: ModuleType) -> None:
     two, eight = bound.allreduce_s(2, 1e6, "1gbit"), bound.allreduce_s(8, 1e6, "1gbit")
     assert eight / two == pytest.approx(1.75)  # 2(N-1)/N: 1 at N=2, 1.75 at N=8
     assert bound.allreduce_s(2, 1e6, "100mbit") == pytest.approx(10 * two)
+
+
+@pytest.mark.skipif(
+    datasets.bundled_path() is None and not datasets.cache_path("train").is_file(), reason="no MNIST here"
+)
+def test_the_ceiling_bench_runs_end_to_end(tmp_path: Path) -> None:
+    saved = tmp_path / "epochs.json"
+    args = ["--batches", "1024", "--lrs", "1e-3", "--schedules", "1", "--target", "80", "--nodes", "1", "2"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "tta_bound.py"), *args, "--links", "1gbit", "--save-epochs", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(saved.read_text())) == ["1024"]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert [r[:2] for r in rows] == [["1", "free"], ["2", "free"], ["2", "1gbit"]], result.stdout
+    assert float(rows[0][-2].rstrip("x")) == 1.0
