@@ -38,16 +38,18 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshtrain.blas import describe as describe_blas  # noqa: E402
 from meshtrain.blas import ensure_fast_blas  # noqa: E402
+from meshtrain.train.local_sgd import outer_update  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN = 60_000
@@ -91,6 +93,72 @@ def epochs_to_target(
     return None, best
 
 
+def local_sgd_epochs_to_target(
+    ex: ModuleType,
+    data: tuple[mx.array, ...],
+    setting: LocalSgd,
+    lr: float,
+    epochs: int,
+    evals: int,
+    target: float,
+) -> tuple[float | None, float]:
+    """Local SGD's (epochs to target or None, best accuracy), its N replicas simulated in one process.
+
+    Each replica has its own model and Adam, takes its slice of every global
+    batch, and every H steps the replicas' mean delta goes through the outer
+    step meshtrain's OuterOptimizer applies (meshtrain.train.local_sgd's
+    outer_update, the same constants as examples/mnist.py); the shared model
+    is evaluated at the first sync after each evaluation point.
+    """
+    x, y, xt, yt = data
+    n, h, b = setting.nodes, setting.sync_every, setting.batch_per_node
+    mx.random.seed(0)
+    first = ex.MLP()
+    mx.eval(first.parameters())
+    steps = N_TRAIN // (n * b)
+    replicas = []
+    for _ in range(n):
+        model = ex.MLP()
+        model.update(tree_map(mx.array, first.parameters()))
+        optimizer = ex.make_optimizer(lr, epochs * steps)
+        replicas.append((model, optimizer, *ex.train_functions(model, optimizer)))
+    anchor = dict(tree_flatten(tree_map(mx.array, first.trainable_parameters())))
+    velocity = {k: mx.zeros_like(v) for k, v in anchor.items()}
+    every = max(1, math.ceil(steps / evals))
+    rng = np.random.default_rng(0)
+    best, since, due = 0.0, 0, False
+    for epoch in range(epochs):
+        order = rng.permutation(N_TRAIN)
+        for step in range(steps):
+            chunk = order[step * n * b : (step + 1) * n * b]
+            for i, (model, optimizer, loss_and_grad, apply_update) in enumerate(replicas):
+                idx = mx.array(chunk[i * b : (i + 1) * b])
+                _, grads = loss_and_grad(x[idx], y[idx])
+                apply_update(grads)
+                mx.eval(model.parameters(), optimizer.state)
+            since += 1
+            due = due or (step + 1) % every == 0 or step + 1 == steps
+            if since < h and step + 1 < steps:
+                continue
+            since = 0
+            current = [dict(tree_flatten(r[0].trainable_parameters())) for r in replicas]
+            for k in anchor:
+                delta = sum((anchor[k] - c[k] for c in current), mx.zeros_like(anchor[k])) / n
+                anchor[k], velocity[k] = outer_update(
+                    anchor[k], velocity[k], delta, ex.DEFAULT_OUTER_LR, ex.DEFAULT_OUTER_MOMENTUM, True
+                )
+            mx.eval(anchor, velocity)
+            for model, *_ in replicas:
+                model.update(tree_unflatten([(k, mx.array(v)) for k, v in anchor.items()]))
+            if due:
+                due = False
+                accuracy = ex.evaluate(replicas[0][0], xt, yt)
+                best = max(best, accuracy)
+                if accuracy >= target:
+                    return epoch + (step + 1) / steps, best
+    return None, best
+
+
 def node_rate(ex: ModuleType, data: tuple[mx.array, ...], batch: int, seconds: float = 1.5) -> float:
     """One node's training samples/s at this local batch (what a worker's loop computes per step)."""
     x, y, _, _ = data
@@ -121,6 +189,23 @@ def allreduce_s(n: int, param_bytes: float, link: str) -> float:
     return 0.0 if n == 1 else 2 * (n - 1) / n * param_bytes / LINK_BYTES_PER_S[link]
 
 
+@dataclass(frozen=True)
+class LocalSgd:
+    """One simulated local-SGD setting, spelled N:H:B on the command line."""
+
+    nodes: int
+    sync_every: int
+    batch_per_node: int
+
+    @staticmethod
+    def parse(text: str) -> LocalSgd:
+        try:
+            n, h, b = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected N:H:B, e.g. 8:8:128 (got {text!r})") from None
+        return LocalSgd(n, h, b)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", type=float, default=98.0, help="test accuracy, %%")
@@ -133,6 +218,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-local-batch", type=int, default=16)
     p.add_argument("--save-epochs", type=Path, default=None, help="write part 1's result (JSON) here")
     p.add_argument("--epochs-from", type=Path, default=None, help="skip part 1: read a --save-epochs file")
+    p.add_argument(
+        "--local-sgd",
+        type=LocalSgd.parse,
+        nargs="*",
+        default=[LocalSgd(2, 8, 256), LocalSgd(4, 8, 256), LocalSgd(8, 8, 128)],
+        help="part 4: local SGD settings N:H:B to simulate (none: skip)",
+    )
+    p.add_argument("--local-sgd-lr", type=float, default=2e-3)
+    p.add_argument("--local-sgd-schedules", type=int, nargs="+", default=[4, 6, 8])
     return p.parse_args(argv)
 
 
@@ -184,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save_epochs is not None:
         args.save_epochs.write_text(json.dumps(best_epochs))
     print("\n2. one node's samples/s by local batch")
-    local = sorted({g // n for g in best_epochs for n in args.nodes if g % n == 0})
+    local = sorted(
+        {g // n for g in best_epochs for n in args.nodes if g % n == 0}
+        | {s.batch_per_node for s in args.local_sgd}
+    )
     local = [b for b in local if b >= args.min_local_batch]
     rates = {b: node_rate(ex, data, b) for b in local}
     for b in local:
@@ -211,6 +308,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  {n:>2} {link or 'free network':<14} {g:>5} {g // n:>5} {best_epochs[g]:>6.2f} {t:>8.1f}"
                 f" {base / t:>7.2f}x {base / t / n:>5.2f}"
             )
+    if args.local_sgd:
+        print(
+            f"\n4. local SGD (N replicas simulated in one process, lr {args.local_sgd_lr:g}, outer step as"
+            " examples/mnist.py): epochs to target and the free-network speed-up it allows"
+        )
+    for setting in args.local_sgd:
+        for schedule in args.local_sgd_schedules:
+            reached, acc = local_sgd_epochs_to_target(
+                ex, data, setting, args.local_sgd_lr, schedule, args.evals_per_epoch, args.target / 100
+            )
+            n, b = setting.nodes, setting.batch_per_node
+            text = f"  N={n} H={setting.sync_every} B={b}, {schedule}-epoch schedule: "
+            if reached is None:
+                print(text + f"not reached (best {acc:.2%})", flush=True)
+                continue
+            t = reached * N_TRAIN / (n * rates[b])
+            print(text + f"{reached:.2f} epochs, {t:.1f} s, at most {base / t:.2f}x", flush=True)
+            break
     return 0
 
 

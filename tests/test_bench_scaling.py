@@ -60,6 +60,7 @@ def test_the_ceiling_uses_the_ring_law(scaling: ModuleType) -> None:
 def test_the_ceiling_bench_runs_end_to_end(tmp_path: Path) -> None:
     saved = tmp_path / "epochs.json"
     args = ["--batches", "1024", "--lrs", "1e-3", "--schedules", "1", "--target", "80", "--nodes", "1", "2"]
+    args += ["--local-sgd", "2:4:512", "--local-sgd-schedules", "1"]
     result = subprocess.run(
         [sys.executable, str(BENCH / "tta_bound.py"), *args, "--links", "1gbit", "--save-epochs", str(saved)],
         capture_output=True,
@@ -71,3 +72,4 @@ def test_the_ceiling_bench_runs_end_to_end(tmp_path: Path) -> None:
     rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("1 ", "2 "))]
     assert [r[:2] for r in rows] == [["1", "free"], ["2", "free"], ["2", "1gbit"]], result.stdout
     assert float(rows[0][-2].rstrip("x")) == 1.0
+    assert "N=2 H=4 B=512, 1-epoch schedule: " in result.stdout and "at most" in result.stdout, result.stdout
