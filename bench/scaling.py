@@ -45,10 +45,10 @@ loopback, and the output says so. Needs root and iproute2 otherwise.
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/scaling.py --nodes 1 2 --epochs 4 --target 98
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/scaling.py --hetero --epochs 1
 
-On the 16-core device machine: `bash .whl/scaling_e2.sh` (the recipe of
-.whl/device.sh: wheels and iproute2 .debs carried in the ignored .whl folder,
-`pip install --target /tmp/site`, PYTHONPATH, MESHTRAIN_BLAS to the carried
-OpenBLAS; then --hetero, then the time-to-accuracy table on both links).
+On the 16-core device machine: `bash bench/device/tta.sh` and
+`bash bench/device/hetero.sh` (see bench/device/README.md: wheels and .debs
+carried in the ignored .whl folder, `pip install --target /tmp/site`,
+PYTHONPATH, MESHTRAIN_BLAS to the carried OpenBLAS).
 """
 
 from __future__ import annotations
