@@ -185,6 +185,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     mesh = meshtrain.init()  # first: on a Linux CPU this may re-exec with a fast BLAS
     args = parse_args(argv)
+    if args.evals_per_epoch < 1:
+        raise SystemExit("mnist.py: --evals-per-epoch must be at least 1")
     sync_every = parse_sync_every(args.sync_every)
     wire = WIRE_DTYPES[args.wire]
     model_name = args.model or default_model()
@@ -220,10 +222,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{model_name} on {mx.default_device()}, {n_train} samples, world size {mesh.size}", flush=True)
         mode = "per-step gradient sync" if outer is None else outer.describe()
         print(f"mode: {mode}, wire {args.wire}", flush=True)
-    if args.evals_per_epoch < 1:
-        raise SystemExit("mnist.py: --evals-per-epoch must be at least 1")
     eval_every = max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))
     accuracy, eval_s = 0.0, 0.0  # eval_s: the main worker's evaluation time (the others wait meanwhile)
+
+    def timed_evaluate() -> float:
+        nonlocal eval_s
+        began = time.perf_counter()
+        result = evaluate(model, x_test, y_test)
+        eval_s += time.perf_counter() - began
+        return result
+
     for epoch in range(args.epochs):
         start, loss_sum, seen, evaluated = time.perf_counter(), 0.0, 0, 0
         batches = mesh.batches(n_train, args.batch_size, epoch=epoch, seed=args.seed)
@@ -242,9 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if (step + 1) // eval_every > evaluated and synced and step + 1 < steps_per_epoch:
                 evaluated = (step + 1) // eval_every  # mid-epoch: the shared model, right after a sync
                 if mesh.is_main:
-                    began = time.perf_counter()
-                    accuracy = evaluate(model, x_test, y_test)
-                    eval_s += time.perf_counter() - began
+                    accuracy = timed_evaluate()
                     print(
                         f"epoch {epoch + (step + 1) / steps_per_epoch:.2f}/{args.epochs}  "
                         f"test accuracy {accuracy * 100:.2f}%  (evaluating so far {eval_s:.2f} s)",
@@ -265,9 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if epoch == 0 and mesh.is_main and outer.auto:
                 print(outer.describe(), flush=True)
         if mesh.is_main:
-            began = time.perf_counter()
-            accuracy = evaluate(model, x_test, y_test)
-            eval_s += time.perf_counter() - began
+            accuracy = timed_evaluate()
             mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
             elapsed = time.perf_counter() - start
             print(

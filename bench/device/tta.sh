@@ -2,20 +2,8 @@
 # Lead, session 3 (issue 9): the data-parallel ceiling's compute part and time-to-accuracy on the 16-core device.
 # usage (device): bash bench/device/tta.sh   (carry .whl; writes $OUT/bound.txt, $OUT/tta_*.txt)
 cd "$(dirname "$0")/../.." || exit 1  # the repository root; wheels and .debs in its ignored .whl/ folder
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD MESHTRAIN_OFFLINE=1 PYTHONUNBUFFERED=1 MESHTRAIN_CACHE=/tmp/mtcache
-for f in .whl/*.deb; do dpkg -x "$f" /tmp/ob; done
-export MESHTRAIN_BLAS=/tmp/ob/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-ldconfig -p | grep -q 'libgfortran.so.5 ' || export LD_LIBRARY_PATH=/tmp/ob/usr/lib/x86_64-linux-gnu
+source bench/device/env.sh || exit 1
 echo "== machine"; nproc; lscpu | grep -i 'model name'; python3 -V
-if ! which ip >/dev/null; then
-  for f in .whl/ipr/*.deb; do dpkg -x "$f" /tmp/ipr; done
-  mkdir -p /tmp/iprbin
-  L=/tmp/ipr/usr/lib/x86_64-linux-gnu:/tmp/ipr/lib/x86_64-linux-gnu
-  printf '#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --library-path %s /tmp/ipr/bin/ip "$@"\n' $L > /tmp/iprbin/ip
-  printf '#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --library-path %s /tmp/ipr/sbin/tc "$@"\n' $L > /tmp/iprbin/tc
-  chmod +x /tmp/iprbin/*; export PATH=/tmp/iprbin:$PATH
-fi
 MODE=--loopback
 if ip netns add e3probe && ip -n e3probe link set lo up && ip netns exec e3probe tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 50ms \
    && ip link add e3p0 type veth peer name e3p1 && ip link del e3p0; then echo NETNS_OK; MODE=""; else echo NETNS_FAILED; fi
