@@ -9,7 +9,7 @@ if ip netns add e3probe && ip -n e3probe link set lo up && ip netns exec e3probe
    && ip link add e3p0 type veth peer name e3p1 && ip link del e3p0; then echo NETNS_OK; MODE=""; else echo NETNS_FAILED; fi
 ip netns del e3probe 2>/dev/null; ip link del e3p0 2>/dev/null
 [ -n "$SKIP_BOUND" ] || echo "== ceiling (compute part on 2 cores; statistics from this repo's 2-core run)"
-[ -n "$SKIP_BOUND" ] || taskset -c 2,3 timeout 60 python3 bench/tta_bound.py --epochs-from bench/results/mlp98_epochs.json 2>&1 | tee $OUT/bound.txt
+[ -n "$SKIP_BOUND" ] || taskset -c 2,3 timeout 60 python3 bench/tta_bound.py --epochs-from bench/results/mlp98_epochs.json --local-sgd 2>&1 | tee $OUT/bound.txt
 S="python3 bench/scaling.py $MODE --model mlp --target 98.0 --evals-per-epoch 8 --lr-scale none"
 P="--batch-size ${BATCH:-1=256,2=512,4=1024} --lr 2e-3 --epochs ${EPOCHS:-1=3,2=4,4=6}"
 if [ -z "$SKIP_1G" ]; then
