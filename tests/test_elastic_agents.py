@@ -164,8 +164,11 @@ def test_below_min_nodes_the_job_pauses_and_resumes_when_a_node_returns(tmp_path
         cmd += ["--out", str(out), "--epochs", "5", "--step-sleep", "0.05"]
         job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert job.stdout is not None
+        errors: list[str] = []  # each pipe has one reader (communicate() would race the line reader)
         reader = threading.Thread(target=lambda: lines.extend(iter(job.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        err_reader = threading.Thread(target=lambda: errors.append(job.stderr.read()), daemon=True)  # type: ignore[union-attr]
         reader.start()
+        err_reader.start()
         wait_for(
             lambda: (
                 len((ledger / "ledger-b.jsonl").read_text().splitlines()) >= 5
@@ -181,8 +184,10 @@ def test_below_min_nodes_the_job_pauses_and_resumes_when_a_node_returns(tmp_path
         time.sleep(1.0)
         assert len((ledger / "ledger-a.jsonl").read_text().splitlines()) == steps_when_paused  # no training
         agents.append(start_agent(tmp_path / "again", "b", a.token, ledger))  # b restarts its agent
-        _, stderr = job.communicate(timeout=100)
+        job.wait(timeout=100)
         reader.join(5)
+        err_reader.join(5)
+        stderr = "".join(errors)
     finally:
         for agent in agents:
             agent.stop()
