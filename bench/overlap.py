@@ -19,7 +19,6 @@ share this machine's cores, so the overlap can only win what the ring's own CPU 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing as mp
 import queue
 import statistics
@@ -34,13 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def load_example() -> Any:
-    spec = importlib.util.spec_from_file_location("mnist_example", ROOT / "examples" / "mnist.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from mnist_example import load_example  # noqa: E402
 
 
 def bucketed(grads: Any, buckets: int) -> list[list[tuple[str, Any]]]:

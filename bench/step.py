@@ -14,31 +14,17 @@ drift and the bursts of other processes on a shared machine hit both alike.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
+from mnist_example import load_example
 
 import meshtrain
 from meshtrain import blas
 from meshtrain.datasets import mnist
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mnist.py"
-
-
-def load_example() -> ModuleType:
-    """examples/mnist.py as a module, so the bench times exactly the model users train."""
-    spec = importlib.util.spec_from_file_location("mnist_example", EXAMPLE)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {EXAMPLE}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:

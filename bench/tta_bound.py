@@ -31,7 +31,6 @@ system on this model and hardware.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -47,21 +46,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path
+from mnist_example import load_example  # noqa: E402
+
 from meshtrain.blas import describe as describe_blas  # noqa: E402
 from meshtrain.blas import ensure_fast_blas  # noqa: E402
 from meshtrain.train.local_sgd import outer_update  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN = 60_000
 LINK_BYTES_PER_S = {"1gbit": 125e6 * 0.95, "100mbit": 12.5e6 * 0.95}  # tc rate less framing (~95% goodput)
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mnist_example", ROOT / "examples" / "mnist.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def epochs_to_target(
