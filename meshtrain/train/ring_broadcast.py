@@ -46,9 +46,10 @@ def broadcast_bytes(ring: _Reducer, data: bytes | None, source: bool) -> bytes:
 def broadcast_tree(ring: _Reducer, tree: Any, source: bool) -> Any:
     """The source's MLX array tree on every member; `tree` is each member's own (same structure)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_flatten, tree_map_with_path
 
-    leaves: list[tuple[str, Any]] = list(tree_flatten(tree))  # type: ignore[arg-type]
+    every: list[tuple[str, Any]] = list(tree_flatten(tree))  # type: ignore[arg-type]
+    leaves = [(k, v) for k, v in every if isinstance(v, mx.array)]  # other leaves stay the member's own
     floats = [(k, v) for k, v in leaves if mx.issubdtype(v.dtype, mx.floating)]
     others = [(k, v) for k, v in leaves if not mx.issubdtype(v.dtype, mx.floating)]
     out: dict[str, Any] = {}
@@ -68,4 +69,6 @@ def broadcast_tree(ring: _Reducer, tree: Any, source: bool) -> Any:
             arr = np.frombuffer(got_raw[start : start + n], np.asarray(v).dtype).reshape(v.shape)
             out[k] = mx.array(arr)
             start += n
-    return tree_unflatten([(k, out[k]) for k, _ in leaves])
+    # in the member's own structure (tree_map keeps empty dicts and lists; an unflatten of the
+    # leaves would lose them, and with them a parameter-free submodule's optimizer state)
+    return tree_map_with_path(lambda path, leaf: out.get(path, leaf), tree)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from meshtrain.checkpoints.options import CheckpointOptions
-from meshtrain.checkpoints.store import CheckpointStore, unflatten_tree
+from meshtrain.checkpoints.store import CheckpointStore
 from meshtrain.errors import UserError
 from meshtrain.leader.checkpoint import (
     Abort,
@@ -138,7 +138,9 @@ class WorkerCheckpoints:
         meta.setdefault("metrics", saved.get("metrics") or {})
         if saved.get("rng"):
             meta["rng"] = [int(x) for x in saved["rng"]]
-        tree = {"params": unflatten_tree(checkpoint.params), "opt": unflatten_tree(checkpoint.optimizer)}
+        # flat {path: array}: the worker assigns them leaf by leaf into its own trees (an unflattened
+        # tree would lack a parameter-free submodule's empty dict, which the optimizer still needs)
+        tree = {"params": dict(checkpoint.params), "opt": dict(checkpoint.optimizer)}
         self.participant.step = checkpoint.step
         return tree, meta, checkpoint.step
 

@@ -161,6 +161,7 @@ class WorkerMesh(Mesh):
         if self._ledger is not None:
             self._ledger.parent.mkdir(parents=True, exist_ok=True)
         self._checkpoints = checkpoints
+        self._verify_gen: int | None = None  # the generation whose first step reduction checks digests
         self.wire_dtype: str | None = None
         self.generation_changes = 0
         views.on_change(self._abort_if_stale)
@@ -207,6 +208,52 @@ class WorkerMesh(Mesh):
                 from meshtrain.checkpoints.store import restore_rng
 
                 restore_rng(meta["rng"])
+        self._agree_on_state()
+        # the starting workers' first step reduction checks it held (a generation change first
+        # means a recovery plan compared the digests instead, on every member alike)
+        self._verify_gen = self._gen if self._ring is not None and self._has_state else None
+
+    def _agree_on_state(self) -> None:
+        """Make every starting replica's registered state bit-identical before the first step.
+
+        A script that never seeds MLX (README's loop need not) initialises each
+        worker's model differently; data parallelism would then train N
+        different models and average their gradients. The ring formed at
+        `connect` compared empty states, so the members compare (step, digest)
+        again now and the ones that differ from the majority (ties: the lowest
+        rank) receive its state, exactly as a joiner does. A joiner has no ring
+        yet: it gets the state at its first boundary anyway.
+        """
+        if self._ring is None or len(self._roster) < 2 or not self._has_state:
+            return
+        try:
+            self._follow_plan(None)
+        except RING_FAILURES:
+            self._mark_broken()  # the next boundary forms a ring, and its plan compares digests again
+
+    def _check_replicas_agree(self) -> None:
+        """At the first step reduction after `register`: every member's state digest must be equal.
+
+        After `_agree_on_state` they are, unless the script changed the model or
+        optimizer after `register` on some workers and not others (loading
+        weights on the main worker only, say): training on would silently average
+        different models, so the job stops with the reason instead."""
+        size = len(self._roster)
+        if self._ring is None or size < 2:
+            return
+        mine = MemberStatus(member=self.member, committed=self.committed, digest=self._digest())
+        vec = encode_status(size, self._roster.index(self.member), mine)
+        summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
+        statuses = decode_statuses(self._roster, summed)
+        digests = {s.digest for s in statuses}
+        if len(digests) > 1:
+            first = statuses[0]
+            other = next(s for s in statuses if s.digest != first.digest)
+            raise UserError(
+                f"the replicas differ at step {self.committed}: {first.member} and {other.member} hold "
+                "different model or optimizer state. mesh.register(model, optimizer) makes them equal; "
+                "change the model before it, or alike on every worker, not on some after it"
+            )
 
     def batches(
         self, n_samples: int, batch_size: int, *, epoch: int = 0, seed: int = 0, drop_last: bool = False
@@ -262,10 +309,15 @@ class WorkerMesh(Mesh):
         self._measure(tree)
         _inject_fault(self.member, self.committed, "allreduce")
         held = _Held(tree, float(weight), wire)
+        outcome = None
         if self._ring is None or self._stale_view():
             outcome = self._recover(held)
-        else:
-            outcome = None
+        elif self._verify_gen is not None and self._verify_gen == self._gen:
+            self._verify_gen = None
+            try:
+                self._check_replicas_agree()
+            except RING_FAILURES:
+                outcome = self._recover(held)  # its plan compares the digests itself
         while True:
             if outcome is not None and outcome[0] == "take":
                 _, result, meta = outcome
@@ -430,10 +482,15 @@ class WorkerMesh(Mesh):
     def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
         import mlx.core as mx
 
+        from meshtrain.train.leaves import assign_leaves, flat_leaves
+
         assert self._model is not None
-        self._model.update(tree["params"])
+        # leaf by leaf into this replica's own trees, never whole subtrees: the received state has
+        # no empty containers (a parameter-free submodule's), which the optimizer still needs
+        params = assign_leaves(self._model.parameters(), flat_leaves(tree["params"]), what="parameters")
+        self._model.update(params)
         # in place: compiled update functions captured this very dict (mx.compile(inputs=...))
-        self._optimizer.state.update(tree["opt"])
+        assign_leaves(self._optimizer.state, flat_leaves(tree["opt"]), what="optimizer state")
         mx.eval(self._model.parameters(), self._optimizer.state)
         self.committed = int(meta["committed"])
         if self._sampler is not None and "sampler" in meta:

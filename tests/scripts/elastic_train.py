@@ -35,6 +35,18 @@ parser.add_argument(
     metavar="MEMBER:STEP:WHERE",
     help="fault injection: SIGKILL this worker at global STEP, in 'forward' or 'allreduce'",
 )
+parser.add_argument(
+    "--nested",
+    action="store_true",
+    help="a transformer-like layout: a list of blocks, each with a parameter-free nn.Dropout inside",
+)
+parser.add_argument("--no-seed", action="store_true", help="never seed MLX (README's loop need not)")
+parser.add_argument(
+    "--perturb-main",
+    action="store_true",
+    help="change the main worker's model after mesh.register (the first reduction must refuse)",
+)
+parser.add_argument("--checksum-out", action="store_true", help="also write the initial parameter sum")
 args = parser.parse_args()
 
 
@@ -53,17 +65,61 @@ mesh = meshtrain.init()
 rng = np.random.default_rng(123)
 x_all = rng.standard_normal((args.n, 16)).astype(np.float32)
 y_all = np.argmax(x_all @ rng.standard_normal((16, 4)).astype(np.float32), axis=1).astype(np.int32)
-mx.random.seed(0)
-model = nn.Sequential(
-    nn.Linear(16, args.hidden),
-    nn.ReLU(),
-    nn.Linear(args.hidden, args.hidden),
-    nn.ReLU(),
-    nn.Linear(args.hidden, 4),
-)
+if not args.no_seed:
+    mx.random.seed(0)
+
+
+class Block(nn.Module):
+    """A residual MLP block holding a parameter-free submodule, as transformer blocks do."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dims)
+        self.fc = nn.Linear(dims, dims)
+        self.drop = nn.Dropout(0.1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x + self.drop(nn.relu(self.fc(self.norm(x))))
+
+
+class Nested(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, hidden)
+        self.blocks = [Block(hidden) for _ in range(2)]
+        self.act = nn.ReLU()
+        self.out = nn.Linear(hidden, 4)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.act(self.inp(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+if args.nested:
+    model: nn.Module = Nested(args.hidden)
+else:
+    model = nn.Sequential(
+        nn.Linear(16, args.hidden),
+        nn.ReLU(),
+        nn.Linear(args.hidden, args.hidden),
+        nn.ReLU(),
+        nn.Linear(args.hidden, 4),
+    )
 me = str(getattr(mesh, "member", "local"))
 optimizer = optim.Adam(learning_rate=1e-2)
 mesh.register(model, optimizer)
+if args.checksum_out:
+    from mlx.utils import tree_flatten
+
+    start_sum = float(sum(mx.sum(v).item() for _, v in tree_flatten(model.parameters())))
+    with open(os.path.join(args.out, f"start-{me}.json"), "w") as f:
+        json.dump({"sum": start_sum}, f)
+if args.perturb_main and mesh.is_main:
+    model.update({"out": {"bias": model.out.bias + 1.0}} if args.nested else {})
+    if not args.nested:
+        model.layers[-1].bias = model.layers[-1].bias + 1.0
 loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
 zeros = None
 for epoch in range(args.epochs):
