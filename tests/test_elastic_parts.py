@@ -115,6 +115,17 @@ def test_plan_a_joiner_gets_state_now_or_after_the_pinned_step() -> None:
     assert pinned.zero == ("j",) and pinned.state_source == "a" and not pinned.state_now
 
 
+def test_plan_idle_replicas_that_differ_take_the_majority_state_ties_to_the_lowest_rank() -> None:
+    """What makes unseeded replicas equal at `register`: every member idle at step 0, digests differ."""
+    D3 = "33" * 16
+    tie = plan_recovery([MemberStatus("a", 0, D1), MemberStatus("b", 0, D2), MemberStatus("c", 0, D3)])
+    assert tie.stale == ("b", "c") and tie.state_source == "a" and tie.state_now
+    most = plan_recovery([MemberStatus("a", 0, D1), MemberStatus("b", 0, D2), MemberStatus("c", 0, D2)])
+    assert most.stale == ("a",) and most.state_source == "b"
+    same = plan_recovery([MemberStatus("a", 0, D1), MemberStatus("b", 0, D1)])
+    assert same.stale == () and same.state_source is None
+
+
 def test_plan_refuses_what_cannot_be_reconciled() -> None:
     with pytest.raises(Unrecoverable):
         plan_recovery([MemberStatus("a", 9, D1, pending=True), MemberStatus("b", 9, D2, pending=True)][::-1])

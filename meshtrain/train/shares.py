@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshtrain.train.sampler import split_counts
+from meshtrain.train.step_sampler import split_counts
 
 __all__ = [
     "CHECK_EVERY",

@@ -15,16 +15,62 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from meshtrain.errors import UserError
-from meshtrain.train.sampler import epoch_permutation, split_by_shares
 
-__all__ = ["StepSampler", "ledger_problem"]
+__all__ = ["StepSampler", "epoch_permutation", "ledger_problem", "split_by_shares", "split_counts"]
+
+
+def split_counts(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` items split by `weights`: largest remainder rounding, sums to `total` exactly.
+
+    Ties in the remainders go to the earlier position, so every member computes
+    the same split from the same weights. A zero weight gets nothing (unless
+    all weights are zero, which is an error).
+    """
+    if total < 0:
+        raise ValueError("cannot split a negative count")
+    if not weights:
+        raise ValueError("no shares to split among")
+    if any(not (w >= 0) or w == float("inf") for w in weights):
+        raise ValueError(f"shares must be finite and >= 0 (got {list(weights)})")
+    norm = float(sum(weights))
+    if norm <= 0:
+        raise ValueError("at least one share must be positive")
+    exact = [total * float(w) / norm for w in weights]
+    counts = [int(e) for e in exact]
+    short = total - sum(counts)
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder:
+        if short <= 0:
+            break
+        if weights[i] > 0:
+            counts[i] += 1
+            short -= 1
+    return counts
+
+
+def split_by_shares(indices: np.ndarray, shares: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Contiguous slices of `indices`, one per member in the mapping's order, sized by share."""
+    counts = split_counts(len(indices), list(shares.values()))
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for member, count in zip(shares, counts, strict=True):
+        out[member] = indices[start : start + count]
+        start += count
+    return out
+
+
+def epoch_permutation(seed: int, epoch: int, dataset_size: int) -> np.ndarray:
+    """The order of an epoch: PCG64 of (seed, epoch), the same on every machine and numpy version."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    return rng.permutation(dataset_size).astype(np.int64)
+
 
 
 class StepSampler:
