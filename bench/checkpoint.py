@@ -27,7 +27,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from meshtrain.checkpoints.store import CheckpointStore, flatten_tree
+from meshtrain.checkpoints.arrays import flatten_tree
+from meshtrain.checkpoints.store import CheckpointStore
 from meshtrain.checkpoints.transfer import CheckpointServer, fetch_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

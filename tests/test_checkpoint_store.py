@@ -20,16 +20,13 @@ import pytest
 from meshtrain import wire
 from meshtrain.checkpoints import transfer
 from meshtrain.checkpoints.commands import add_parsers, checkpoints_command, export_command
+from meshtrain.checkpoints.arrays import flatten_tree, restore_rng, rng_state, unflatten_tree
 from meshtrain.checkpoints.store import (
     MANIFEST,
     PARAMS,
     CheckpointStore,
     checkpoints_root,
-    flatten_tree,
     parse_target,
-    restore_rng,
-    rng_state,
-    unflatten_tree,
 )
 from meshtrain.errors import UserError, WireError
 

@@ -17,7 +17,9 @@ from mlx.utils import tree_flatten
 
 from meshtrain.checkpoints.leading import CheckpointLeader
 from meshtrain.checkpoints.options import CheckpointOptions
-from meshtrain.checkpoints.store import CheckpointStore, restore_rng
+from meshtrain.checkpoints.arrays import restore_rng
+from meshtrain.checkpoints.store import CheckpointStore
+from meshtrain.train.leaves import assign_leaves
 from meshtrain.leader.checkpoint import TOO_LATE, Abort, CheckpointPolicy, Prepare, to_wire
 from meshtrain.worker.checkpointing import ENV_CHECKPOINTS, WorkerCheckpoints
 
@@ -169,8 +171,10 @@ def test_two_workers_checkpoint_and_a_resume_is_bitwise_equal(tmp_path: Path) ->
             assert found is not None
             tree, meta, step = found
             assert step == newest and meta["cursor"] == newest * 32 and meta["metrics"] == {"loss": 0.5}
-            r.model.update(tree["params"])
-            r.opt.state = tree["opt"]
+            # as the worker does: leaf by leaf into its own trees (meshtrain.train.leaves)
+            r.model.update(assign_leaves(r.model.parameters(), tree["params"]))
+            r.opt.init(r.model.trainable_parameters())
+            assign_leaves(r.opt.state, tree["opt"])
             restore_rng(meta["rng"])
         leader, _ = make_leader(replicas, term=2, last_step=step)
         await drive(replicas, outbox, leader, step, 23)

@@ -1,4 +1,4 @@
-"""Checkpoints: on disk (store.py), between nodes (transfer.py), in a worker (session.py), in the
+"""Checkpoints: on disk (store.py), between nodes (transfer.py), in the
 leader's agent (leading.py), on the command line (commands.py); cost.py measures what one costs.
 
 Import the submodules directly; this package stays free of MLX so the CLI starts fast.

@@ -33,9 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
-
+from meshtrain.checkpoints.files import TMP_PREFIX, fsync_path, temporary_name
 from meshtrain.errors import UserError
 
 __all__ = [
@@ -45,11 +43,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStore",
     "checkpoints_root",
-    "flatten_tree",
     "parse_target",
-    "restore_rng",
-    "rng_state",
-    "unflatten_tree",
 ]
 
 MANIFEST = "manifest.json"
@@ -57,7 +51,6 @@ PART_RECORD = "part.json"
 PARAMS = "params.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
-TMP_PREFIX = ".tmp-"
 INCOMING_PREFIX = ".incoming-"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_BLOCK = 4 * 1024 * 1024
@@ -87,47 +80,6 @@ def parse_target(text: str) -> tuple[str, int | None]:
     return run, int(step)
 
 
-def flatten_tree(tree: Any) -> dict[str, mx.array]:
-    """A nested dict/list of MLX arrays (module parameters, optimizer state) as {"a.b.0": array}."""
-    if isinstance(tree, Mapping) and all(isinstance(v, mx.array) for v in tree.values()):
-        return dict(tree)  # already flat
-    flat: Any = tree_flatten(tree)
-    return {k: v for k, v in flat if isinstance(v, mx.array)}
-
-
-def unflatten_tree(flat: Mapping[str, mx.array]) -> Any:
-    """The inverse of `flatten_tree`: ready for `model.update(...)` or `optimizer.state = ...`."""
-    return tree_unflatten(list(flat.items())) if flat else {}
-
-
-def rng_state() -> list[int]:
-    """MLX's global PRNG key as plain ints (JSON-able)."""
-    key: Any = mx.random.state[0]  # type: ignore[index]
-    return [int(x) for x in key.tolist()]
-
-
-def restore_rng(state: Iterable[int]) -> None:
-    """Put a key saved by `rng_state` back. MLX has no setter; the key array is assigned in place."""
-    key: Any = mx.random.state[0]  # type: ignore[index]
-    key[:] = mx.array(list(state), dtype=mx.uint32)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -138,24 +90,13 @@ def sha256_of(path: Path) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write + fsync a temporary file, rename it over `path`, fsync the directory."""
-    tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
+    tmp = temporary_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_arrays_atomic(
-    path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None
-) -> None:
-    tmp = path.with_name(
-        f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}"
-    )  # keeps .safetensors: MLX appends it otherwise
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 @dataclass(frozen=True)
@@ -190,8 +131,8 @@ class Checkpoint:
     """A loaded checkpoint: flat parameter and optimizer dicts plus the JSON state."""
 
     info: CheckpointInfo
-    params: dict[str, mx.array]
-    optimizer: dict[str, mx.array]
+    params: dict[str, Any]  # path -> mx.array
+    optimizer: dict[str, Any]
     state: dict[str, Any]
 
     @property
@@ -199,9 +140,13 @@ class Checkpoint:
         return int(self.state["step"])
 
     def params_tree(self) -> Any:
+        from meshtrain.checkpoints.arrays import unflatten_tree
+
         return unflatten_tree(self.params)
 
     def optimizer_tree(self) -> Any:
+        from meshtrain.checkpoints.arrays import unflatten_tree
+
         return unflatten_tree(self.optimizer)
 
 
@@ -247,10 +192,12 @@ class CheckpointStore:
             raise UserError(f"checkpoint {run}@{step} is already committed")
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"run": run, "step": str(step)}
+        from meshtrain.checkpoints.arrays import flatten_tree, rng_state, save_arrays_atomic
+
         with ThreadPoolExecutor(max_workers=1) as hasher:  # hash each file while the next is written
-            _save_arrays_atomic(directory / PARAMS, flatten_tree(params), meta)
+            save_arrays_atomic(directory / PARAMS, flatten_tree(params), meta)
             params_digest = hasher.submit(sha256_of, directory / PARAMS)
-            _save_arrays_atomic(
+            save_arrays_atomic(
                 directory / OPTIMIZER, flatten_tree(optimizer) if optimizer is not None else {}, meta
             )
             digests = {PARAMS: params_digest, OPTIMIZER: hasher.submit(sha256_of, directory / OPTIMIZER)}
@@ -353,8 +300,10 @@ class CheckpointStore:
         info = self.find(run, step)
         if verify:
             self.verify(info)
-        params = mx.load(str(info.path / PARAMS))
-        optimizer = mx.load(str(info.path / OPTIMIZER))
+        from meshtrain.checkpoints.arrays import load_arrays
+
+        params = load_arrays(info.path / PARAMS)
+        optimizer = load_arrays(info.path / OPTIMIZER)
         state = json.loads((info.path / STATE).read_text())
         assert isinstance(params, dict) and isinstance(optimizer, dict)
         return Checkpoint(info=info, params=params, optimizer=optimizer, state=state)
@@ -429,7 +378,7 @@ class CheckpointStore:
         doomed = self.checkpoints(run)[:-keep]
         for info in doomed:
             (info.path / MANIFEST).unlink(missing_ok=True)
-            _fsync_dir(info.path)
+            fsync_path(info.path)
             shutil.rmtree(info.path, ignore_errors=True)
         return [i.step for i in doomed]
 
@@ -441,10 +390,11 @@ class CheckpointStore:
             path = path.with_name(path.name + ".safetensors")
         if not path.parent.is_dir():
             raise UserError(f"no such directory: {path.parent}")
-        params = mx.load(str(info.path / PARAMS))
-        assert isinstance(params, dict)
+        from meshtrain.checkpoints.arrays import load_arrays, save_arrays_atomic
+
+        params = load_arrays(info.path / PARAMS)
         meta = {"format": "mlx", "run": run, "step": str(info.step)}
-        _save_arrays_atomic(path, params, meta)
+        save_arrays_atomic(path, params, meta)
         return info, path
 
     def incoming_dir(self, run: str, step: int) -> Path:
@@ -466,9 +416,9 @@ class CheckpointStore:
             shutil.rmtree(final)
         with contextlib.suppress(FileNotFoundError):
             for p in incoming.iterdir():
-                _fsync_file(p)
+                fsync_path(p)
         os.replace(incoming, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         info = self._info(run, final)
         if info is None:
             raise UserError(f"checkpoint {run}@{step} arrived incomplete")

@@ -21,7 +21,7 @@ Writing is synchronous on the training thread: the snapshot is then exactly the 
 
 What a part holds besides params and optimizer state: ``state.json`` keeps ``meta`` as given (epoch,
 cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``rng``), and the term.
-`resume` returns that meta with ``"rng"`` added (a list of ints for `store.restore_rng`).
+`resume` returns that meta with ``"rng"`` added (a list of ints for `arrays.restore_rng`).
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ class WorkerMesh(Mesh):
             tree, meta, step = resumed
             self._adopt(tree, {**meta, "committed": step})
             if meta.get("rng") is not None:
-                from meshtrain.checkpoints.store import restore_rng
+                from meshtrain.checkpoints.arrays import restore_rng
 
                 restore_rng(meta["rng"])
         self._agree_on_state()
