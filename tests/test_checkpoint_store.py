@@ -19,8 +19,8 @@ import pytest
 
 from meshtrain import wire
 from meshtrain.checkpoints import transfer
-from meshtrain.checkpoints.commands import add_parsers, checkpoints_command, export_command
 from meshtrain.checkpoints.arrays import flatten_tree, restore_rng, rng_state, unflatten_tree
+from meshtrain.checkpoints.commands import add_parsers, checkpoints_command, export_command
 from meshtrain.checkpoints.store import (
     MANIFEST,
     PARAMS,

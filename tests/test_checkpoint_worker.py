@@ -15,12 +15,12 @@ import mlx.optimizers as optim
 import pytest
 from mlx.utils import tree_flatten
 
+from meshtrain.checkpoints.arrays import restore_rng
 from meshtrain.checkpoints.leading import CheckpointLeader
 from meshtrain.checkpoints.options import CheckpointOptions
-from meshtrain.checkpoints.arrays import restore_rng
 from meshtrain.checkpoints.store import CheckpointStore
-from meshtrain.train.leaves import assign_leaves
 from meshtrain.leader.checkpoint import TOO_LATE, Abort, CheckpointPolicy, Prepare, to_wire
+from meshtrain.train.leaves import assign_leaves
 from meshtrain.worker.checkpointing import ENV_CHECKPOINTS, WorkerCheckpoints
 
 RUN = "tiny"
