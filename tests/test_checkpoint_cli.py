@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 
 from meshtrain import cli
-from meshtrain.agent.commands import _checkpoint_options
 from meshtrain.checkpoints.options import CheckpointOptions, default_run_name
 from meshtrain.checkpoints.store import CheckpointStore
+from meshtrain.cli.run import checkpoint_options as _checkpoint_options
 from meshtrain.errors import UserError
 
 

@@ -20,7 +20,6 @@ import pytest
 from meshtrain import wire
 from meshtrain.checkpoints import transfer
 from meshtrain.checkpoints.arrays import flatten_tree, restore_rng, rng_state, unflatten_tree
-from meshtrain.checkpoints.commands import add_parsers, checkpoints_command, export_command
 from meshtrain.checkpoints.store import (
     MANIFEST,
     PARAMS,
@@ -28,6 +27,7 @@ from meshtrain.checkpoints.store import (
     checkpoints_root,
     parse_target,
 )
+from meshtrain.cli.checkpoints import add_parser, checkpoints_command, export_command
 from meshtrain.errors import UserError, WireError
 
 
@@ -253,7 +253,7 @@ def test_export_writes_one_safetensors_file(store: CheckpointStore, tmp_path: Pa
 
 def test_cli_handlers(store: CheckpointStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     for step in (10, 20, 30):
         store.save("mnist", step, {"w": mx.ones((3,))}, metrics={"loss": 1.0 / step, "test_accuracy": 0.9})
     store.write_part("mnist", 40, {"w": mx.ones((3,))})  # uncommitted: never listed

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from meshtrain.agent.agent import Agent
-from meshtrain.agent.commands import resolve_keyring
 from meshtrain.agent.control import NO_SECRET, call, open_request
+from meshtrain.cli.join import resolve_keyring
 from meshtrain.errors import UserError, WireError
 from meshtrain.gossip import PROFILES, GossipNode
 from meshtrain.gossip.pushpull import frame

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from test_security_ring import Tap, run_ranks
 
-from meshtrain.agent.commands import resolve_keyring
 from meshtrain.agent.control import MODE_MISMATCH, Conn, ControlServer, call
+from meshtrain.cli.join import resolve_keyring
 from meshtrain.errors import PeerLost, UserError
 from meshtrain.gossip import PROFILES, GossipNode
 from meshtrain.ring import Ring, RingListener

@@ -18,10 +18,10 @@ from meshtrain.errors import UserError
 if TYPE_CHECKING:
     from meshtrain.checkpoints.store import CheckpointInfo, CheckpointStore
 
-__all__ = ["add_parsers", "checkpoints_command", "export_command"]
+__all__ = ["add_parser", "checkpoints_command", "export_command"]
 
 
-def add_parsers(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     """Register both subcommands on the CLI's subparsers object (`build_parser`'s ``sub``)."""
     ck = sub.add_parser("checkpoints", help="list runs, or the complete checkpoints of RUN, on this node")
     ck.add_argument("run", nargs="?", metavar="RUN")

@@ -11,15 +11,22 @@ import argparse
 import time
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from meshtrain import blas, sysinfo
+from meshtrain import blas
 
 MATMUL_N = 512
 
 
-def run(args: argparse.Namespace) -> int:
+def add_parser(sub: Any) -> None:
+    doctor = sub.add_parser("doctor", help="what this machine offers: MLX device, BLAS, cores, interfaces")
+    doctor.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshtrain import sysinfo
+
     blas.ensure_fast_blas()  # re-execs `meshtrain doctor` once when that helps
     console = Console()
     facts = sysinfo.node_facts()

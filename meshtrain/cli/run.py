@@ -1,0 +1,262 @@
+"""`meshtrain run SCRIPT`: train SCRIPT on the mesh, alone, or on a `--local N` mesh, shown live.
+
+The script (and its directory) travels as a bundle to this machine's agent,
+which places the job on the mesh's nodes. With no agent here (or with
+`--local N`) the run borrows an embedded mesh (meshtrain.launcher). The first
+Ctrl-C cancels the job everywhere; a second one quits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshtrain.cli.agent_link import agent_alive, use_uvloop
+from meshtrain.cli.parser import positive
+from meshtrain.errors import UserError, WireError
+
+if TYPE_CHECKING:  # the agent pulls in MLX: imported when the command runs, not to build the parser
+    from meshtrain.agent.jobs import JobRequest, JobResult
+
+DEFAULT_WAIT_S = 30.0  # seconds `run --nodes` waits for its nodes unless --wait says otherwise
+
+
+def add_parser(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", allow_abbrev=False, help="train SCRIPT on the mesh (or alone, or on a --local mesh)"
+    )
+    run.add_argument("script", metavar="SCRIPT")
+    run.add_argument(
+        "script_args",
+        nargs="*",
+        metavar="ARG",
+        help="arguments for the script (anywhere after SCRIPT; after `--` if they clash with ours)",
+    )
+    run.add_argument("--nodes", help="how many nodes (N) or which (name,name); default: all that are up")
+    run.add_argument(
+        "--min-nodes", type=positive, help="start with this many if --nodes are not all up in time"
+    )
+    run.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long to wait for nodes (default {DEFAULT_WAIT_S:.0f}s with --nodes, else 0)",
+    )
+    run.add_argument(
+        "--local", type=positive, metavar="N", help="an embedded mesh of N local nodes, just for this run"
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        metavar="STEPS|PERIOD",
+        help="take a coordinated checkpoint every STEPS steps (200) or every PERIOD (30s, 5m, 1h)",
+    )
+    run.add_argument(
+        "--checkpoint-replicas",
+        type=int,
+        default=2,
+        metavar="K",
+        help="whole copies of each checkpoint besides the first, on other nodes (default 2)",
+    )
+    run.add_argument(
+        "--keep",
+        type=positive,
+        default=3,
+        metavar="N",
+        help="complete checkpoints each node keeps (default 3)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's newest complete checkpoint, wherever in the mesh it is",
+    )
+    run.add_argument(
+        "--name", metavar="RUN", help="the run's name for its checkpoints (default: the script's stem)"
+    )
+    run.add_argument(
+        "--shares",
+        choices=("perf", "equal"),
+        default="perf",
+        help="each node's share of the global batch: by measured speed (default) or equal",
+    )
+    run.add_argument(
+        "--ledger",
+        metavar="DIR",
+        help="debug: every worker logs the sample indices of each committed step to DIR on its node",
+    )
+    run.set_defaults(handler=main)
+
+
+class Renderer:
+    """The submitter's JobSink: the live job view, plus every output line when not on a terminal."""
+
+    def __init__(self) -> None:
+        from meshtrain.ui import LiveJob, is_interactive
+
+        probe = LiveJob()
+        self.interactive = is_interactive(probe.console)
+        self.view = LiveJob(include_log=self.interactive)
+        self.last: dict[str, Any] | None = None
+
+    async def log(self, node: str, rank: int, stream: str, line: str) -> None:
+        if not self.interactive:
+            self.view.console.print(
+                f"[{node}] {line}", markup=False, highlight=False, emoji=False, soft_wrap=True
+            )
+
+    async def snapshot(self, snap: dict[str, Any]) -> None:
+        self.last = snap
+        self.view.update(snap)
+
+
+def main(args: argparse.Namespace) -> int:
+    from meshtrain.agent.bundle import snapshot as bundle_snapshot
+    from meshtrain.agent.jobs import JobRequest
+
+    options = checkpoint_options(args)  # flag mistakes first, before the script is even read
+    options["shares"] = getattr(args, "shares", "perf")
+    if getattr(args, "ledger", None):
+        options["ledger"] = os.path.abspath(args.ledger)
+        try:
+            Path(options["ledger"]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--ledger {args.ledger}: cannot create it: {exc.strerror or exc}") from None
+    bundle = bundle_snapshot(args.script)
+    if args.local is not None and args.nodes is not None:
+        raise UserError("--local N makes its own mesh of N nodes: drop --nodes")
+    wait = args.wait if args.wait is not None else (DEFAULT_WAIT_S if (args.nodes or args.min_nodes) else 0.0)
+    if wait < 0:
+        raise UserError("--wait must be zero or more seconds")
+    request = JobRequest(
+        script=os.path.basename(args.script),
+        args=list(args.script_args),
+        bundle=bundle.pack(),
+        nodes=args.nodes,
+        min_nodes=args.min_nodes,
+        wait=wait,
+        options=options,
+    )
+    use_uvloop()
+    renderer = Renderer()
+    result = asyncio.run(_run(request, args.local, renderer))
+    last = renderer.last or {}
+    if result.state == "done" and (last.get("train_s") or 0) >= 0.5:
+        print(
+            f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
+            f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
+        )
+    if options.get("checkpoint_every") and result.state != "done":
+        print(f"continue from its last checkpoint: the same command with --resume (run {options['run']})")
+    if result.state == "failed":
+        if result.traceback:
+            print(result.traceback.rstrip(), file=sys.stderr)
+        print(f"meshtrain: job failed: {result.message}", file=sys.stderr)
+    elif result.state == "cancelled":
+        print(f"meshtrain: job cancelled: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`run`'s checkpoint flags as the job's options dict (empty without --checkpoint-every/--resume)."""
+    from meshtrain.checkpoints.options import CheckpointOptions
+
+    return CheckpointOptions.build(
+        args.script,
+        every=getattr(args, "checkpoint_every", None),
+        replicas=getattr(args, "checkpoint_replicas", 2),
+        keep=getattr(args, "keep", 3),
+        resume=bool(getattr(args, "resume", False)),
+        name=getattr(args, "name", None),
+    ).to_dict()
+
+
+async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> JobResult:
+    from meshtrain.agent.control import socket_path
+    from meshtrain.agent.jobs import JobResult, JobRunner
+    from meshtrain.launcher import run_embedded
+
+    path = socket_path()
+    loop = asyncio.get_running_loop()
+    if local is None and await agent_alive(path) is None:
+        print(
+            "no agent on this machine: training here alone (start `meshtrain join` on your machines "
+            "to train on the mesh)",
+            file=sys.stderr,
+            flush=True,
+        )
+        local = 1
+    with renderer.view:
+        if local is not None:
+            ready: asyncio.Future[JobRunner] = loop.create_future()
+            task = asyncio.ensure_future(run_embedded(request, local, renderer, ready))
+            _on_interrupt(loop, lambda: ready.result().cancel() if ready.done() else task.cancel())
+            try:
+                return await task
+            except asyncio.CancelledError:
+                return JobResult("cancelled", "cancelled by the user")
+        return await _run_on_agent(path, request, renderer, loop)
+
+
+def _on_interrupt(loop: asyncio.AbstractEventLoop, cancel: Callable[[], object]) -> None:
+    """First Ctrl-C cancels the job everywhere (and waits for that); a second one quits at once."""
+    hits = {"n": 0}
+
+    def handler() -> None:
+        hits["n"] += 1
+        if hits["n"] > 1:
+            os._exit(130)
+        cancel()
+
+    loop.add_signal_handler(signal.SIGINT, handler)
+
+
+async def _run_on_agent(
+    path: Path, request: JobRequest, renderer: Renderer, loop: asyncio.AbstractEventLoop
+) -> JobResult:
+    from meshtrain.agent.control import check_reply, open_request
+    from meshtrain.agent.jobs import JobResult
+    from meshtrain.wire import StreamClosed
+
+    conn = await open_request(
+        path,
+        "run",
+        request.bundle,
+        script=request.script,
+        args=request.args,
+        nodes=request.nodes,
+        min_nodes=request.min_nodes,
+        wait=request.wait,
+        options=request.options,
+    )
+
+    def cancel() -> None:
+        asyncio.ensure_future(conn.send("request", {"op": "cancel"}))
+
+    _on_interrupt(loop, cancel)
+    try:
+        while True:
+            try:
+                header, _ = await conn.recv()
+            except (StreamClosed, WireError, ConnectionError):
+                raise UserError("the agent on this machine closed the connection during the job") from None
+            kind = header.get("kind")
+            if kind == "log":
+                await renderer.log(
+                    str(header.get("node")),
+                    int(header.get("rank", 0)),
+                    str(header.get("stream")),
+                    str(header.get("line", "")),
+                )
+            elif kind == "event" and isinstance(header.get("snapshot"), dict):
+                await renderer.snapshot(header["snapshot"])
+            elif kind == "reply":
+                check_reply(header, "the agent on this machine")
+                return JobResult(str(header.get("state")), header.get("message"), header.get("traceback"))
+    finally:
+        await conn.close()
