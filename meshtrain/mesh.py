@@ -29,9 +29,9 @@ def resolve_wire_dtype(tree: Any, wire_dtype: str | None) -> str:
     float16 and auto is a UserError.
     """
     if wire_dtype != WIRE_AUTO:
-        from meshtrain.ring.tensors import wire_dtype_name  # late: the ring package is heavier
+        from meshtrain.ring.codecs import codec  # late: the ring package is heavier
 
-        return wire_dtype_name(wire_dtype)
+        return codec(wire_dtype).name
     if isinstance(tree, np.ndarray):
         return "float32"
     kinds = {str(leaf.dtype).replace("mlx.core.", "") for leaf in _leaves(tree) if hasattr(leaf, "dtype")}

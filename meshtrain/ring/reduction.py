@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshtrain.ring import tensors
+from meshtrain.ring import codecs
 from meshtrain.ring.schedule import RingSchedule
 
 
@@ -52,16 +52,15 @@ class RingReduction:
         self.src = src
         self.acc = acc
         self.weight = float(weight)
-        self.wire_dtype = wire_dtype
-        self.wide = wire_dtype == "float32"
+        self.codec = codecs.codec(wire_dtype)
+        self.wire_dtype = self.codec.name
+        self.wide = self.codec.exact
         if self.wide:
             self.wire = acc  # sends go straight from the accumulator, receives land in it
-        elif (
-            wire is not None and wire.size == acc.size and wire.dtype == tensors.wire_numpy_dtype(wire_dtype)
-        ):
+        elif wire is not None and wire.size == acc.size and wire.dtype == self.codec.storage:
             self.wire = wire
         else:
-            self.wire = np.empty(acc.size, tensors.wire_numpy_dtype(wire_dtype))
+            self.wire = np.empty(acc.size, self.codec.storage)
         self.recv_weight: dict[int, float] = {}
         self.total_weight: float | None = None
 
@@ -85,12 +84,12 @@ class RingReduction:
             if total != 1.0:
                 np.multiply(self.acc[lo:hi], np.float32(1.0 / total), out=self.acc[lo:hi])
             if not self.wide:  # the owner keeps exactly what the others will receive
-                tensors.encode(self.acc[lo:hi], self.wire[lo:hi], self.wire_dtype)
-                tensors.decode(self.wire[lo:hi], self.acc[lo:hi], self.wire_dtype)
+                self.codec.encode(self.acc[lo:hi], self.wire[lo:hi])
+                self.codec.decode(self.wire[lo:hi], self.acc[lo:hi])
         elif t.reduce:
             if self.wide:
                 return own[lo:hi].data.cast("B")
-            tensors.encode(own[lo:hi], self.wire[lo:hi], self.wire_dtype)
+            self.codec.encode(own[lo:hi], self.wire[lo:hi])
         return self.wire[lo:hi].data.cast("B")
 
     # --- what to do with what arrives --------------------------------------------
@@ -110,7 +109,7 @@ class RingReduction:
         if t.phase not in self.recv_weight:
             self.recv_weight[t.phase] = float(weight)
         if not self.wide:
-            tensors.decode(self.wire[lo:hi], self.acc[lo:hi], self.wire_dtype)
+            self.codec.decode(self.wire[lo:hi], self.acc[lo:hi])
         if t.reduce:
             np.add(self.acc[lo:hi], self.src[lo:hi], out=self.acc[lo:hi])
 

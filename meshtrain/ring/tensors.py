@@ -1,4 +1,4 @@
-"""Gradient trees to one contiguous float32 buffer and back; 16-bit wire casts.
+"""Gradient trees to one contiguous float32 buffer and back; the wire casts (meshtrain.ring.codecs).
 
 Tensor fusion: a model's gradients are many small arrays; one all-reduce of
 one buffer costs one ring round instead of hundreds. Reduction always happens
@@ -9,54 +9,34 @@ the bytes). numpy has no bfloat16, so it is done with integer bit operations
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 
-from meshtrain.errors import UserError
+from meshtrain.ring import codecs
 
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
-_LITTLE_ENDIAN = sys.byteorder == "little"
+WIRE_DTYPES = codecs.names()
 
 
 def wire_dtype_name(wire_dtype: object) -> str:
     """Normalise the user's wire_dtype (None means float32); UserError if unsupported."""
-    name = "float32" if wire_dtype is None else str(wire_dtype).replace("mlx.core.", "")
-    if name not in WIRE_DTYPES:
-        raise UserError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)} (got {wire_dtype!r})")
-    return name
+    return codecs.codec(wire_dtype).name
 
 
 def wire_numpy_dtype(name: str) -> np.dtype:
     """The numpy storage type of a wire dtype (bfloat16 travels as raw uint16 bits)."""
-    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name])
+    return codecs.codec(name).storage
 
 
 def encode(src: np.ndarray, out: np.ndarray, name: str) -> None:
-    """Cast float32 `src` into the wire buffer `out` (same length).
-
-    bfloat16 keeps the high half of each float32 after adding half an ulp
-    (round to nearest, ties away from zero): two passes, twice as fast as
-    exact round-half-to-even, and the same result except on exact ties.
-    """
-    if name == "bfloat16":
-        rounded = np.add(src.view(np.uint32), np.uint32(0x8000))
-        high = rounded.view(np.uint16)[1::2] if _LITTLE_ENDIAN else rounded.view(np.uint16)[0::2]
-        np.copyto(out, high)
-    else:
-        np.copyto(out, src, casting="same_kind")
+    """Cast float32 `src` into the wire buffer `out` (same length) with the codec `name`."""
+    codecs.codec(name).encode(src, out)
 
 
 def decode(src: np.ndarray, out: np.ndarray, name: str) -> None:
     """Widen the wire buffer `src` into float32 `out` (same length)."""
-    if name == "bfloat16":
-        bits = out.view(np.uint32)
-        np.copyto(bits, src, casting="unsafe")
-        bits <<= 16
-    else:
-        np.copyto(out, src)
+    codecs.codec(name).decode(src, out)
 
 
 def round_trip(x: np.ndarray, name: str) -> np.ndarray:

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-WIRE_CODES = {"": 0, "float32": 1, "bfloat16": 2, "float16": 3}
-WIRE_NAMES = {v: k for k, v in WIRE_CODES.items()}
+from meshtrain.ring import codecs
+
 SLOTS = 18  # 16-bit words per member: committed 4, digest 8, flags 1, slice gen 2, joined gen 2, wire 1
 
 PENDING, HAS_LAST, HAS_STATE = 1, 2, 4
@@ -70,7 +70,7 @@ def encode_status(size: int, rank: int, status: MemberStatus) -> np.ndarray:
     flags |= HAS_STATE if status.digest else 0
     words = _words(status.committed, 4) + [int.from_bytes(digest[i : i + 2], "big") for i in range(0, 16, 2)]
     words += [flags] + _words(status.slice_gen + 1, 2) + _words(status.joined_gen + 1, 2)
-    words += [WIRE_CODES.get(status.wire, 0)]
+    words += [codecs.codec(status.wire).code if status.wire else 0]
     vec = np.zeros(size * SLOTS, np.float32)
     vec[rank * SLOTS : (rank + 1) * SLOTS] = words
     return vec
@@ -92,10 +92,15 @@ def decode_statuses(members: Sequence[str], summed: np.ndarray) -> list[MemberSt
                 has_last=bool(flags & HAS_LAST),
                 slice_gen=_unwords(row[13:15]) - 1,
                 joined_gen=_unwords(row[15:17]) - 1,
-                wire=WIRE_NAMES.get(int(row[17]), ""),
+                wire=_wire_name(int(row[17])),
             )
         )
     return out
+
+
+def _wire_name(code: int) -> str:
+    found = codecs.by_code(code)
+    return found.name if found is not None else ""
 
 
 def _words(value: int, count: int) -> list[int]:
