@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -167,6 +168,116 @@ class Ring:
         if buf is None or buf.size != size or buf.dtype != dtype:
             buf = self._buffers[role] = np.empty(size, dtype)
         return buf
+
+    # --- reduce-scatter and all-gather (meshtrain.ring.collectives) ---------------------
+    def reduce_scatter(
+        self,
+        buf: np.ndarray,
+        shards: Sequence[int] | None = None,
+        step: int = 0,
+        weight: float = 1.0,
+        wire_dtype: str | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> np.ndarray:
+        """This member's shard of sum(w_i * x_i) / sum(w_i) over the ring, in a new array.
+
+        `buf` is 1-D float32, the whole buffer (the same length on every member);
+        `shards` the shard sizes in rank order (default: near-equal). With
+        `overwrite` the partial sums accumulate in `buf` itself (no copy of it).
+        """
+        from meshtrain.ring.collectives import REDUCE_SCATTER, CollectiveSchedule, ReduceScatter
+
+        name = tensors.wire_dtype_name(wire_dtype)
+        x, bounds = self._collective_args(buf, shards, buf.size if isinstance(buf, np.ndarray) else -1)
+        self._check_alive()
+        if not weight >= 0:
+            raise ValueError(f"reduce-scatter weight must be >= 0 (got {weight})")
+        lo, hi = bounds[self.rank]
+        if self.size == 1:
+            return x[lo:hi].copy()
+        if weight != 1.0:
+            x = np.multiply(x, np.float32(weight), out=x if overwrite else None)
+        elif not overwrite:
+            x = x.copy()
+        chunk = max(1, self.chunk_bytes // tensors.wire_numpy_dtype(name).itemsize)
+        schedule = CollectiveSchedule(REDUCE_SCATTER, self.size, self.rank, bounds, chunk)
+        out = np.empty(hi - lo, np.float32)
+        self._run_collective(ReduceScatter(schedule, x, out, weight, name), step, x.nbytes, name)
+        return out
+
+    def all_gather(
+        self,
+        shard: np.ndarray,
+        shards: Sequence[int] | None = None,
+        step: int = 0,
+        wire_dtype: str | None = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Every member's shard, concatenated in rank order (identical on every member).
+
+        `shard` is this member's 1-D float32 piece; `shards` the sizes in rank
+        order (default: all equal to this one's). `out` (float32, the total
+        length) is written instead of a new array.
+        """
+        from meshtrain.ring.collectives import ALL_GATHER, AllGather, CollectiveSchedule
+
+        name = tensors.wire_dtype_name(wire_dtype)
+        x = np.ascontiguousarray(shard)
+        sizes = list(shards) if shards is not None else [x.size] * self.size
+        total = sum(int(s) for s in sizes)
+        _, bounds = self._collective_args(np.empty(0, np.float32), sizes, total)
+        if x.ndim != 1 or x.dtype != np.float32 or x.size != sizes[self.rank]:
+            raise ValueError(
+                f"all_gather takes this member's 1-D float32 shard of {sizes[self.rank]} elements"
+            )
+        self._check_alive()
+        if out is None:
+            out = np.empty(total, np.float32)
+        elif out.dtype != np.float32 or out.ndim != 1 or out.size != total or not out.flags.c_contiguous:
+            raise ValueError(f"all_gather's out must be a contiguous 1-D float32 buffer of {total} elements")
+        lo, hi = bounds[self.rank]
+        out[lo:hi] = x
+        if self.size == 1:
+            return out
+        chunk = max(1, self.chunk_bytes // tensors.wire_numpy_dtype(name).itemsize)
+        schedule = CollectiveSchedule(ALL_GATHER, self.size, self.rank, bounds, chunk)
+        self._run_collective(AllGather(schedule, out, name), step, out.nbytes, name)
+        return out
+
+    def _collective_args(
+        self, buf: np.ndarray, shards: Sequence[int] | None, count: int
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        from meshtrain.ring.collectives import shard_bounds
+        from meshtrain.ring.schedule import segment_bounds
+
+        x = np.ascontiguousarray(buf)
+        if x.ndim != 1 or x.dtype != np.float32:
+            raise ValueError("ring collectives take 1-D float32 numpy arrays")
+        if shards is None:
+            return x, segment_bounds(x.size, self.size)
+        if len(shards) != self.size:
+            raise ValueError(f"{len(shards)} shard sizes for a ring of {self.size}")
+        bounds = shard_bounds(shards)
+        if bounds[-1][1] != count:
+            raise ValueError(f"shard sizes sum to {bounds[-1][1]}, the buffer has {count} elements")
+        return x, bounds
+
+    def _run_collective(self, op: Any, step: int, nbytes: int, wire_dtype: str) -> None:
+        """Stream a reduce-scatter or all-gather; busbw = (N-1)/N * bytes / time (NCCL's convention)."""
+        started = time.perf_counter()
+        # the streaming shell only uses the schedule/payload/receive interface RingReduction shares
+        self._stream(cast(RingReduction, op), step)
+        seconds = time.perf_counter() - started
+        itemsize = tensors.wire_numpy_dtype(wire_dtype).itemsize
+        self.last_stats = {
+            "bytes": float(nbytes),
+            "wire_bytes": float(nbytes // 4 * itemsize),
+            "seconds": seconds,
+            "busbw": (self.size - 1) / self.size * nbytes / seconds if seconds > 0 else 0.0,
+            "step": float(step),
+        }
 
     def close(self) -> None:
         """Leave the ring: the neighbours see end of stream (PeerLost if they are mid all-reduce)."""
