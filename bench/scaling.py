@@ -232,6 +232,9 @@ def hosts_for(n: int, link: Link, args: argparse.Namespace) -> Iterator[Hosts]:
         NO_NETEM.add(str(link))
         print(f"  !! {link}: tc netem is not available here: the link runs at {link.rate} WITHOUT the delay")
         cluster = netns.Cluster(n, prefix=PREFIX, rate=link.rate, delay=None).up()
+    if delay and not cluster.delay_applied:  # netns shaped the rate only (no netem)
+        NO_NETEM.add(str(link))
+        print(f"  !! {link}: tc netem is not available here: the link runs at {link.rate} WITHOUT the delay")
     try:
         yield NamespaceHosts(cluster)
     finally:
