@@ -47,6 +47,7 @@ from meshtrain.train.recovery import plan_recovery as _plan
 from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
 from meshtrain.train.step_sampler import StepSampler
 from meshtrain.worker.reporter import Reporter
+from meshtrain.worker.step_timer import StepTimer, free_memory, mlx_peak_probe
 from meshtrain.worker.views import View, ViewBoard
 
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)
@@ -137,13 +138,10 @@ class WorkerMesh(Mesh):
         self._weights: dict[int, dict[str, float]] = {}  # per generation: the shares its steps use
         self._share_mode = share_mode
         self._on_battery = on_battery
-        self._meter: Any = None
+        # perf shares time each step's compute and probe its memory (meshtrain.worker.step_timer)
+        self._timer = StepTimer(free_memory=free_memory) if share_mode == "perf" else None
         self._rebalance_due = False
         self._share_reason = ""
-        self._handed_out = 0.0  # when the open step's batch was handed out (its compute time, for shares)
-        self._before_reduce_s = 0.0  # the open step's compute up to its reduction (for shares)
-        self._reduced_at: float | None = None  # when its reduction returned (None: not cleanly)
-        self._bytes_per_sample = 0.0  # the most a sample has cost a step in memory (for the memory cap)
         self._metrics: dict[str, float] = {}  # the last loss / test accuracy reported (checkpoints list them)
         self._model: Any = None
         self._optimizer: Any = None
@@ -287,7 +285,8 @@ class WorkerMesh(Mesh):
             mine = sampler.assignment(weights).get(self.member)
             count = len(mine) if mine is not None else 0
             self._open = _OpenStep(self.committed, generation, shares, epoch, weights, count)
-            self._handed_out, self._reduced_at = time.perf_counter(), None
+            if self._timer is not None:
+                self._timer.handed_out(count)
             _inject_fault(self.member, self.committed, "forward")
             yield mine if mine is not None else np.empty(0, np.int64)
 
@@ -332,7 +331,8 @@ class WorkerMesh(Mesh):
                 continue
             self._note_stats()
             self._commit(out, tuple(m for m in self._open.members if m in self._roster), None)
-            self._reduced_at = time.perf_counter()  # the rest of the step, to the next boundary, is compute
+            if self._timer is not None:
+                self._timer.reduced()  # the rest of the step, to the next boundary, is compute
             return out
 
     def report(self, **metrics: float) -> None:
@@ -375,10 +375,11 @@ class WorkerMesh(Mesh):
     def _boundary(self) -> None:
         """Between steps: close a step that had no reduction, recover, admit, hand state over."""
         if self._open is not None and not self._open.reduced:
-            self._measure(None)  # a local step (local SGD) is timed here: it has no all-reduce
+            if self._timer is not None:
+                self._timer.local_step_done()  # a local step (local SGD) has no all-reduce: timed whole
             self._commit(None, self._open.members, None)  # nothing to reduce
-        elif self._open is not None and self._reduced_at is not None:
-            self._record_step(self._before_reduce_s + time.perf_counter() - self._reduced_at)
+        elif self._open is not None and self._timer is not None:
+            self._timer.boundary()
         self._open = None
         if self._state_due is not None and self.committed == self._state_due.target + 1:
             self._send_due_state()  # the boundary after the pinned step (a member behind first takes
@@ -552,38 +553,13 @@ class WorkerMesh(Mesh):
         return weights
 
     def _measure(self, grads: Any) -> None:
-        """Time this worker's compute for its slice: the whole step, less the step's reduction.
-
-        With `grads` (the step reduction is next): the time from handing out the
-        batch to its gradients, kept until the reduction returns; the time from
-        then to the next boundary (optimizer update, the loop's own work) is
-        added there. Without (a local step, local SGD): the whole step, recorded
-        now. MLX is lazy: the gradients are evaluated here (the ring would do it
-        next anyway)."""
-        if self._share_mode != "perf" or self._open is None:
+        """The step's gradients are here (its reduction is next): evaluate them under MLX's peak
+        memory probe (the ring would evaluate them next anyway) and time the compute so far."""
+        if self._timer is None or self._open is None:
             return
-        import mlx.core as mx
-
-        if grads is not None:
-            base = mx.get_active_memory()  # the graph is built, not run: what the step holds before it runs
-            mx.reset_peak_memory()
-            mx.eval(grads)
-            if self._open.samples > 0:
-                per_sample = max(mx.get_peak_memory() - base, 1) / self._open.samples
-                self._bytes_per_sample = max(self._bytes_per_sample, per_sample)
-            self._before_reduce_s = time.perf_counter() - self._handed_out
-            return
-        self._record_step(time.perf_counter() - self._handed_out)
-
-    def _record_step(self, seconds: float) -> None:
-        """The open step's compute seconds into the speed meter (perf shares only)."""
-        if self._share_mode != "perf" or self._open is None:
-            return
-        if self._meter is None:
-            from meshtrain.train.shares import WARMUP, ThroughputMeter
-
-            self._meter = ThroughputMeter(warmup=WARMUP)
-        self._meter.record(self._open.samples, seconds)
+        start, finish = mlx_peak_probe()
+        start()
+        self._timer.gradients_ready(finish(grads))
 
     def _rebalance(self) -> None:
         """At FIRST_CHECK, every CHECK_EVERY steps and at epoch ends, every member swaps (speed, power,
@@ -595,8 +571,8 @@ class WorkerMesh(Mesh):
         from meshtrain.train.shares import drift_band, plan_shares
 
         factor, reason = power.power_factor(power.probe(), self._on_battery)
-        rate = self._meter.rate() if self._meter is not None else None
-        cap = self._memory_cap()
+        rate = self._timer.rate() if self._timer is not None else None
+        cap = self._timer.memory_cap() if self._timer is not None else -1
         size, rank = len(self._roster), self._roster.index(self.member)
         vec = np.zeros(size * 3, np.float32)
         vec[3 * rank : 3 * rank + 3] = [rate or 0.0, factor + 1.0, cap + 1.0]  # +1: zero is "unknown"
@@ -626,20 +602,6 @@ class WorkerMesh(Mesh):
         if decision.changed:
             self._weights[self._gen] = dict(decision.shares)
         self._share_reason = decision.reasons.get(self.member, "")
-
-    def _memory_cap(self) -> int:
-        """Samples per step this node's free memory holds at the measured cost per sample (-1: unknown).
-
-        The cost is the largest step peak above the memory held before the step, per
-        sample; free memory is psutil's `available` (unified memory on Apple silicon)."""
-        if self._bytes_per_sample <= 0:
-            return -1
-        import psutil
-
-        from meshtrain.train.shares import memory_cap
-
-        free = psutil.virtual_memory().available
-        return min(memory_cap(free, self._bytes_per_sample), 2**23)  # exact in the float32 swap
 
     # --- generations ---------------------------------------------------------------------------
     def _stale_view(self) -> bool:
