@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshtrain.metrics import MAX_NAMES, extras
+
 LOG_LINES = 10
 EVENTS_KEPT = 50
 RATE_WINDOW_S = 5.0
@@ -73,6 +75,13 @@ class JobState:
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     log: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     loss_history: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_HISTORY))
+    # any other named scalar (val_loss, lr, ...): latest value, recent values, and the evaluations
+    # (reports without a step, like mnist.py's test accuracy) that the plain log writes a line for
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    metric_history: dict[str, deque[float | None]] = field(default_factory=dict)
+    evaluated: dict[str, float | None] = field(default_factory=dict)
+    evaluations: int = 0
+    _metric_rank: dict[str, int] = field(default_factory=dict)  # whose value each name shows
     _global_steps: deque[tuple[float, int]] = field(default_factory=deque)
 
     def assign(self, nodes: list[str]) -> None:
@@ -136,6 +145,7 @@ class JobState:
                 )
             elif paused == 0 and self.state == "paused":
                 self.state, self.message = "running", None
+        self._fold_metrics(rank, metrics)
         if rank != self.main:
             return  # job-wide progress comes from one worker: the lowest live one
         # scripts report loop indices (epoch and step from 0); the snapshot shows counts (epoch in
@@ -154,6 +164,27 @@ class JobState:
             self._global_steps.append((t, self._global_step()))
             while len(self._global_steps) > 2 and t - self._global_steps[0][0] > RATE_WINDOW_S:
                 self._global_steps.popleft()
+
+    def _fold_metrics(self, rank: int, metrics: dict[str, Any]) -> None:
+        """Named scalars beyond the first-class ones: each from the lowest live rank that reports it
+        (the main worker's validation loss, but also a metric only another rank reports)."""
+        named = extras(metrics)
+        for key, value in named.items():
+            source = self._metric_rank.get(key)
+            if source is not None and source < rank and source in self.workers:
+                continue
+            if key not in self.metrics and len(self.metrics) >= 2 * MAX_NAMES:
+                continue  # workers refuse more names than this; a bound for any other sender
+            self._metric_rank[key] = rank
+            self.metrics[key] = value
+            self.metric_history.setdefault(key, deque(maxlen=LOSS_HISTORY)).append(value)
+        if "step" not in metrics and rank == self.main:
+            evaluation = dict(named)
+            acc = metrics.get("test_accuracy")
+            if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+                evaluation["test_accuracy"] = float(acc)
+            if evaluation:
+                self.evaluated, self.evaluations = evaluation, self.evaluations + 1
 
     def _global_step(self) -> int:
         return max(0, self.epoch - 1) * self.steps_per_epoch + self.step if self.epoch else self.step
@@ -190,6 +221,7 @@ class JobState:
             "step": self.step,
             "loss": self.loss,
             "test_accuracy": self.test_accuracy,
+            "metrics": dict(self.metrics),
         }
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -233,6 +265,10 @@ class JobState:
             "events": list(self.events),
             "log": list(self.log),
             "loss_history": list(self.loss_history),
+            "metrics": dict(self.metrics),
+            "metric_history": {k: list(v) for k, v in self.metric_history.items()},
+            "evaluated": dict(self.evaluated),
+            "evaluations": self.evaluations,
             "avg_samples_per_s": average,
             "train_s": train_s,
         }

@@ -207,8 +207,9 @@ async def _serve(
         while (message := await reports.get()) is not None:
             if message.get("k") == "m":
                 batch = message.get("batch") or []
-                if batch and isinstance(batch[-1], list) and isinstance(batch[-1][1], dict):
-                    hosted.metrics.update(batch[-1][1])
+                for entry in batch:  # every report: a metric reported once (val_loss) is not lost
+                    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict):
+                        hosted.metrics.update(entry[1])
                 await conn.send("event", {"type": "metrics", "rank": hosted.rank, "batch": batch})
             elif message.get("k") == "ring":
                 drops = message.get("drops")

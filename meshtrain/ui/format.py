@@ -80,6 +80,18 @@ def loss(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def metric(value: float | None) -> str:
+    """Any named metric: `1.523`, `3.00e-04` (a learning rate), `12,345`, `1.4M` (counts, rates)."""
+    if not _is_number(value):
+        return MISSING
+    assert value is not None
+    if abs(value) >= 1000:
+        return count(value)
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.4g}"
+
+
 def duration(seconds: float | None) -> str:
     """`42s`, `3:07`, `1:02:03`; `—` when unknown or negative."""
     if not _is_number(seconds) or seconds is None or seconds < 0:

@@ -1,7 +1,8 @@
 """The `meshtrain run` view: progress of one training job across the mesh.
 
 Top: state, epoch bar, overall bar with ETA, loss with a sparkline of recent
-values, test accuracy, total samples/s and ring bandwidth. Then one row per
+values, test accuracy, total samples/s and ring bandwidth, and a row of every
+other metric the script reports (val_loss, perplexity, lr ...). Then one row per
 worker (share of the batch, samples/s as a bar, step, loss), then the mesh
 events and the workers' log lines. With a known height (live) every section
 keeps a fixed number of lines so nothing jumps while training runs.
@@ -29,6 +30,7 @@ from meshtrain.ui.snapshot import (
     items,
     number,
     overall_fraction,
+    scalars,
     shown_epoch,
     strings,
     text,
@@ -39,7 +41,7 @@ ONE_SHOT_LOG = 10
 MAX_EVENT_LINES = 6  # a tall terminal does not get a screen of blank lines
 MAX_LOG_LINES = 12
 LABEL_WIDTH = 12
-HEADER_LINES = 4  # state/epoch, overall, loss/accuracy, throughput
+HEADER_LINES = 4  # state/epoch, overall, loss/accuracy, throughput (+1 when other metrics are reported)
 MAX_MESSAGE_LINES = 3
 
 
@@ -141,7 +143,25 @@ def metric_rows(job: Mapping[str, Any], history: Sequence[float]) -> Table:
     speed.append("   ring ", style="dim")
     speed.append(fmt.mb_per_s(number(job, "ring_mb_s")))
     grid.add_row(Text("throughput", style="dim"), speed)
+    named = scalars(job, "metrics")
+    if named:
+        grid.add_row(Text("metrics", style="dim"), metrics_text(named))
     return grid
+
+
+def metrics_text(named: Mapping[str, float | None]) -> Text:
+    """`val_loss 1.523 · perplexity 4.586 · lr 3.00e-04`: names dim, values bold, in reported order."""
+    line = Text()
+    for i, (name, value) in enumerate(named.items()):
+        if i:
+            line.append(" · ", style="dim")
+        line.append(f"{name} ", style="dim")
+        line.append(fmt.metric(value), style="bold")
+    return line
+
+
+def header_lines(job: Mapping[str, Any]) -> int:
+    return HEADER_LINES + (1 if scalars(job, "metrics") else 0)
 
 
 def message_block(job: Mapping[str, Any], console: Console, width: int) -> Table:
@@ -240,14 +260,14 @@ class JobView:
         self.loss_history = loss_history_of(self.snapshot, loss_history)
         self.height = height
 
-    def _budgets(self, workers: int, message_lines: int) -> tuple[int | None, int, int]:
+    def _budgets(self, workers: int, message_lines: int, header: int) -> tuple[int | None, int, int]:
         """(worker rows, event lines, log lines) for the height."""
         if self.height is None:
             return None, ONE_SHOT_EVENTS, ONE_SHOT_LOG
         # panel 2 + header + message + table head 2 + worker rows (+ "more") + 2 section titles
         worker_rows = min(max(workers, 1), max(self.height // 4, 1))
         more = 1 if workers > worker_rows else 0
-        spare = self.height - (2 + HEADER_LINES + message_lines + 2 + worker_rows + more + 2)
+        spare = self.height - (2 + header + message_lines + 2 + worker_rows + more + 2)
         spare = max(spare, 2)
         events = min(max(spare // 3, 1), MAX_EVENT_LINES)
         # a long failure message takes its lines from the log, so the frame's height holds
@@ -258,7 +278,9 @@ class JobView:
         pad = self.height is not None
         inner = options.max_width - 4  # panel border and padding
         message_lines = message_height(job, console, inner)
-        worker_rows, event_lines, log_lines = self._budgets(len(items(job, "workers")), message_lines)
+        worker_rows, event_lines, log_lines = self._budgets(
+            len(items(job, "workers")), message_lines, header_lines(job)
+        )
         body: list[RenderableType] = [
             bar_rows(job),
             metric_rows(job, self.loss_history),

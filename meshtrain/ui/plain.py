@@ -26,6 +26,7 @@ from meshtrain.ui.snapshot import (
     node_label,
     number,
     overall_fraction,
+    scalars,
     shown_epoch,
     strings,
     text,
@@ -72,7 +73,13 @@ def job_line(job: Mapping[str, Any]) -> str:
         parts.append(f"loss {fmt.loss(number(job, 'loss'))}")
     if number(job, "test_accuracy") is not None:
         parts.append(f"acc {fmt.accuracy(number(job, 'test_accuracy'))}")
+    parts += named_metrics(scalars(job, "metrics"))
     return " - ".join(parts)
+
+
+def named_metrics(named: Mapping[str, float | None]) -> list[str]:
+    """`["val_loss 1.523", "lr 3.00e-04"]`: every other metric the script reports, in its order."""
+    return [f"{name} {fmt.metric(value)}" for name, value in named.items()]
 
 
 def render_mesh_text(snapshot: Mapping[str, Any] | None) -> str:
@@ -158,6 +165,9 @@ def render_job_text(snapshot: Mapping[str, Any] | None) -> str:
     if message:
         lines.append(("error: " if text(job, "state") == "failed" else "note: ") + message)
     lines += [progress_line(job), metrics_line(job)]
+    named = named_metrics(scalars(job, "metrics"))
+    if named:
+        lines.append("metrics: " + " | ".join(named))
     workers = sorted(items(job, "workers"), key=lambda w: integer(w, "rank"))
     if workers:
         rows = [["NODE", "RANK", "SHARE", "SAMPLES/S", "STEP", "LOSS"]]
@@ -244,6 +254,7 @@ class JobLog:
         self._message = ""
         self._epoch = 0
         self._accuracy: float | None = None
+        self._evaluations = 0
         self._log: list[str] = []
         self._finished = False
         self._shares: dict[str, str] = {}
@@ -277,19 +288,29 @@ class JobLog:
             self._epoch = epoch
             lines.append(f"epoch {epoch}/{integer(job, 'epochs') or '?'} started")
         accuracy = number(job, "test_accuracy")
-        if accuracy is not None and accuracy != self._accuracy:
+        evaluations = integer(job, "evaluations", -1)  # -1: an agent that does not count them
+        if evaluations > self._evaluations:
+            self._evaluations, self._accuracy = evaluations, accuracy
+            lines.append(evaluated_line(job, epoch, scalars(job, "evaluated")))
+        elif evaluations < 0 and accuracy is not None and accuracy != self._accuracy:
             self._accuracy = accuracy
-            of = integer(job, "epochs") or "?"
-            speed = fmt.count(number(job, "samples_per_s"))
-            lines.append(
-                f"evaluated (epoch {epoch}/{of}): test accuracy {fmt.accuracy(accuracy)}"
-                f" | loss {fmt.loss(number(job, 'loss'))} | {speed} samples/s"
-            )
+            lines.append(evaluated_line(job, epoch, {"test_accuracy": accuracy}))
         if state in FINISHED_JOB_STATES and not self._finished:
             self._finished = True
             lines.append(final_line(job))
         self._message = message
         return lines
+
+
+def evaluated_line(job: Mapping[str, Any], epoch: int, evaluated: Mapping[str, float | None]) -> str:
+    """`evaluated (epoch 2/3): test accuracy 97.84% | val_loss 1.52 | loss 0.0812 | 9,330 samples/s`"""
+    named = dict(evaluated)
+    parts = []
+    if "test_accuracy" in named:
+        parts.append(f"test accuracy {fmt.accuracy(named.pop('test_accuracy'))}")
+    parts += named_metrics(named)
+    parts += [f"loss {fmt.loss(number(job, 'loss'))}", f"{fmt.count(number(job, 'samples_per_s'))} samples/s"]
+    return f"evaluated (epoch {epoch}/{integer(job, 'epochs') or '?'}): " + " | ".join(parts)
 
 
 def final_line(job: Mapping[str, Any]) -> str:
@@ -298,9 +319,10 @@ def final_line(job: Mapping[str, Any]) -> str:
     job_id = text(job, "job", "?")
     elapsed = fmt.duration(number(job, "elapsed_s"))
     if state == "done":
-        return (
-            f"job {job_id} done in {elapsed}: test accuracy {fmt.accuracy(number(job, 'test_accuracy'))}"
-            f", loss {fmt.loss(number(job, 'loss'))}"
-        )
+        named = named_metrics(scalars(job, "metrics"))
+        accuracy = number(job, "test_accuracy")
+        parts = [] if accuracy is None and named else [f"test accuracy {fmt.accuracy(accuracy)}"]
+        parts += [f"loss {fmt.loss(number(job, 'loss'))}", *named]
+        return f"job {job_id} done in {elapsed}: " + ", ".join(parts)
     message = text(job, "message")
     return f"job {job_id} {state} after {elapsed}" + (f": {message}" if message else "")

@@ -76,6 +76,10 @@ class JobSnapshot(TypedDict, total=False):
     events: list[Event]
     log: list[str]
     loss_history: list[float]  # optional; the live helper keeps one when absent
+    metrics: dict[str, float | None]  # any other named scalar `mesh.report` got: the latest values
+    metric_history: dict[str, list[float | None]]  # their recent values, oldest first
+    evaluated: dict[str, float | None]  # the latest report without a step (an evaluation)
+    evaluations: int  # how many such reports so far (the plain log writes a line for each)
 
 
 FINISHED_JOB_STATES = frozenset({"done", "failed", "cancelled"})
@@ -99,6 +103,16 @@ def number(d: Mapping[str, Any] | None, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+def scalars(d: Mapping[str, Any] | None, key: str) -> dict[str, float | None]:
+    """A {name: number} field, in its order; a value that is not a finite number reads None."""
+    if not isinstance(d, Mapping):
+        return {}
+    value = d.get(key)
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): number(value, k) for k in value}
 
 
 def integer(d: Mapping[str, Any] | None, key: str, default: int = 0) -> int:

@@ -335,8 +335,14 @@ class WorkerMesh(Mesh):
                 self._timer.reduced()  # the rest of the step, to the next boundary, is compute
             return out
 
-    def report(self, **metrics: float) -> None:
-        """Queue metrics for the live view; batched, never blocks the step."""
+    def report(self, **metrics: Any) -> None:
+        """Queue metrics for the live view; batched, never blocks the step.
+
+        Any named scalar is accepted (meshtrain.metrics): a non-scalar value, or a
+        name the runtime adds itself, is a UserError here, in the script."""
+        from meshtrain.metrics import COUNTERS, FIRST_CLASS, check
+
+        metrics = check(metrics, set(self._metrics) - FIRST_CLASS)
         extra: dict[str, Any] = {"generation": self._gen}
         if self._roster:
             extra["share"] = self._weights_of(self._gen, self._roster).get(self.member, 0.0)
@@ -344,9 +350,9 @@ class WorkerMesh(Mesh):
                 extra["share_why"] = self._share_reason
         if self._ring_mb_s is not None:
             extra["ring_mb_s"] = self._ring_mb_s
-        for key in ("loss", "test_accuracy"):
-            if isinstance(metrics.get(key), (int, float)):
-                self._metrics[key] = float(metrics[key])  # checkpoints list them
+        for key, value in metrics.items():
+            if key not in COUNTERS and key != "samples":
+                self._metrics[key] = float(value)  # checkpoints list them
         self._reporter.report({**metrics, **extra})
 
     def close(self) -> None:
