@@ -99,6 +99,13 @@ class Mesh:
             global_batch = perm[start : start + batch_size]
             yield np.array_split(global_batch, self.size)[self.rank]
 
+    def config(self, **params: Any) -> dict[str, Any]:
+        """Declare the run's hyper-parameters (`mesh.config(lr=1e-3, layers=4)`): recorded with the
+        run (`meshtrain runs show`); returns them, a sweep trial's values in place of the declared ones."""
+        from meshtrain.tracking import capture  # late: plain scripts need none of it
+
+        return capture.config(params)
+
     def report(self, **metrics: float) -> None:
         """Send metrics to the live view; a no-op at world size 1.
 

@@ -135,6 +135,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
         self.control_port = 0
+        self.tracking: Any = None  # meshtrain.tracking.recorder.Tracking, opened at the first job or push
 
     # lifecycle
 
@@ -375,10 +376,28 @@ class Agent:
         for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
             runner.add_event(event)  # the view opens on how the mesh got here
         self.runners[runner.job] = runner
+        recorder = self._record(runner)  # experiment tracking: the run's record (meshtrain.tracking)
+        if recorder is not None:
+            runner.on_metrics, sink = recorder.metrics, recorder.wrap(sink)
         try:
-            return await runner.run(sink)
+            result = await runner.run(sink)
+            if recorder is not None:
+                await recorder.end(result)
+            return result
         finally:
             self.runners.pop(runner.job, None)
+
+    def _record(self, runner: JobRunner) -> Any:
+        """The job's RunRecorder (meshtrain.tracking), or None when this node cannot keep records."""
+        try:
+            if self.tracking is None:
+                from meshtrain.tracking.recorder import Tracking
+
+                self.tracking = Tracking(self)
+            return self.tracking.recorder(runner)
+        except Exception as exc:  # noqa: BLE001 - a job runs even where its record cannot be kept
+            self._event("tracking", self.name, f"run not recorded: {exc}")
+            return None
 
     def _on_hosted(self, hosted: HostedWorker, started: bool) -> None:
         key = f"{hosted.job}/{hosted.member or hosted.rank}"
@@ -449,6 +468,11 @@ class Agent:
                 on_report=self._on_hosted_report,
                 before_start=self.before_worker_start,
             )
+        elif op == "runs.put":  # a peer's copy of a run record (meshtrain.tracking)
+            from meshtrain.tracking.recorder import Tracking
+
+            self.tracking = self.tracking or Tracking(self)
+            await self.tracking.handle(header, payload, conn)
         elif op == "run" and local:
             await self._handle_run(header, payload, conn)
         elif isinstance(op, str) and op.startswith("ckpt") and self.checkpoints is not None:

@@ -124,6 +124,8 @@ class JobRunner:
     job: str = field(default_factory=new_job_id)
     protocol: int = PROTOCOL_VERSION
     clock: Callable[[], float] = time.time
+    # experiment tracking (meshtrain.tracking): called with (member, t, metrics) for every report
+    on_metrics: Callable[[str, float, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.state = JobState(job=self.job, script=self.request.script, started=self.clock())
@@ -400,6 +402,8 @@ class JobRunner:
             for item in header.get("batch") or []:
                 if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict):
                     self.state.report(p.rank, float(item[0]), item[1])
+                    if self.on_metrics is not None:
+                        self.on_metrics(p.member, float(item[0]), item[1])
         elif kind == "event" and header.get("type") == "crash":
             p.crash = header
             primary = not header.get("secondary")

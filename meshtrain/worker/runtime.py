@@ -134,6 +134,11 @@ def run(spec: JobSpec) -> int:
             return EXIT_CRASH
         _ring_report(mesh, reporter)
     mesh_module._MESH = mesh
+    # experiment tracking: report this worker's versions and the script's argparse hyper-parameters;
+    # a sweep trial's values are what `mesh.config(...)` returns (meshtrain.tracking.capture)
+    from meshtrain.tracking import capture
+
+    capture.install(reporter.report, (spec.options.get("tracking") or {}).get("params"))
     script = os.path.abspath(spec.script)
     sys.argv = [spec.script, *spec.args]
     sys.path.insert(0, os.path.dirname(script))
