@@ -121,8 +121,9 @@ class ConnectionLimiter:
 
 def state_dir() -> Path:
     """Where the agent keeps its socket and job directories: $MESHTRAIN_HOME or ~/.local/state/meshtrain."""
-    home = os.environ.get("MESHTRAIN_HOME")
-    return Path(home) if home else Path.home() / ".local" / "state" / "meshtrain"
+    from meshtrain.paths import state_home
+
+    return state_home()
 
 
 def socket_path(base: Path | None = None) -> Path:

@@ -58,9 +58,9 @@ _HASH_BLOCK = 4 * 1024 * 1024
 
 def checkpoints_root() -> Path:
     """$MESHTRAIN_HOME/checkpoints, or ~/.local/state/meshtrain/checkpoints (the agent's state dir)."""
-    home = os.environ.get("MESHTRAIN_HOME")
-    base = Path(home) if home else Path.home() / ".local" / "state" / "meshtrain"
-    return base / "checkpoints"
+    from meshtrain.paths import state_home
+
+    return state_home() / "checkpoints"
 
 
 def check_run_name(run: str) -> str:
