@@ -48,9 +48,12 @@ from meshtrain.checkpoints.transfer import CheckpointServer, fetch_newest, repli
 from meshtrain.errors import MeshtrainError
 from meshtrain.leader.checkpoint import MAX_LEAD_STEPS
 
-__all__ = ["CKPT_META_KEY", "NodeCheckpoints", "claim_store", "transfer_key"]
+__all__ = ["CKPT_META_KEY", "ENV_CHECKPOINT_DIR", "NodeCheckpoints", "claim_store", "transfer_key"]
 
 CKPT_META_KEY = "ckpt"
+ENV_CHECKPOINT_DIR = (
+    "MESHTRAIN_CHECKPOINT_DIR"  # the checkpoint directory instead of $MESHTRAIN_HOME/checkpoints
+)
 PROTOCOL_TYPES_FOR_LEADER = ("written", "failed")
 CALL_TIMEOUT_S = 30.0
 REPLICATE_TIMEOUT_S = 600.0
@@ -88,11 +91,17 @@ def transfer_key(keyring: Any) -> bytes | None:
 def claim_store(home: Path, name: str) -> tuple[CheckpointStore, IO[str] | None]:
     """This node's store and the lock that makes it ours.
 
-    The machine's store is ``home/checkpoints`` (what `meshtrain checkpoints` lists). Only one agent
-    may own it: two writers of one run in one directory would overwrite each other's parts. A second
-    agent on the same machine (the other nodes of a ``--local`` mesh) keeps ``home/nodes/NAME/checkpoints``.
+    The machine's store is ``home/checkpoints`` (what `meshtrain checkpoints` lists), or the directory
+    in $MESHTRAIN_CHECKPOINT_DIR (`run --checkpoint-dir DIR` sets it for the mesh it starts). Only one
+    agent may own it: two writers of one run in one directory would overwrite each other's parts. A
+    second agent on the same machine (the other nodes of a ``--local`` mesh) keeps
+    ``home/nodes/NAME/checkpoints`` (``DIR/nodes/NAME``).
     """
-    candidates = [home / "checkpoints", home / "nodes" / name / "checkpoints"]
+    chosen = os.environ.get(ENV_CHECKPOINT_DIR)
+    if chosen:
+        candidates = [Path(chosen), Path(chosen) / "nodes" / name]
+    else:
+        candidates = [home / "checkpoints", home / "nodes" / name / "checkpoints"]
     for root in candidates:
         try:
             root.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ RUN_VALUE_FLAGS = (
     "--local",
     "--checkpoint-every",
     "--checkpoint-replicas",
+    "--checkpoint-dir",
     "--keep",
     "--name",
 )

@@ -65,6 +65,12 @@ def add_parser(sub: Any) -> None:
         help="whole copies of each checkpoint besides the first, on other nodes (default 2)",
     )
     run.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="where the mesh this run starts (alone or --local N) keeps checkpoints "
+        "(default $MESHTRAIN_HOME/checkpoints)",
+    )
+    run.add_argument(
         "--keep",
         type=positive,
         default=3,
@@ -127,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
             Path(options["ledger"]).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"--ledger {args.ledger}: cannot create it: {exc.strerror or exc}") from None
+    checkpoint_dir = _checkpoint_dir(getattr(args, "checkpoint_dir", None))
     bundle = bundle_snapshot(args.script)
     if args.local is not None and args.nodes is not None:
         raise UserError("--local N makes its own mesh of N nodes: drop --nodes")
@@ -144,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
     )
     use_uvloop()
     renderer = Renderer()
-    result = asyncio.run(_run(request, args.local, renderer))
+    result = asyncio.run(_run(request, args.local, renderer, checkpoint_dir))
     last = renderer.last or {}
     if result.state == "done" and (last.get("train_s") or 0) >= 0.5:
         print(
@@ -152,7 +159,13 @@ def main(args: argparse.Namespace) -> int:
             f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
         )
     if options.get("checkpoint_every") and result.state != "done":
-        print(f"continue from its last checkpoint: the same command with --resume (run {options['run']})")
+        if _has_checkpoint(options["run"], checkpoint_dir):
+            print(f"continue from its last checkpoint: the same command with --resume (run {options['run']})")
+        else:
+            print(
+                f"no checkpoint of run {options['run']} was committed on this machine: "
+                "nothing to --resume here"
+            )
     if result.state == "failed":
         if result.traceback:
             print(result.traceback.rstrip(), file=sys.stderr)
@@ -176,7 +189,39 @@ def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
     ).to_dict()
 
 
-async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> JobResult:
+def _has_checkpoint(run: str, checkpoint_dir: str | None) -> bool:
+    """Whether a store on this machine (the agents' and the --local nodes') holds a complete one of `run`."""
+    from meshtrain.checkpoints.store import CheckpointStore, checkpoints_root
+
+    if checkpoint_dir:  # claim_store's layout: DIR, DIR/nodes/NAME
+        root = Path(checkpoint_dir)
+        roots = [root, *sorted(root.glob("nodes/*"))]
+    else:  # HOME/checkpoints, HOME/nodes/NAME/checkpoints
+        root = checkpoints_root()
+        roots = [root, *(p / "checkpoints" for p in sorted(root.parent.glob("nodes/*")))]
+    try:
+        return any(CheckpointStore(r).latest(run) is not None for r in roots)
+    except OSError:
+        return False
+
+
+def _checkpoint_dir(path: str | None) -> str | None:
+    """`--checkpoint-dir` made absolute and created (one line if it cannot be)."""
+    if path is None:
+        return None
+    full = os.path.abspath(path)
+    try:
+        Path(full).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--checkpoint-dir {path}: cannot create it: {exc.strerror or exc}") from None
+    if not os.access(full, os.W_OK | os.X_OK):
+        raise UserError(f"--checkpoint-dir {path}: not writable")
+    return full
+
+
+async def _run(
+    request: JobRequest, local: int | None, renderer: Renderer, checkpoint_dir: str | None = None
+) -> JobResult:
     from meshtrain.agent.control import socket_path
     from meshtrain.agent.jobs import JobResult, JobRunner
     from meshtrain.launcher import run_embedded
@@ -191,6 +236,16 @@ async def _run(request: JobRequest, local: int | None, renderer: Renderer) -> Jo
             flush=True,
         )
         local = 1
+    if checkpoint_dir is not None:
+        if local is None:
+            raise UserError(
+                "--checkpoint-dir is for a mesh this run starts (alone or --local N): the agents of "
+                "this mesh keep checkpoints where they were started ($MESHTRAIN_HOME/checkpoints, or "
+                "$MESHTRAIN_CHECKPOINT_DIR when `meshtrain join` started)"
+            )
+        from meshtrain.checkpoints.node import ENV_CHECKPOINT_DIR
+
+        os.environ[ENV_CHECKPOINT_DIR] = checkpoint_dir  # the embedded agents claim their stores there
     with renderer.view:
         if local is not None:
             ready: asyncio.Future[JobRunner] = loop.create_future()

@@ -26,7 +26,11 @@ cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``r
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -55,6 +59,7 @@ ENV_CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"
 """The agent tells its workers where its checkpoint store is (each node of a --local mesh has its own)."""
 
 PROGRESS_PERIOD_S = 0.5
+LOW_SPACE_BYTES = 4 * 1024 * 1024  # a write that failed with less free than this failed for want of space
 Report = Callable[[dict[str, Any]], None]
 State = Callable[[], dict[str, Any]]
 
@@ -185,12 +190,35 @@ class WorkerCheckpoints:
                 metrics=dict(meta.get("metrics") or {}),
                 extra={"term": a.term, "meta": dict(meta), "member": self.member},
             )
-        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:  # a full disk fails the round
-            reason = f"{exc.__class__.__name__}: {exc}"
-            self.failures.append(reason)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, UserError) as exc:
+            # a full disk fails this round only: MLX reports a failed write as RuntimeError ("[write]
+            # Unable to write N bytes to file."), not OSError; older checkpoints stay as they are
+            reason = self._write_failed(a.step, exc)
             return self.participant.part_failed(a.term, a.step, reason)
         self.written.append(a.step)
         return self.participant.part_written(a.term, a.step, int(record["bytes"]))
+
+    def _write_failed(self, step: int, exc: BaseException) -> str:
+        """Remove the partial part, count the failure, say it in one line on stderr; the reason."""
+        directory = self.store.step_dir(self.run, step)
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full:  # before the partial files are removed: they filled the disk
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(self.store.root).free < LOW_SPACE_BYTES
+        with contextlib.suppress(OSError, UserError):
+            self.store.discard(self.run, step)  # its files, temporary ones included; never a committed one
+        if full:
+            reason = f"no space left on the device of {directory}"
+        else:
+            reason = f"{exc.__class__.__name__}: {exc}".strip()
+        self.failures.append(reason)
+        print(
+            f"meshtrain: checkpoint {self.run}@{step} not written ({reason}); training goes on, "
+            "earlier checkpoints are kept",
+            file=sys.stderr,
+            flush=True,
+        )
+        return reason
 
     def _commit(self, a: CommitPart) -> None:
         try:
