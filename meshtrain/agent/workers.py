@@ -168,7 +168,35 @@ async def host_worker(
         transport.close()
         await _kill(proc)
         on_change(hosted, False)
+        keep_outputs(workdir, set(bundle.files), job, member)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep_outputs(workdir: Path, shipped: set[str], job: str, member: str) -> Path | None:
+    """Move what the script wrote into its (temporary) directory to the job's output directory on
+    this node (meshtrain.paths.outputs_dir) before that directory is deleted: a script that saves
+    `model.safetensors` with a relative path must not lose it. Returns where they went, if anywhere."""
+    from meshtrain.paths import outputs_dir
+
+    written = [
+        p
+        for p in sorted(workdir.rglob("*"))
+        if p.is_file()
+        and p.relative_to(workdir).as_posix() not in shipped
+        and "__pycache__" not in p.relative_to(workdir).parts
+    ]
+    if not written:
+        return None
+    target = outputs_dir(job, member)
+    for path in written:
+        dest = target / path.relative_to(workdir)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(dest))
+        except OSError as exc:
+            print(f"job {job}: could not keep {path.name} in {target}: {exc}", file=sys.stderr, flush=True)
+    print(f"job {job}: {len(written)} file(s) the script wrote are kept in {target}", flush=True)
+    return target
 
 
 async def _serve(
