@@ -115,6 +115,55 @@ class Mesh:
         worker). Call it every step: inside a job it only queues.
         """
 
+    # --- sharded training (meshtrain.shard) ------------------------------------------------
+    @property
+    def roster(self) -> tuple[str, ...]:
+        """The members of the current generation in rank order (who holds which shard)."""
+        return (self.node,)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether this job writes checkpoints (sharded jobs cannot yet)."""
+        return False
+
+    def reduce_scatter(
+        self,
+        buf: np.ndarray,
+        shards: Any = None,
+        weight: float = 1.0,
+        *,
+        wire_dtype: str | None = "float32",
+        overwrite: bool = False,
+    ) -> np.ndarray:
+        """This worker's shard of the weighted mean of the 1-D float32 `buf` over the mesh.
+
+        `shards` are the shard sizes in rank order (default: near-equal); with
+        `overwrite` a job may use `buf` as scratch. At world size 1 the one
+        shard is the whole buffer (a copy).
+        """
+        resolve_wire_dtype(buf, wire_dtype)
+        return np.array(buf, np.float32, copy=True)
+
+    def all_gather(
+        self, shard: np.ndarray, shards: Any = None, *, wire_dtype: str | None = "float32"
+    ) -> np.ndarray:
+        """Every worker's 1-D float32 shard concatenated in rank order; a copy at world size 1."""
+        resolve_wire_dtype(shard, wire_dtype)
+        return np.array(shard, np.float32, copy=True)
+
+    def shard(self, model: Any, optimizer: Any, *, stage: int = 1, **options: Any) -> Any:
+        """Shard `optimizer`'s state (stage 1) and the gradients too (stage 2) across the mesh.
+
+        Returns a registered meshtrain.shard.ShardedOptimizer: call its
+        `update(model, grads, weight=...)` instead of `mesh.allreduce` and
+        `optimizer.update`. Replaces `mesh.register(model, optimizer)`.
+        """
+        from meshtrain.shard import ShardedOptimizer
+
+        sharded = ShardedOptimizer(optimizer, self, stage=stage, **options)
+        sharded.register(model)
+        return sharded
+
     def close(self) -> None:
         """Leave the ring; nothing to do at world size 1."""
 

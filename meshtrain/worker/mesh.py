@@ -457,6 +457,61 @@ class WorkerMesh(Mesh):
         if isinstance(busbw, (int, float)):
             self._ring_mb_s = float(busbw) / 1e6
 
+    # --- sharded training (meshtrain.shard) -------------------------------------------------------
+    @property
+    def roster(self) -> tuple[str, ...]:
+        """The members of the current generation in rank order (who holds which shard)."""
+        return self._members_now()
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpoints is not None
+
+    def reduce_scatter(
+        self,
+        buf: np.ndarray,
+        shards: Any = None,
+        weight: float = 1.0,
+        *,
+        wire_dtype: str | None = "float32",
+        overwrite: bool = False,
+    ) -> np.ndarray:
+        """This worker's shard of the weighted mean of the 1-D float32 `buf` over the job's workers.
+
+        Not the step reduction: a lost peer raises PeerLost (the sharded
+        optimizer's state went with it), and so does a new generation whose
+        members differ from the ring's before the call. With `overwrite`,
+        `buf` is used as the scratch of the partial sums (no copy of it)."""
+        return self._collective("reduce_scatter", buf, shards, weight, wire_dtype, overwrite)
+
+    def all_gather(
+        self, shard: np.ndarray, shards: Any = None, *, wire_dtype: str | None = "float32"
+    ) -> np.ndarray:
+        """Every worker's 1-D float32 shard concatenated in rank order (the same on every worker)."""
+        return self._collective("all_gather", shard, shards, 1.0, wire_dtype, False)
+
+    def _collective(
+        self, kind: str, buf: np.ndarray, shards: Any, weight: float, wire_dtype: str | None, overwrite: bool
+    ) -> np.ndarray:
+        wire = resolve_wire_dtype(buf, wire_dtype)
+        before = self._roster
+        if self._ring is None or self._stale_view():
+            self._recover(None)
+        if before and self._roster != before:
+            raise PeerLost(self.member, self._gen, f"the job's members changed before a {kind}")
+        try:
+            if kind == "reduce_scatter":
+                out = self._ring.reduce_scatter(
+                    buf, shards, step=self.committed, weight=weight, wire_dtype=wire, overwrite=overwrite
+                )
+            else:
+                out = self._ring.all_gather(buf, shards, step=self.committed, wire_dtype=wire)
+        except RING_FAILURES as exc:
+            self._mark_broken()
+            raise PeerLost(getattr(exc, "peer", "?"), self._gen, f"in a {kind}: {exc}") from exc
+        self._note_stats()
+        return np.asarray(out)
+
     # --- state ---------------------------------------------------------------------------------
     def _state_tree(self) -> dict[str, Any]:
         if self._model is None:

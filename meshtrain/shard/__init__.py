@@ -1,0 +1,14 @@
+"""Sharded data-parallel training (ZeRO stages 1 and 2) over the ring.
+
+    opt = mesh.shard(model, optim.AdamW(learning_rate=1e-3), stage=2)   # a ShardedOptimizer
+    ...
+    opt.update(model, grads, weight=len(idx))
+
+plan.py is pure (which parameters each node holds, by free memory);
+optimizer.py drives the mesh's collectives around any mlx.optimizers optimizer.
+"""
+
+from meshtrain.shard.optimizer import ShardedOptimizer, ShardLost
+from meshtrain.shard.plan import DoesNotFit, ShardPlan, plan_shards
+
+__all__ = ["DoesNotFit", "ShardLost", "ShardPlan", "ShardedOptimizer", "plan_shards"]
