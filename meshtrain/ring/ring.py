@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 
 from meshtrain.errors import PeerLost
-from meshtrain.ring import tensors
+from meshtrain.ring import codecs, tensors
 from meshtrain.ring.reduction import RingReduction
 from meshtrain.ring.schedule import RingSchedule
 from meshtrain.ring.streams import LinkFailed, RingLink
@@ -117,7 +117,7 @@ class Ring:
         self._check_alive()
         if self.size == 1:
             return tree
-        flat, layout = tensors.flatten_tree(tree)
+        flat, layout = tensors.flatten_tree(tree, lambda n: self._cached("flat", n, np.dtype(np.float32)))
         if weight != 1.0:
             flat *= np.float32(weight)
         out = self._cached("out", flat.size, np.dtype(np.float32))  # unflatten copies it into MLX
@@ -142,12 +142,12 @@ class Ring:
         if self.size == 1:
             np.multiply(src, np.float32(1.0 / weight), out=out)
             return out
-        name = tensors.wire_dtype_name(wire_dtype)
-        wire_type = tensors.wire_numpy_dtype(name)
+        wire_codec = codecs.codec(wire_dtype)
+        name, wire_type = wire_codec.name, wire_codec.storage
         schedule = RingSchedule(
             self.size, self.rank, src.size, max(1, self.chunk_bytes // wire_type.itemsize)
         )
-        wire = None if name == "float32" else self._cached("wire", src.size, wire_type)
+        wire = None if wire_codec.exact else self._cached("wire", src.size, wire_type)
         reduction = RingReduction(schedule, src, out, weight, name, wire)
         started = time.perf_counter()
         self._stream(reduction, step)

@@ -3,12 +3,19 @@
 Tensor fusion: a model's gradients are many small arrays; one all-reduce of
 one buffer costs one ring round instead of hundreds. Reduction always happens
 in float32; `wire_dtype` only changes what travels (bfloat16 or float16 halve
-the bytes). numpy has no bfloat16, so it is done with integer bit operations
-(round to nearest even), in place, without temporaries the size of the buffer.
+the bytes); the casts work chunk by chunk (ring/codecs.py), so their
+temporaries are one chunk, never the buffer.
+
+Memory: an all-reduce of a tree of P float32 parameters holds, besides the
+caller's gradients, the fused input (4P bytes), the float32 result (4P) and,
+with a 16-bit wire, the wire buffer (2P) -- all three reused across steps --
+and returns the result as MLX arrays viewing one copy of it (4P, which
+replaces the gradients the caller drops). bench/allreduce_memory.py measures it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,8 +71,13 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, mx.array)
 
 
-def flatten_tree(tree: Any) -> tuple[np.ndarray, TreeLayout]:
-    """One new float32 buffer holding every mx.array leaf of `tree`, in traversal order."""
+def flatten_tree(
+    tree: Any, buffer: Callable[[int], np.ndarray] | None = None
+) -> tuple[np.ndarray, TreeLayout]:
+    """One float32 buffer holding every mx.array leaf of `tree`, in traversal order.
+
+    `buffer(n)` supplies it (the ring reuses one across steps: no page faults, no churn);
+    without it the buffer is new."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -76,7 +88,7 @@ def flatten_tree(tree: Any) -> tuple[np.ndarray, TreeLayout]:
     for a in arrays:
         offsets.append(total)
         total += a.size
-    flat = np.empty(total, np.float32)
+    flat = buffer(total) if buffer is not None else np.empty(total, np.float32)
     for a, off in zip(arrays, offsets, strict=True):
         src = a if a.dtype == mx.float32 else a.astype(mx.float32)
         flat[off : off + a.size] = np.asarray(src).reshape(-1)
