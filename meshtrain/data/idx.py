@@ -36,7 +36,10 @@ def parse_idx(data: bytes, magic: int, origin: str, kind: str = "MNIST") -> np.n
     header = struct.Struct(f">I{ndim}I")
     found_magic = int.from_bytes(data[:4], "big")
     if len(data) >= 4 and found_magic != magic:
-        raise UserError(f"{origin} is not an {kind} IDX file (magic {found_magic:#010x}, want {magic:#010x})")
+        article = "an" if kind[:1] in "AEIMOU" else "a"  # "an MNIST", "a Fashion-MNIST"
+        raise UserError(
+            f"{origin} is not {article} {kind} IDX file (magic {found_magic:#010x}, want {magic:#010x})"
+        )
     if len(data) < header.size:
         raise UserError(f"{origin} is truncated: {len(data)} bytes, shorter than its header")
     _, *dims = header.unpack_from(data)
