@@ -306,11 +306,11 @@ class ShardedOptimizer:
         elif new:
             what = f"{', '.join(new)} joined the job"
         else:
-            what = f"the ring failed ({exc})" if exc is not None else "the members changed"
+            what = f"{exc.peer} was lost ({exc.reason})" if exc is not None else "the members changed"
         return ShardLost(
-            f"sharded optimizer (stage {self.stage}) after {self._steps} steps: {what}; each shard of the "
-            "optimizer state is held once (--shard-replicas and re-sharding are not yet built), so the "
-            "job stops rather than train on with state missing"
+            f"sharded training (stage {self.stage}) stopped after {self._steps} steps: {what}; each shard "
+            "of the optimizer state is held by one node (--shard-replicas and re-sharding are not yet "
+            "built), so the job stops instead of training on without it"
         )
 
 

@@ -508,7 +508,10 @@ class WorkerMesh(Mesh):
                 out = self._ring.all_gather(buf, shards, step=self.committed, wire_dtype=wire)
         except RING_FAILURES as exc:
             self._mark_broken()
-            raise PeerLost(getattr(exc, "peer", "?"), self._gen, f"in a {kind}: {exc}") from exc
+            rank = getattr(exc, "rank", -1)
+            who = self._roster[rank] if 0 <= rank < len(self._roster) else str(getattr(exc, "peer", "?"))
+            reason = str(getattr(exc, "reason", "") or exc)
+            raise PeerLost(who, self._gen, f"in a {kind}: {reason}") from exc
         self._note_stats()
         return np.asarray(out)
 
