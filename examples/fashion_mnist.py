@@ -163,8 +163,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = args.epochs * steps_per_epoch
     warmup = min(100, total // 10)
     decay = optim.cosine_decay(args.lr, max(1, total - warmup))
-    schedule = optim.join_schedules([optim.linear_schedule(args.lr / 10, args.lr, warmup), decay], [warmup])
-    optimizer = optim.AdamW(learning_rate=schedule if warmup else decay, weight_decay=1e-4)
+    schedule = decay
+    if warmup:
+        ramp = optim.linear_schedule(args.lr / 10, args.lr, warmup)
+        schedule = optim.join_schedules([ramp, decay], [warmup])
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=1e-4)
     mesh.register(model, optimizer)
     loss_and_grad, apply_update = train_functions(model, optimizer, compile=not args.no_compile)
     zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())

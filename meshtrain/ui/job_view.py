@@ -271,7 +271,9 @@ class JobView:
         spare = max(spare, 2)
         events = min(max(spare // 3, 1), MAX_EVENT_LINES)
         # a long failure message takes its lines from the log, so the frame's height holds
-        return worker_rows, events, min(spare - events, MAX_LOG_LINES - (message_lines - 1))
+        # so does the metrics row: the frame's height is the same with it or without
+        cap = MAX_LOG_LINES - (message_lines - 1) - (header - HEADER_LINES)
+        return worker_rows, events, min(spare - events, cap)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         job = self.snapshot
