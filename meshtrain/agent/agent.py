@@ -377,8 +377,6 @@ class Agent:
             runner.add_event(event)  # the view opens on how the mesh got here
         self.runners[runner.job] = runner
         recorder = self._record(runner)  # experiment tracking: the run's record (meshtrain.tracking)
-        if recorder is not None:
-            runner.on_metrics, sink = recorder.metrics, recorder.wrap(sink)
         try:
             result = await runner.run(sink)
             if recorder is not None:
@@ -468,7 +466,7 @@ class Agent:
                 on_report=self._on_hosted_report,
                 before_start=self.before_worker_start,
             )
-        elif op == "runs.put":  # a peer's copy of a run record (meshtrain.tracking)
+        elif op in ("runs.put", "runs.tag"):  # a run record's copy, a model version (meshtrain.tracking)
             from meshtrain.tracking.recorder import Tracking
 
             self.tracking = self.tracking or Tracking(self)

@@ -52,6 +52,7 @@ PARAMS = "params.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 INCOMING_PREFIX = ".incoming-"
+TAGS = ".tags.json"  # RUN/.tags.json: {tag: step}, model versions `meshtrain tag` names (never pruned)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_BLOCK = 4 * 1024 * 1024
 
@@ -375,12 +376,21 @@ class CheckpointStore:
         crash half-way leaves an incomplete directory (cleaned later), never a listed torn one."""
         if keep < 1:
             raise UserError("--keep must be at least 1")
-        doomed = self.checkpoints(run)[:-keep]
+        tagged = set(self.tagged_steps(run).values())  # kept, and not counted (meshtrain tag)
+        doomed = [i for i in self.checkpoints(run) if i.step not in tagged][:-keep]
         for info in doomed:
             (info.path / MANIFEST).unlink(missing_ok=True)
             fsync_path(info.path)
             shutil.rmtree(info.path, ignore_errors=True)
         return [i.step for i in doomed]
+
+    def tagged_steps(self, run: str) -> dict[str, int]:
+        """{tag: step} of `run`'s tagged checkpoints (meshtrain.tracking.tags writes the file)."""
+        try:
+            raw = json.loads((self.run_dir(run) / TAGS).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): int(v) for k, v in raw.items() if isinstance(v, int)} if isinstance(raw, dict) else {}
 
     def export(self, run: str, step: int | None, path: Path) -> tuple[CheckpointInfo, Path]:
         """Write the model parameters of RUN[@STEP] as one safetensors file at `path`."""

@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     ck.add_argument("--json", action="store_true", help="print the listing as JSON")
     ck.set_defaults(handler=checkpoints_command)
     ex = sub.add_parser("export", help="write a checkpoint's model parameters as one safetensors file")
-    ex.add_argument("target", metavar="RUN[@STEP]", help="a run (its newest checkpoint) or RUN@STEP")
+    ex.add_argument("target", metavar="RUN[@STEP]", help="a run (its newest checkpoint), RUN@STEP or a tag")
     ex.add_argument("path", metavar="PATH", help="output file (.safetensors is added if missing)")
     ex.set_defaults(handler=export_command)
 
@@ -124,7 +124,11 @@ def export_command(args: argparse.Namespace, store: CheckpointStore | None = Non
     from meshtrain.checkpoints.store import CheckpointStore, parse_target
 
     store = store or CheckpointStore()
-    run, step = parse_target(str(args.target))
+    from meshtrain.tracking.tags import find_tag  # a model version's name (meshtrain tag) is RUN@STEP
+
+    target = str(args.target)
+    tagged = find_tag(store, target) if "@" not in target and target not in store.runs() else None
+    run, step = tagged or parse_target(target)
     info, path = store.export(run, step, Path(args.path))
     print(f"wrote {path} ({_size(path.stat().st_size)}): run {run}, step {info.step}")
     return 0

@@ -19,7 +19,7 @@ DEFAULT_PORT = 7946
 
 # Module names under meshtrain.cli, in the order `meshtrain --help` lists them
 # (`checkpoints` registers both `checkpoints` and `export`).
-COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs")
+COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs", "tag")
 
 DESCRIPTION = """Command line: `meshtrain join | run | status | leave | checkpoints | export | doctor`.
 

@@ -1,10 +1,12 @@
 """The agent's side of tracking: record the jobs it coordinates, keep copies on other nodes.
 
 Where the record comes from: the coordinating agent already sees everything a
-run is (the request, the placement, every worker's `mesh.report` batch, the
-end). `Tracking.recorder(runner)` gives it a `RunRecorder` that the agent
-hooks to the runner: the sink wrapper sees the state changes, `metrics()`
-every report batch, `end()` the result.
+run is: the request, the placement, every worker's `mesh.report` batch, the
+end. `Tracking.recorder(runner)` follows a `JobRunner` with two hooks only:
+`runner.on_metrics` gets every report batch, and the job's state (placement,
+workers, state and message) is read from `runner.state` every `POLL_S`, so
+the job code does not change for tracking; `end(result)` closes the record
+at once when the agent has the result in hand.
 
 How a lost node loses no history: the coordinator pushes the record (the run
 row plus the metric rows the peer lacks) to the agents of the job's other
@@ -36,9 +38,12 @@ from meshtrain.tracking.record import (
 from meshtrain.tracking.store import MetricRow, Run, RunStore
 
 PUSH_INTERVAL_S = 2.0
+POLL_S = 0.5
+FINAL_STATES = ("done", "failed", "cancelled")
 PUSH_TIMEOUT_S = 10.0
 PUSH_CHUNK = 20_000  # metric rows per runs.put request
 OP_PUT = "runs.put"
+OP_TAG = "runs.tag"
 
 
 def db_path_for(agent: Any) -> Path:
@@ -65,13 +70,52 @@ class Tracking:
         self.store = RunStore(path or db_path_for(agent))
 
     def recorder(self, runner: Any) -> RunRecorder:
-        return RunRecorder(self, runner)
+        """Start recording `runner`'s job (see RunRecorder.attach); `end(result)` closes it early."""
+        return RunRecorder(self, runner).attach()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.store.close()
 
     async def handle(self, header: dict[str, Any], payload: bytes, conn: Any) -> None:
+        """``runs.put`` (a peer's push) or ``runs.tag`` (tag our copy of a checkpoint)."""
+        if header.get("op") == OP_TAG:
+            await self._handle_tag(header, conn)
+        else:
+            await self._handle_put(payload, conn)
+
+    async def _handle_tag(self, header: dict[str, Any], conn: Any) -> None:
+        """Tag this node's copy of RUN@STEP; from the local CLI (``forward``), tell every live peer too."""
+        from meshtrain.errors import UserError
+        from meshtrain.tracking.tags import apply_tag, check_tag
+
+        name, ckpt_run, step = str(header.get("name")), str(header.get("ckpt_run")), header.get("step")
+        held = 0
+        store = getattr(getattr(self.agent, "checkpoints", None), "store", None)
+        try:
+            check_tag(name)
+            if store is not None and isinstance(step, int):
+                held = apply_tag([store], ckpt_run, step, name)[1]
+                self.store.put_tag(name, str(header.get("run") or ""), ckpt_run, step)
+        except (UserError, OSError):
+            held = 0
+        peers = 0
+        if header.get("forward"):
+            me = getattr(self.agent, "name", None)
+            for c in self.agent.candidates():
+                endpoint = self.agent.endpoint(c.name) if c.state == "alive" and c.name != me else None
+                if endpoint is None:
+                    continue
+                fields = {k: header.get(k) for k in ("name", "ckpt_run", "step", "run")}
+                with contextlib.suppress(Exception):
+                    reply = await asyncio.wait_for(
+                        _request(endpoint, OP_TAG, b"", getattr(self.agent, "keyring", None), **fields),
+                        PUSH_TIMEOUT_S,
+                    )
+                    peers += int(reply.get("held") or 0)
+        await conn.reply(True, held=held, peers=peers)
+
+    async def _handle_put(self, payload: bytes, conn: Any) -> None:
         """A peer's push: take the run row (if newer) and the metric rows we lack."""
         try:
             body = msgpack.unpackb(payload, raw=False) if payload else {}
@@ -87,10 +131,11 @@ class Tracking:
 
 
 class RunRecorder:
-    """Records one job as a run; the agent calls `wrap`, `metrics` and `end` (see module docstring)."""
+    """Records one job as a run (see the module docstring)."""
 
     def __init__(self, tracking: Tracking, runner: Any, clock: Callable[[], float] = time.time) -> None:
         self.tracking = tracking
+        self.runner = runner
         self.store = tracking.store
         self.agent = tracking.agent
         self.clock = clock
@@ -118,7 +163,8 @@ class RunRecorder:
         self._config: dict[str, Any] = {}
         self._folder = MetricFolder()
         self._pushed: dict[str, int] = {}  # peer -> highest metric seq it acknowledged
-        self._pusher: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._closed = False
         self._reporters: Any = None
         report_to = (tracking_opts or {}).get("report_to") or []
         if report_to:
@@ -128,23 +174,42 @@ class RunRecorder:
         self._save()
 
     # ----------------------------------------------------------------- hooks
-    def wrap(self, sink: Any) -> Any:
-        return _RecordingSink(sink, self)
+    def attach(self) -> RunRecorder:
+        """Follow the runner: its metrics through `runner.on_metrics`, its state by polling `runner.state`
+        (every POLL_S), pushes to peers every PUSH_INTERVAL_S; the record closes when the job ends."""
+        if hasattr(self.runner, "on_metrics"):
+            self.runner.on_metrics = self.metrics
+        with contextlib.suppress(RuntimeError):
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+        return self
 
-    def on_snapshot(self, snap: dict[str, Any]) -> None:
-        state = str(snap.get("state") or self.run.state)
-        nodes = [
-            str(w.get("node")) for w in snap.get("workers") or [] if isinstance(w, dict) and w.get("node")
-        ]
-        changed = state != self.run.state or (nodes and set(nodes) - set(self.run.mesh.get("nodes") or []))
+    async def _follow(self) -> None:
+        next_push = self.clock() + PUSH_INTERVAL_S
+        while True:
+            await asyncio.sleep(POLL_S)
+            state = getattr(self.runner, "state", None)
+            if state is None:
+                continue
+            self.observe(state.state, state.message, [w.node for w in state.workers.values()])
+            if state.state in FINAL_STATES:
+                with contextlib.suppress(Exception):
+                    await self._close(state.state, state.message)
+                return
+            if self.clock() >= next_push and self.run.state != "waiting":
+                next_push = self.clock() + PUSH_INTERVAL_S
+                with contextlib.suppress(Exception):
+                    await self.push()
+
+    def observe(self, state: str, message: str | None, nodes: list[str]) -> None:
+        """The job's state and its workers' nodes as the coordinator has them now."""
+        changed = state != self.run.state or bool(set(nodes) - set(self.run.mesh.get("nodes") or []))
         if nodes:
             self._compose(nodes)
         if changed:
             if state == "running" and self.run.state in ("waiting", "starting"):
                 self.run.started = self.clock()
-                self._start_pusher()
             self.run.state = state
-            self.run.reason = snap.get("message") if state not in ("running",) else None
+            self.run.reason = message if state != "running" else None
             self._save()
 
     def metrics(self, member: str, t: float, metrics: dict[str, Any]) -> None:
@@ -178,15 +243,23 @@ class RunRecorder:
             self._save()
 
     async def end(self, result: Any) -> None:
-        self.run.state = str(result.state)
-        self.run.reason = result.message
+        """The job's result: close the record now (before a --local mesh is torn down) and push it."""
+        if self._follower is not None and self._follower is not asyncio.current_task():
+            self._follower.cancel()
+        await self._close(str(result.state), result.message)
+
+    async def _close(self, state: str, message: str | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        state_obj = getattr(self.runner, "state", None)
+        if state_obj is not None:
+            self._compose([w.node for w in state_obj.workers.values()])
+        self.run.state = state
+        self.run.reason = message
         self.run.ended = self.clock()
         self.run.checkpoints = self._checkpoints()
         self._save()
-        if self._pusher is not None:
-            self._pusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._pusher
         if self._reporters is not None:
             with contextlib.suppress(Exception):
                 self._reporters.close(self.store.final_metrics(self.run.id), self.run.state)
@@ -235,17 +308,6 @@ class RunRecorder:
             peers = [n for n in alive if n != me][:1]  # a one-node job still gets a second copy
         return peers
 
-    def _start_pusher(self) -> None:
-        if self._pusher is None:
-            with contextlib.suppress(RuntimeError):
-                self._pusher = asyncio.get_running_loop().create_task(self._push_periodically())
-
-    async def _push_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(PUSH_INTERVAL_S)
-            with contextlib.suppress(Exception):
-                await self.push()
-
     async def push(self) -> None:
         """Send every peer the run row and the metric rows it has not acknowledged."""
         peers = self._peers()
@@ -260,7 +322,7 @@ class RunRecorder:
                 body = msgpack.packb({"run": row, "metrics": [r.to_list() for r in rows]}, use_bin_type=True)
                 try:
                     reply = await asyncio.wait_for(
-                        _call_with_payload(endpoint, body, getattr(self.agent, "keyring", None)),
+                        _request(endpoint, OP_PUT, body, getattr(self.agent, "keyring", None)),
                         PUSH_TIMEOUT_S,
                     )
                 except Exception:  # noqa: BLE001 - a peer down now gets the rest at the next push
@@ -274,29 +336,15 @@ class RunRecorder:
                     break
 
 
-async def _call_with_payload(endpoint: tuple[str, int], body: bytes, keyring: Any) -> dict[str, Any]:
+async def _request(
+    endpoint: tuple[str, int], op: str, body: bytes, keyring: Any, **fields: Any
+) -> dict[str, Any]:
     """`control.call` has no payload argument: open the request ourselves and read the one reply."""
     from meshtrain.agent.control import open_request
 
-    conn = await open_request(endpoint, OP_PUT, body, keyring=keyring)
+    conn = await open_request(endpoint, op, body, keyring=keyring, **fields)
     try:
         header, _ = await conn.recv()
     finally:
         await conn.close()
     return dict(header)
-
-
-class _RecordingSink:
-    """A JobSink that lets the recorder see every snapshot on its way to the real sink."""
-
-    def __init__(self, inner: Any, recorder: RunRecorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-
-    async def log(self, node: str, rank: int, stream: str, line: str) -> None:
-        await self.inner.log(node, rank, stream, line)
-
-    async def snapshot(self, snap: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):
-            self.recorder.on_snapshot(snap)
-        await self.inner.snapshot(snap)
