@@ -281,25 +281,34 @@ def test_cli_handlers(store: CheckpointStore, tmp_path: Path, capsys: pytest.Cap
 # ------------------------------------------------------------------ replicate / fetch over loopback TCP
 
 
-def test_fetch_and_replicate_over_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_fetch_and_replicate_over_loopback(tmp_path: Path, encrypt: bool) -> None:
+    """Over the per-connection authenticated channel (sealed in an --encrypt mesh); a node with
+    another mesh's secret is refused at the handshake, before any checkpoint byte moves."""
+    from meshtrain.security.secret import Keyring
+
     a, b, c = (CheckpointStore(tmp_path / n) for n in "abc")
     big = {"w": mx.random.normal((700_000,))}  # ~2.8 MB: several 1 MiB frames
     a.save("r", 5, {"w": mx.ones((3,))})
     a.save("r", 9, big, metrics={"loss": 0.5}, manifest={"replicas": ["a"]})
-    key = b"mesh secret"
+    key = Keyring([bytes(range(32))], encrypt=encrypt)
+    stranger = Keyring([bytes(32)], encrypt=encrypt)
 
     async def scenario() -> None:
-        server_a, server_c = transfer.CheckpointServer(a, key=key), transfer.CheckpointServer(c, key=key)
+        server_a = transfer.CheckpointServer(a, keyring=key)
+        server_c = transfer.CheckpointServer(c, keyring=key)
         port_a, port_c = await server_a.start(), await server_c.start()
         try:
-            assert await transfer.list_remote("127.0.0.1", port_a, "r", key=key) == [5, 9]
-            got = await transfer.fetch_checkpoint("127.0.0.1", port_a, "r", None, store=b, key=key)
+            assert await transfer.list_remote("127.0.0.1", port_a, "r", keyring=key) == [5, 9]
+            got = await transfer.fetch_checkpoint("127.0.0.1", port_a, "r", None, store=b, keyring=key)
             assert got.step == 9 and got.path.parent.parent == b.root
-            await transfer.replicate_checkpoint("127.0.0.1", port_c, "r", 9, store=a, key=key)
+            await transfer.replicate_checkpoint("127.0.0.1", port_c, "r", 9, store=a, keyring=key)
             with pytest.raises(transfer.TransferError, match="no complete checkpoint at step 7"):
-                await transfer.fetch_checkpoint("127.0.0.1", port_a, "r", 7, store=b, key=key)
-            with pytest.raises(WireError):  # the wrong secret: the server drops us
-                await transfer.list_remote("127.0.0.1", port_a, "r", key=b"wrong")
+                await transfer.fetch_checkpoint("127.0.0.1", port_a, "r", 7, store=b, keyring=key)
+            with pytest.raises(WireError, match="authentication failed"):  # another mesh's secret
+                await transfer.list_remote("127.0.0.1", port_a, "r", keyring=stranger)
+            with pytest.raises((WireError, ConnectionError, asyncio.IncompleteReadError)):  # no secret
+                await transfer.list_remote("127.0.0.1", port_a, "r")
         finally:
             await server_a.close()
             await server_c.close()

@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -48,7 +46,7 @@ from meshtrain.checkpoints.transfer import CheckpointServer, fetch_newest, repli
 from meshtrain.errors import MeshtrainError
 from meshtrain.leader.checkpoint import MAX_LEAD_STEPS
 
-__all__ = ["CKPT_META_KEY", "ENV_CHECKPOINT_DIR", "NodeCheckpoints", "claim_store", "transfer_key"]
+__all__ = ["CKPT_META_KEY", "ENV_CHECKPOINT_DIR", "NodeCheckpoints", "claim_store"]
 
 CKPT_META_KEY = "ckpt"
 ENV_CHECKPOINT_DIR = (
@@ -79,13 +77,6 @@ Caller = Callable[..., Awaitable[dict[str, Any]]]
 Deliver = Callable[[str, str, dict[str, Any]], bool]
 """`send_to_worker(job, member, obj)`: a line to a hosted worker's stdin; False when there is none."""
 Event = Callable[[str, str, str], None]
-
-
-def transfer_key(keyring: Any) -> bytes | None:
-    """The checkpoint transfer's frame key, derived from the mesh secret (None: an open mesh)."""
-    if keyring is None:
-        return None
-    return hmac.new(keyring.primary, b"meshtrain checkpoint transfer v1", hashlib.sha256).digest()
 
 
 def claim_store(home: Path, name: str) -> tuple[CheckpointStore, IO[str] | None]:
@@ -173,8 +164,7 @@ class NodeCheckpoints:
         self.deliver = deliver
         self.event = event
         self.keyring = keyring
-        self.key = transfer_key(keyring)
-        self.server = CheckpointServer(store, key=self.key)
+        self.server = CheckpointServer(store, keyring=keyring)  # per-connection handshake, tag or seal
         self.ack_timeout = ack_timeout
         self.led: dict[str, _LedJob] = {}
         self.options: dict[str, dict[str, Any]] = {}  # job -> options, as the jobs passed through here
@@ -233,7 +223,7 @@ class NodeCheckpoints:
         peers = [p for n, p in self._ckpt_peers().items() if n != self.name]
         before = await asyncio.to_thread(self.store.latest, parsed.run)
         try:
-            info = await fetch_newest(peers, parsed.run, store=self.store, key=self.key)
+            info = await fetch_newest(peers, parsed.run, store=self.store, keyring=self.keyring)
         except (OSError, MeshtrainError, asyncio.TimeoutError) as exc:
             self.event("checkpoint", self.name, f"resume of {parsed.run}: fetch failed ({exc})")
             return
@@ -437,7 +427,7 @@ class NodeCheckpoints:
                 raise MeshtrainError(f"{run}@{step} was never committed here")
             await asyncio.sleep(COMMIT_POLL_S)
         await asyncio.wait_for(
-            replicate_checkpoint(address[0], address[1], run, step, store=self.store, key=self.key),
+            replicate_checkpoint(address[0], address[1], run, step, store=self.store, keyring=self.keyring),
             REPLICATE_TIMEOUT_S,
         )
 

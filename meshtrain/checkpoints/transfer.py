@@ -10,7 +10,12 @@ One connection, one request, one checkpoint::
     client -> ckpt.list {run}                             server -> ckpt.ok {steps}
 
 Files travel as 1 MiB payloads read straight from disk (never through
-msgpack). The receiver writes into a fresh ``.incoming-*`` directory, checks
+msgpack). With the mesh secret (a `Keyring`), every connection starts with the
+challenge-response handshake of meshtrain.security.channel and every frame is
+tagged under that connection's own session key -- or, in an `--encrypt` mesh,
+sealed with AES-256-GCM -- so a checkpoint is no easier to read, forge or
+replay than a gradient. Without one (tests, a store on one machine) frames are
+plain. The receiver writes into a fresh ``.incoming-*`` directory, checks
 every size and sha256 against the manifest it received, and only then renames
 the directory into place: an interrupted transfer leaves nothing that is
 listed, and the next attempt simply starts over (`CheckpointStore.clean`
@@ -25,11 +30,14 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from meshtrain import wire
 from meshtrain.checkpoints.store import MANIFEST, PART_RECORD, CheckpointInfo, CheckpointStore, sha256_of
 from meshtrain.errors import MeshtrainError, UserError, WireError
+from meshtrain.security.channel import accept_channel, dial_channel
+from meshtrain.security.handshake import NonceMemory
+from meshtrain.security.secret import Keyring
 
 __all__ = [
     "CHUNK_BYTES",
@@ -60,6 +68,45 @@ class TransferError(MeshtrainError):
     """The other side refused, or the bytes that arrived do not match their manifest."""
 
 
+class Link(Protocol):
+    """How frames go over one transfer connection: an authenticated Channel, or plain."""
+
+    async def write(
+        self,
+        writer: asyncio.StreamWriter,
+        header: dict[str, Any],
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> None: ...
+
+    async def read(self, reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]: ...
+
+
+class _Plain:
+    """No secret: untagged frames (a store on one machine, tests)."""
+
+    async def write(
+        self,
+        writer: asyncio.StreamWriter,
+        header: dict[str, Any],
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> None:
+        await wire.write_frame(writer, header, payload)
+
+    async def read(self, reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes]:
+        return await wire.read_frame(reader)
+
+
+async def _dial(host: str, port: int, keyring: Keyring | None) -> tuple[Any, asyncio.StreamWriter, Link]:
+    reader, writer = await asyncio.open_connection(host, port)
+    if keyring is None:
+        return reader, writer, _Plain()
+    try:
+        return reader, writer, await dial_channel(reader, writer, keyring, {"role": "ckpt"})
+    except BaseException:
+        writer.close()
+        raise
+
+
 def _file_list(info: CheckpointInfo) -> dict[str, int]:
     """Every file of a checkpoint directory, manifest last (so it lands only after the data)."""
     manifest = json.loads((info.path / MANIFEST).read_text())
@@ -68,7 +115,7 @@ def _file_list(info: CheckpointInfo) -> dict[str, int]:
 
 
 async def _send_files(
-    writer: asyncio.StreamWriter, directory: Path, files: dict[str, int], key: bytes | None
+    writer: asyncio.StreamWriter, directory: Path, files: dict[str, int], link: Link
 ) -> None:
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
@@ -76,11 +123,9 @@ async def _send_files(
         with open(directory / name, "rb") as f:
             offset = 0
             while n := f.readinto(buffer):
-                await wire.write_frame(
-                    writer, {"kind": "ckpt.data", "name": name, "offset": offset}, view[:n], key=key
-                )
+                await link.write(writer, {"kind": "ckpt.data", "name": name, "offset": offset}, view[:n])
                 offset += n
-    await wire.write_frame(writer, {"kind": "ckpt.end"}, key=key)
+    await link.write(writer, {"kind": "ckpt.end"})
 
 
 def _check_files(files: Any) -> dict[str, int]:
@@ -104,13 +149,13 @@ async def _receive_files(
     run: str,
     step: int,
     files: dict[str, int],
-    key: bytes | None,
+    link: Link,
 ) -> CheckpointInfo:
     incoming = store.incoming_dir(run, step)
     handles: dict[str, Any] = {}
     try:
         while True:
-            header, payload = await wire.read_frame(reader, key=key)
+            header, payload = await link.read(reader)
             if header["kind"] == "ckpt.end":
                 break
             if header["kind"] != "ckpt.data":
@@ -152,9 +197,10 @@ def _verify_incoming(incoming: Path, files: dict[str, int]) -> None:
 class CheckpointServer:
     """Serves this node's complete checkpoints and accepts replicas pushed to it."""
 
-    def __init__(self, store: CheckpointStore, *, key: bytes | None = None) -> None:
+    def __init__(self, store: CheckpointStore, *, keyring: Keyring | None = None) -> None:
         self.store = store
-        self.key = key
+        self.keyring = keyring
+        self._nonces = NonceMemory()  # one per listening socket: a replayed hello is refused
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -170,31 +216,35 @@ class CheckpointServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link: Link = _Plain()
         try:
-            header, _ = await wire.read_frame(reader, key=self.key)
+            if self.keyring is not None:
+                link = await accept_channel(reader, writer, self.keyring, self._nonces)
+            header, _ = await link.read(reader)
             kind = header["kind"]
             run, step = header.get("run"), header.get("step")
             if kind == "ckpt.list":
                 steps = [i.step for i in await asyncio.to_thread(self.store.checkpoints, str(run))]
-                await wire.write_frame(writer, {"kind": "ckpt.ok", "steps": steps}, key=self.key)
+                await link.write(writer, {"kind": "ckpt.ok", "steps": steps})
             elif kind == "ckpt.fetch":
                 info = await asyncio.to_thread(
                     self.store.find, str(run), step if isinstance(step, int) else None
                 )
                 files = await asyncio.to_thread(_file_list, info)
                 offer = {"kind": "ckpt.offer", "run": info.run, "step": info.step, "files": files}
-                await wire.write_frame(writer, offer, key=self.key)
-                await _send_files(writer, info.path, files, self.key)
+                await link.write(writer, offer)
+                await _send_files(writer, info.path, files, link)
             elif kind == "ckpt.push" and isinstance(step, int):
                 files = _check_files(header.get("files"))
-                info = await _receive_files(reader, self.store, str(run), step, files, self.key)
-                await wire.write_frame(writer, {"kind": "ckpt.ok", "steps": [info.step]}, key=self.key)
+                info = await _receive_files(reader, self.store, str(run), step, files, link)
+                await link.write(writer, {"kind": "ckpt.ok", "steps": [info.step]})
             else:
                 raise TransferError(f"unexpected request {kind!r}")
-        except (UserError, TransferError, WireError) as exc:
+        except (UserError, TransferError) as exc:
             with contextlib.suppress(ConnectionError, WireError):
-                await wire.write_frame(writer, {"kind": "ckpt.error", "message": str(exc)}, key=self.key)
-        except (ConnectionError, asyncio.IncompleteReadError):
+                await link.write(writer, {"kind": "ckpt.error", "message": str(exc)})
+        except (WireError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            # a stranger or a forged frame: the handshake already answered a refusal
             pass
         finally:
             writer.close()
@@ -202,34 +252,42 @@ class CheckpointServer:
                 await writer.wait_closed()
 
 
-async def _expect(reader: asyncio.StreamReader, kind: str, key: bytes | None) -> dict[str, Any]:
-    header, _ = await wire.read_frame(reader, key=key)
+async def _expect(reader: asyncio.StreamReader, kind: str, link: Link) -> dict[str, Any]:
+    header, _ = await link.read(reader)
     if header["kind"] == "ckpt.error":
         raise TransferError(str(header.get("message", "refused")))
+    if header["kind"] == wire.FrameKind.HELLO and header.get("error"):  # we came without the secret
+        raise WireError(f"authentication failed: {header.get('reason', 'the node requires the mesh secret')}")
     if header["kind"] != kind:
         raise TransferError(f"expected {kind}, got {header['kind']}")
     return header
 
 
-async def list_remote(host: str, port: int, run: str, *, key: bytes | None = None) -> list[int]:
+async def list_remote(host: str, port: int, run: str, *, keyring: Keyring | None = None) -> list[int]:
     """The complete checkpoint steps of `run` on the node at host:port."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer, link = await _dial(host, port, keyring)
     try:
-        await wire.write_frame(writer, {"kind": "ckpt.list", "run": run}, key=key)
-        reply = await _expect(reader, "ckpt.ok", key)
+        await link.write(writer, {"kind": "ckpt.list", "run": run})
+        reply = await _expect(reader, "ckpt.ok", link)
         return [int(s) for s in reply.get("steps", [])]
     finally:
         writer.close()
 
 
 async def fetch_checkpoint(
-    host: str, port: int, run: str, step: int | None, *, store: CheckpointStore, key: bytes | None = None
+    host: str,
+    port: int,
+    run: str,
+    step: int | None,
+    *,
+    store: CheckpointStore,
+    keyring: Keyring | None = None,
 ) -> CheckpointInfo:
     """Copy RUN@STEP (the newest with None) from the node at host:port into `store`."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer, link = await _dial(host, port, keyring)
     try:
-        await wire.write_frame(writer, {"kind": "ckpt.fetch", "run": run, "step": step}, key=key)
-        offer = await _expect(reader, "ckpt.offer", key)
+        await link.write(writer, {"kind": "ckpt.fetch", "run": run, "step": step})
+        offer = await _expect(reader, "ckpt.offer", link)
         files = _check_files(offer.get("files"))
         got_step = offer.get("step")
         if (
@@ -238,30 +296,28 @@ async def fetch_checkpoint(
             or (step is not None and got_step != step)
         ):
             raise TransferError("the offer does not match the request")
-        return await _receive_files(reader, store, run, got_step, files, key)
+        return await _receive_files(reader, store, run, got_step, files, link)
     finally:
         writer.close()
 
 
 async def replicate_checkpoint(
-    host: str, port: int, run: str, step: int, *, store: CheckpointStore, key: bytes | None = None
+    host: str, port: int, run: str, step: int, *, store: CheckpointStore, keyring: Keyring | None = None
 ) -> None:
     """Push our complete RUN@STEP to the node at host:port (which keeps it as a replica)."""
     info = await asyncio.to_thread(store.find, run, step)
     files = await asyncio.to_thread(_file_list, info)
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer, link = await _dial(host, port, keyring)
     try:
-        await wire.write_frame(
-            writer, {"kind": "ckpt.push", "run": run, "step": step, "files": files}, key=key
-        )
-        await _send_files(writer, info.path, files, key)
-        await _expect(reader, "ckpt.ok", key)
+        await link.write(writer, {"kind": "ckpt.push", "run": run, "step": step, "files": files})
+        await _send_files(writer, info.path, files, link)
+        await _expect(reader, "ckpt.ok", link)
     finally:
         writer.close()
 
 
 async def fetch_newest(
-    peers: Iterable[tuple[str, int]], run: str, *, store: CheckpointStore, key: bytes | None = None
+    peers: Iterable[tuple[str, int]], run: str, *, store: CheckpointStore, keyring: Keyring | None = None
 ) -> CheckpointInfo | None:
     """Resume support: the newest complete checkpoint of `run` among this node and `peers`,
     fetched here if another node has a newer one. Unreachable peers are skipped; a failed
@@ -270,7 +326,7 @@ async def fetch_newest(
     offers: list[tuple[int, tuple[str, int]]] = []
     for host, port in peers:
         try:
-            steps = await asyncio.wait_for(list_remote(host, port, run, key=key), 10.0)
+            steps = await asyncio.wait_for(list_remote(host, port, run, keyring=keyring), 10.0)
         except (OSError, MeshtrainError, asyncio.TimeoutError):
             continue
         if steps:
@@ -279,7 +335,7 @@ async def fetch_newest(
         if local is not None and local.step >= step:
             break
         try:
-            return await fetch_checkpoint(host, port, run, step, store=store, key=key)
+            return await fetch_checkpoint(host, port, run, step, store=store, keyring=keyring)
         except (OSError, MeshtrainError, asyncio.TimeoutError):
             continue
     return local
