@@ -1,10 +1,17 @@
 """The coordinator's side of a job: place it, start a worker per node, follow it to the end.
 
-The agent the user submitted to coordinates: it waits until placement says
-ready (or `--wait` runs out), sends `job.prepare` with the bundle to every
-chosen node (itself included, over the same TCP path), hands everyone the
-roster of ring addresses (`job.start`), then folds the workers' logs and
-metrics into a `JobState` and streams it to the submitter's sink.
+Coordination is a role, not a node (meshtrain.agent.job_coordination says who
+holds it). The job's origin (the agent it was submitted to) places it: it
+waits until placement says ready (or `--wait` runs out), sends `job.prepare`
+with the bundle to every chosen node (itself included, over the same TCP
+path) and numbers the first membership view. From then on whoever
+coordinates folds the workers' reports (each hosting agent sends its
+worker's output, metrics and exit to the coordinator, numbered, and resends
+what the coordinator has not applied) into a `JobState`, keeps the job's
+membership view current (a worker lost, a node joining, a pause below
+`--min-nodes`) and publishes the job's record (`record()`) to every node of
+the job. A node that takes over builds its `JobRunner` from that record
+(`from_record`) and carries on from the same numbers.
 
 Ending a job is where users get hurt, so the rules are explicit:
 - the first failure cancels every other worker;
@@ -12,7 +19,8 @@ Ending a job is where users get hurt, so the rules are explicit:
   preference to the `PeerLost` echoes it causes elsewhere, and it is shown
   once, with one traceback;
 - workers we killed ourselves are not failures;
-- the submitter going away (Ctrl-C, closed socket) cancels the job everywhere.
+- a cancel (from any node: `meshtrain cancel`, Ctrl-C in `run`) ends the job
+  everywhere; the submitter merely going away does not.
 """
 
 from __future__ import annotations
@@ -21,21 +29,23 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshtrain import PROTOCOL_VERSION
-from meshtrain.agent.control import Conn, open_request
+from meshtrain.agent.control import open_request
+from meshtrain.agent.job_coordination import FINAL_STATES, Succession, has_quorum
 from meshtrain.agent.jobstate import JobState
 from meshtrain.agent.placement import Candidate, Decision, Request, place
 from meshtrain.errors import WireError
-from meshtrain.wire import StreamClosed
 
 SNAPSHOT_INTERVAL_S = 0.5
 PREPARE_TIMEOUT_S = 120.0
 EXIT_WAIT_S = 10.0
 MAX_INCARNATIONS = 4  # workers started on one node for one job (the first and three replacements)
+LOG_KEPT = 2000  # output lines of a job kept on every node of it (for `logs` and `attach`)
 
 
 def new_job_id() -> str:
@@ -54,6 +64,31 @@ class JobRequest:
     wait: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)  # run options for the workers (checkpoints, ledger)
 
+    def spec(self) -> dict[str, Any]:
+        """The request without its bundle, as the replicated record carries it."""
+        return {
+            "script": self.script,
+            "args": list(self.args),
+            "nodes": self.nodes,
+            "min_nodes": self.min_nodes,
+            "wait": self.wait,
+            "options": dict(self.options),
+        }
+
+    @staticmethod
+    def from_spec(spec: dict[str, Any], bundle: bytes) -> JobRequest:
+        wait = spec.get("wait")
+        options = spec.get("options")
+        return JobRequest(
+            script=str(spec.get("script", "script.py")),
+            args=[str(a) for a in spec.get("args") or []],
+            bundle=bundle,
+            nodes=spec.get("nodes") if isinstance(spec.get("nodes"), str) else None,
+            min_nodes=spec.get("min_nodes") if isinstance(spec.get("min_nodes"), int) else None,
+            wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
+            options=dict(options) if isinstance(options, dict) else {},
+        )
+
 
 @dataclass
 class JobResult:
@@ -66,6 +101,18 @@ class JobResult:
     @property
     def exit_code(self) -> int:
         return {"done": 0, "cancelled": 130}.get(self.state, 1)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "message": self.message,
+            "traceback": self.traceback,
+            "exit_code": self.exit_code,
+        }
+
+    @staticmethod
+    def from_record(data: dict[str, Any]) -> JobResult:
+        return JobResult(str(data.get("state")), data.get("message"), data.get("traceback"))
 
 
 class JobSink(Protocol):
@@ -90,6 +137,18 @@ class MembershipView(Protocol):
         ...
 
 
+class JobLinks(Protocol):
+    """How the coordinator reaches the job's nodes (meshtrain.agent.mesh_jobs)."""
+
+    def tell(self, node: str, op: str, **fields: Any) -> None:
+        """Send one request to the agent on `node`, in the background (best effort)."""
+        ...
+
+    async def publish(self, runner: JobRunner) -> None:
+        """Replicate the runner's record on the job's nodes."""
+        ...
+
+
 @dataclass
 class _Participant:
     name: str
@@ -99,12 +158,46 @@ class _Participant:
     member: str = ""  # the worker's id in membership views: the node name, "~k" once re-admitted
     in_view: bool = False
     lost: bool = False
-    conn: Conn | None = None
     ring_port: int | None = None
     exit_code: int | None = None
     killed: bool = False
     crash: dict[str, Any] | None = None
     stderr: str = ""
+    left_mesh: bool = False  # lost because its node left the mesh (not only its worker)
+
+    def to_record(self) -> dict[str, Any]:
+        crash = {k: self.crash.get(k) for k in ("summary", "secondary")} if self.crash else None
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "host": self.host,
+            "control_port": self.control_port,
+            "member": self.member or self.name,
+            "in_view": self.in_view,
+            "lost": self.lost,
+            "ring_port": self.ring_port,
+            "exit_code": self.exit_code,
+            "killed": self.killed,
+            "crash": crash,
+            "left_mesh": self.left_mesh,
+        }
+
+    @staticmethod
+    def from_record(data: dict[str, Any]) -> _Participant:
+        return _Participant(
+            name=str(data["name"]),
+            rank=int(data["rank"]),
+            host=str(data.get("host") or ""),
+            control_port=int(data.get("control_port") or 0),
+            member=str(data.get("member") or data["name"]),
+            in_view=bool(data.get("in_view")),
+            lost=bool(data.get("lost")),
+            ring_port=data.get("ring_port"),
+            exit_code=data.get("exit_code"),
+            killed=bool(data.get("killed")),
+            crash=data.get("crash") if isinstance(data.get("crash"), dict) else None,
+            left_mesh=bool(data.get("left_mesh")),
+        )
 
 
 @dataclass
@@ -117,13 +210,21 @@ class _Failure:
 
 @dataclass
 class JobRunner:
-    """Runs one job to its end; `cancel()` may be called from anywhere on the loop."""
+    """Coordinates one job while this node holds the role; `cancel()` may be called from anywhere on the loop.
+
+    `run()` is the origin's path (place, start, follow); `from_record(...)`
+    then `follow()` is a successor's. Either returns the job's result, or
+    None when coordination moved to another node (`step_down()`).
+    """
 
     request: JobRequest
     membership: MembershipView
     job: str = field(default_factory=new_job_id)
     protocol: int = PROTOCOL_VERSION
     clock: Callable[[], float] = time.time
+    links: JobLinks | None = None
+    me: str = ""
+    origin: str = ""
     # experiment tracking (meshtrain.tracking): called with (member, t, metrics) for every report
     on_metrics: Callable[[str, float, dict[str, Any]], None] | None = None
 
@@ -134,50 +235,204 @@ class JobRunner:
         self._parts: list[_Participant] = []
         self._failures: list[_Failure] = []
         self._view_version = 0
+        self._view: dict[str, Any] | None = None
         self._view_dirty = False
         self._joining: set[str] = set()
-        self._pumps: list[asyncio.Task[None]] = []
+        self._cursors: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._stepped_down = False
+        self._cancelling = False
+        self.term = 0
+        self.seq = 0
+        self.result: JobResult | None = None
+        self.log: deque[tuple[int, str, int, str, str]] = deque(
+            maxlen=LOG_KEPT
+        )  # (seq, node, rank, stream, line)
+        self.log_seq = 0
+        self.succession = Succession(self.me or self.origin)
+        self.succession.observe(self.me or self.origin, time.monotonic(), first=True)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # the replicated record
+
+    def record(self) -> dict[str, Any]:
+        """The job as every node of it keeps it (plain data; the bundle travels with job.prepare only)."""
+        self.seq += 1
+        now = self.clock()
+        return {
+            "job": self.job,
+            "origin": self.origin,
+            "coordinator": self.me,
+            "term": self.term,
+            "seq": self.seq,
+            "spec": self.request.spec(),
+            "parts": [p.to_record() for p in self._parts],
+            "view": self._view,
+            "cursors": dict(self._cursors),
+            "failures": [[f.order, f.primary, f.message, f.traceback] for f in self._failures],
+            "cancel": self._cancel_reason if self._cancel.is_set() else None,
+            "cancelling": self._cancelling,
+            "state": self.state.to_record(),
+            "snapshot": self.state.snapshot(now),
+            "result": self.result.to_record() if self.result is not None else None,
+            "log_seq": self.log_seq,
+            "updated": now,
+        }
+
+    @staticmethod
+    def from_record(
+        record: dict[str, Any],
+        bundle: bytes,
+        membership: MembershipView,
+        *,
+        me: str,
+        links: JobLinks | None,
+        log: Sequence[tuple[int, str, int, str, str]] = (),
+        protocol: int = PROTOCOL_VERSION,
+        clock: Callable[[], float] = time.time,
+    ) -> JobRunner:
+        """A successor's runner: the same job, from the newest record this node holds."""
+        request = JobRequest.from_spec(record.get("spec") or {}, bundle)
+        runner = JobRunner(
+            request=request,
+            membership=membership,
+            job=str(record["job"]),
+            protocol=protocol,
+            clock=clock,
+            links=links,
+            me=me,
+            origin=str(record.get("origin") or ""),
+        )
+        runner.succession = Succession(me)
+        runner.succession.observe(me, time.monotonic())  # took over: settle before numbering a view
+        runner.state = JobState.from_record(record["state"])
+        runner._parts = [_Participant.from_record(p) for p in record.get("parts") or []]
+        view = record.get("view")
+        runner._view = view if isinstance(view, dict) else None
+        runner._view_version = int((runner._view or {}).get("version") or 0)
+        runner._cursors = {str(k): int(v) for k, v in (record.get("cursors") or {}).items()}
+        runner._failures = [
+            _Failure(int(o), bool(pr), str(m), t) for o, pr, m, t in record.get("failures") or []
+        ]
+        if record.get("cancel"):
+            runner.cancel(str(record["cancel"]))
+        runner._cancelling = bool(record.get("cancelling"))
+        runner.term = int(record.get("term") or 0) + 1
+        runner.seq = int(record.get("seq") or 0)
+        runner.log.extend(log)
+        runner.log_seq = max([int(record.get("log_seq") or 0), *(entry[0] for entry in log)])
+        runner.add_event({"t": clock(), "kind": "coordinator", "node": me, "detail": "took over the job"})
+        return runner
+
+    # control
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
-        self._cancel_reason = reason
+        """Cancel the job: here while this node coordinates, else through the node that does."""
+        if not self.coordinating and self.links is not None and hasattr(self.links, "cancel_local"):
+            self.links.cancel_local(self.job, reason)
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
         self._cancel.set()
+        self._wake.set()
+
+    @property
+    def coordinating(self) -> bool:
+        return not self._stepped_down and self.result is None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def step_down(self) -> None:
+        """Coordination moved to another node: stop following (the workers go on)."""
+        self._stepped_down = True
+        self._wake.set()
 
     def add_event(self, event: dict[str, Any]) -> None:
         self.state.add_event(event)
 
-    async def run(self, sink: JobSink) -> JobResult:
-        try:
-            return await self._run(sink)
-        finally:
-            for p in self._parts:
-                if p.conn is not None:
-                    await p.conn.close()
+    def deliver(
+        self, node: str, member: str, first: int, entries: Sequence[Any], view_version: int = 0
+    ) -> int:
+        """Apply the reports of worker `member` numbered from `first`; the last number applied.
 
-    async def _run(self, sink: JobSink) -> JobResult:
-        decision = await self._place(sink)
+        Reports already applied are skipped and a gap is refused (the sender
+        resends from the cursor it gets back), so a successor that has an
+        older record than its predecessor applied loses nothing.
+        """
+        self.succession.hear(node)
+        if isinstance(view_version, int) and view_version > self._view_version:
+            self._view_version = view_version  # a predecessor's view we never saw: number above it
+        cursor = self._cursors.get(member, 0)
+        p = next((q for q in self._parts if (q.member or q.name) == member), None)
+        if p is None or first > cursor + 1:
+            return cursor
+        logs: list[tuple[str, int, str, str]] = []
+        for entry in entries:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
+                continue
+            seq = int(entry[0])
+            if seq <= cursor:
+                continue
+            if not p.lost:
+                self._handle(p, entry[1], logs)
+            cursor = seq
+        self._cursors[member] = cursor
+        for log_node, rank, stream, line in logs:
+            self.log_seq += 1
+            self.log.append((self.log_seq, log_node, rank, stream, line))
+        self._wake.set()
+        return cursor
+
+    # the origin's path
+
+    async def run(self, sink: JobSink | None = None) -> JobResult:
+        """Submit the job from this node and follow it into `sink` until it ends, wherever it is coordinated.
+
+        With the agent's jobs (meshtrain.agent.mesh_jobs) this node starts the
+        job as its origin and then watches its replica: coordination may move
+        to another node and the job still ends here with its result. Without
+        them (unit tests) it coordinates alone.
+        """
+        links = self.links or getattr(self.membership, "jobs", None)
+        if links is not None and hasattr(links, "submit_runner"):
+            self.links = links
+            return await links.submit_runner(self, sink)  # type: ignore[no-any-return]
+        result = await self.coordinate()
+        return result if result is not None else JobResult("failed", "coordination moved away")
+
+    async def coordinate(self) -> JobResult | None:
+        """The origin's coordination: place, start the workers, number the first view, then follow."""
+        decision = await self._place()
         if decision.kind != "ready":
             if self._cancel.is_set():
-                return await self._end(sink, JobResult("cancelled", self._cancel_reason))
-            return await self._end(sink, JobResult("failed", decision.message))
+                return await self._end(JobResult("cancelled", self._cancel_reason))
+            return await self._end(JobResult("failed", decision.message))
         self.state.assign(list(decision.nodes))
         self.state.set_state("starting", f"starting on {', '.join(decision.nodes)}", self.clock())
-        await sink.snapshot(self.state.snapshot(self.clock()))
+        await self._publish()
         error = await self._prepare(list(decision.nodes))
         if error is not None:
-            return await self._end(sink, JobResult("failed", error))
+            self._cancel_all()
+            return await self._end(JobResult("failed", error))
         for p in self._parts:
             p.in_view = True
-        await self._send_view()
+        self._send_view()
         self.state.set_state("running", None, self.clock())
-        await sink.snapshot(self.state.snapshot(self.clock()))
-        return await self._end(sink, await self._follow(sink))
+        await self._publish()
+        return await self.follow()
 
-    async def _end(self, sink: JobSink, result: JobResult) -> JobResult:
+    async def _publish(self) -> None:
+        if self.links is not None:
+            await self.links.publish(self)
+
+    async def _end(self, result: JobResult) -> JobResult:
         self.state.set_state(result.state, result.message, self.clock())
-        await sink.snapshot(self.state.snapshot(self.clock()))
+        self.result = result
+        await self._publish()
         return result
 
-    async def _place(self, sink: JobSink) -> Decision:
+    async def _place(self) -> Decision:
         req = Request.parse(self.request.nodes, self.request.min_nodes)
         deadline = self.clock() + max(0.0, self.request.wait)
         while True:
@@ -187,7 +442,7 @@ class JobRunner:
                 return decision
             if self.state.message != decision.message:
                 self.state.set_state("waiting", decision.message, self.clock())
-                await sink.snapshot(self.state.snapshot(self.clock()))
+                await self._publish()
             step = min(SNAPSHOT_INTERVAL_S, max(0.0, deadline - self.clock()))
             cancelled = asyncio.create_task(self._cancel.wait())
             change = asyncio.create_task(self.membership.changed(step))
@@ -211,8 +466,10 @@ class JobRunner:
 
     async def _prepare_one(self, p: _Participant, joiner: bool = False) -> str | None:
         options = {**self.request.options, "joiner": joiner}
+        record = self.record()
+        record["parts"] = [*record["parts"], p.to_record()] if p not in self._parts else record["parts"]
         try:
-            p.conn = await open_request(
+            conn = await open_request(
                 (p.host, p.control_port),
                 "job.prepare",
                 self.request.bundle,
@@ -226,8 +483,12 @@ class JobRunner:
                 generation=0,
                 member=p.member,
                 options=options,
+                record=record,
             )
-            header, _ = await asyncio.wait_for(p.conn.recv(), PREPARE_TIMEOUT_S)
+            try:
+                header, _ = await asyncio.wait_for(conn.recv(), PREPARE_TIMEOUT_S)
+            finally:
+                await conn.close()
         except (OSError, WireError, asyncio.TimeoutError) as exc:
             return f"cannot start the worker on {p.name}: {exc.__class__.__name__} {exc}".strip()
         if not header.get("ok"):
@@ -238,85 +499,81 @@ class JobRunner:
         p.ring_port = header.get("ring_port")
         return None
 
-    async def _follow(self, sink: JobSink) -> JobResult:
-        """Relay output until every worker has exited; keep the job's membership view current.
+    # following the job (any coordinator)
+
+    async def follow(self) -> JobResult | None:
+        """Apply reports until every worker has exited; keep the job's membership view current.
 
         A worker lost (its process killed, its node dead in gossip) leaves the
         view and the others go on (elastic training); a node that joins the mesh
         gets a worker, which enters the view once it can train. A worker's own
         exception ends the job: every worker would hit it.
         """
-        self._queue: asyncio.Queue[tuple[_Participant, dict[str, Any] | None]] = asyncio.Queue()
-        self._pumps = [asyncio.create_task(self._pump(p)) for p in self._parts]
-        cancelling = False
+        if self._cancelling:
+            self._cancel_all()
         next_snapshot = self.clock() + SNAPSHOT_INTERVAL_S
-        cancel_wait = asyncio.create_task(self._cancel.wait())
         change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
         try:
             while any(p.exit_code is None and not p.lost for p in self._parts):
+                if self._stepped_down:
+                    await self._publish()
+                    return None
+                self._wake.clear()
+                waker = asyncio.create_task(self._wake.wait())
                 timeout = max(0.0, next_snapshot - self.clock())
-                getter = asyncio.create_task(self._queue.get())
-                waiters = {getter, change} if cancelling else {getter, cancel_wait, change}
-                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    p, header = getter.result()
-                    logs: list[tuple[str, int, str, str]] = []
-                    self._handle(p, header, logs)
-                    for node, rank, stream, line in logs:
-                        await sink.log(node, rank, stream, line)
-                else:
-                    getter.cancel()
+                await asyncio.wait({waker, change}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
                 if change.done():
                     change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
-                    if not cancelling:
-                        await self._watch_membership()
-                if not cancelling:
-                    await self._update_view()
-                if not cancelling and (self._failures or self._cancel.is_set()):
-                    cancelling = True
-                    await self._cancel_all()
+                if not self._cancelling:
+                    self._watch_membership()
+                    self._update_view()
+                if not self._cancelling and (self._failures or self._cancel.is_set()):
+                    self._cancelling = True
+                    self._cancel_all()
                 if self.clock() >= next_snapshot:
                     next_snapshot = self.clock() + SNAPSHOT_INTERVAL_S
-                    await sink.snapshot(self.state.snapshot(self.clock()))
+                    await self._publish()
         finally:
-            cancel_wait.cancel()
             change.cancel()
-            for task in self._pumps:
-                task.cancel()
-        return self._verdict()
-
-    async def _pump(self, p: _Participant) -> None:
-        assert p.conn is not None
-        while True:
-            try:
-                header, _ = await p.conn.recv()
-            except (StreamClosed, WireError, ConnectionError):
-                await self._queue.put((p, None))
-                return
-            await self._queue.put((p, header))
+        if self._stepped_down:
+            return None
+        return await self._end(self._verdict())
 
     def _finished_any(self) -> bool:
         return any(p.exit_code == 0 for p in self._parts)
 
-    async def _send_view(self) -> None:
-        """Number the current workers as the next view and send it to each of them."""
-        self._view_version += 1
+    def _live_nodes(self) -> set[str]:
+        return {c.name for c in self.membership.candidates() if c.state in ("alive", "suspect")}
+
+    def _send_view(self) -> bool:
+        """Number the current workers as the next view and send it to each of them, if a quorum allows."""
         members = sorted((p for p in self._parts if p.in_view and not p.lost), key=lambda p: p.rank)
+        if self._view is not None:
+            previous = [str(m[0]) for m in self._view.get("members") or []]
+            ended = {p.member or p.name for p in self._parts if p.exit_code is not None}
+            if not has_quorum(previous, {p.member or p.name for p in members}, ended):
+                return False
+        self._view_version += 1
         view = {
             "version": self._view_version,
-            "members": [[p.member, p.host, p.ring_port or 0] for p in members],
+            "members": [[p.member or p.name, p.host, p.ring_port or 0] for p in members],
             "min_nodes": self.request.min_nodes or 1,
         }
+        self._view = view
         self.state.generation = self._view_version
         for p in members:
-            if p.conn is not None and p.exit_code is None:
-                with contextlib.suppress(ConnectionError, WireError):
-                    await p.conn.send("request", {"op": "job.view", "view": view})
+            if p.exit_code is None and self.links is not None:
+                self.links.tell(p.name, "job.view", job=self.job, member=p.member or p.name, view=view)
         self._view_dirty = False
+        return True
 
-    async def _update_view(self) -> None:
-        if self._view_dirty and not self._finished_any():
-            await self._send_view()
+    def _update_view(self) -> None:
+        if not self._view_dirty or self._finished_any():
+            return
+        live = {p.name for p in self._parts if not p.lost and p.exit_code is None}
+        if self.succession.may_issue(live, time.monotonic()):
+            self._send_view()
 
     def _lose(self, p: _Participant, why: str) -> None:
         """An elastic loss: the worker leaves the view; the job goes on without it."""
@@ -327,17 +584,37 @@ class JobRunner:
             self._view_dirty = True
         self.state.remove_worker(p.rank)
         self.add_event({"t": self.clock(), "kind": "lost", "node": p.name, "detail": why})
-        if p.conn is not None:
-            asyncio.ensure_future(p.conn.close())
+        if self.links is not None and not p.left_mesh:
+            self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name)
         if not any(not q.lost and q.exit_code is None for q in self._parts) and not self._finished_any():
             self._fail(False, f"every worker was lost; the last, {p.name} (rank {p.rank}): {why}", None)
 
-    async def _watch_membership(self) -> None:
-        """Drop workers whose node gossip declares gone; start a worker on each node that joined."""
-        alive = {c.name for c in self.membership.candidates() if c.state in ("alive", "suspect")}
-        for p in self._parts:
-            if not p.lost and p.exit_code is None and p.name not in alive:
-                self._lose(p, "its node left the mesh")
+    def _watch_membership(self) -> None:
+        """Drop workers whose node is gone (given a quorum); start workers on nodes that joined."""
+        alive = self._live_nodes()
+        gone = [p for p in self._parts if not p.lost and p.exit_code is None and p.name not in alive]
+        if gone and self._view is not None:
+            previous = [str(m[0]) for m in self._view.get("members") or []]
+            reachable = {p.member or p.name for p in self._parts if p.name in alive}
+            ended = {p.member or p.name for p in self._parts if p.exit_code is not None}
+            if not has_quorum(previous, reachable, ended):
+                names = ", ".join(sorted({p.name for p in gone}))
+                message = (
+                    f"waiting: lost contact with most of the job's nodes ({names}); no step is taken here"
+                )
+                if self.state.message != message:
+                    self.state.set_state("paused", message, self.clock())
+                    self.add_event(
+                        {"t": self.clock(), "kind": "partition", "node": self.me, "detail": message}
+                    )
+                return
+            if self.state.state == "paused" and (self.state.message or "").startswith(
+                "waiting: lost contact"
+            ):
+                self.state.set_state("running", None, self.clock())
+        for p in gone:
+            p.left_mesh = True
+            self._lose(p, "its node left the mesh")
         if self._finished_any():
             return
         busy = {p.name for p in self._parts if not p.lost and p.exit_code is None}
@@ -348,16 +625,19 @@ class JobRunner:
             if name in self._joining or not self._admits(name):
                 continue
             self._joining.add(name)
-            asyncio.ensure_future(self._admit(name))
+            self._tasks.append(asyncio.ensure_future(self._admit(name)))
 
     def _admits(self, name: str) -> bool:
         """A node joining mid-job gets a worker when the user asked for all nodes (no --nodes); a node
-        of the job whose worker was lost gets a new one -- at most MAX_INCARNATIONS, so a node whose
-        worker keeps dying does not restart it forever."""
-        incarnations = sum(1 for p in self._parts if p.name == name)
-        if incarnations >= MAX_INCARNATIONS:
+        of the job whose worker was lost while its agent lived on gets a new one -- at most
+        MAX_INCARNATIONS, so a node whose worker keeps dying does not restart it forever. With
+        --nodes, a node that left the mesh stays out when it comes back."""
+        mine = [p for p in self._parts if p.name == name]
+        if len(mine) >= MAX_INCARNATIONS:
             return False
-        return self.request.nodes is None or incarnations > 0
+        if self.request.nodes is None:
+            return True
+        return bool(mine) and not any(p.left_mesh for p in mine)
 
     async def _admit(self, name: str) -> None:
         try:
@@ -369,14 +649,13 @@ class JobRunner:
             index = max((p.rank for p in self._parts), default=-1) + 1
             p = _Participant(name=name, rank=index, host=endpoint[0], control_port=endpoint[1], member=member)
             error = await self._prepare_one(p, joiner=True)
-            if error is not None or self._finished_any():
-                if p.conn is not None:
-                    await p.conn.close()
+            if error is not None or self._finished_any() or self._stepped_down or self._cancelling:
+                if error is None and self.links is not None:
+                    self.links.tell(name, "job.kill", job=self.job, member=member)
                 return
             self._parts.append(p)
             self.state.add_worker(p.rank, name)
             self.add_event({"t": self.clock(), "kind": "joined", "node": name, "detail": f"worker {member}"})
-            self._pumps.append(asyncio.create_task(self._pump(p)))
         finally:
             self._joining.discard(name)
 
@@ -421,7 +700,7 @@ class JobRunner:
             p.stderr = str(header.get("stderr") or "")
             if p.exit_code < 0 and not p.killed:  # killed by a signal: an elastic loss
                 self._lose(p, f"its worker was killed (signal {-p.exit_code})")
-            elif p.exit_code != 0 and p.crash is None and not p.killed:
+            elif p.exit_code != 0 and p.crash is None and not p.killed and not p.lost:
                 tail = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
                 detail = f": {tail[0]}" if tail else ""
                 self._fail(
@@ -433,12 +712,12 @@ class JobRunner:
     def _fail(self, primary: bool, message: str, traceback: str | None) -> None:
         self._failures.append(_Failure(len(self._failures), primary, message, traceback))
 
-    async def _cancel_all(self) -> None:
+    def _cancel_all(self) -> None:
         for p in self._parts:
-            if p.exit_code is None and p.conn is not None:
+            if p.exit_code is None and not p.lost:
                 p.killed = True
-                with contextlib.suppress(ConnectionError, WireError):
-                    await p.conn.send("request", {"op": "job.cancel"})
+                if self.links is not None:
+                    self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name)
 
     def _verdict(self) -> JobResult:
         if self._failures:
@@ -447,3 +726,12 @@ class JobRunner:
         if self._cancel.is_set():
             return JobResult("cancelled", self._cancel_reason)
         return JobResult("done", None)
+
+
+def is_final(record: dict[str, Any]) -> bool:
+    return bool(record.get("result")) or str((record.get("state") or {}).get("state")) in FINAL_STATES
+
+
+async def _quiet(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task

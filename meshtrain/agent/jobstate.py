@@ -3,6 +3,11 @@
 Pure: the coordinator feeds it reports, log lines and events with their
 timestamps and asks for `snapshot(now)`; nothing here reads a clock or a
 socket, so rates, shares and the ETA are testable on plain numbers.
+
+A job belongs to the mesh, not to the node that coordinates it right now, so
+the whole state round-trips through `to_record()`/`from_record()` (plain
+msgpack-able data): the coordinator replicates it on every node of the job,
+and whichever node takes over coordination carries on from the same numbers.
 """
 
 from __future__ import annotations
@@ -42,6 +47,36 @@ class WorkerProgress:
         self.samples_seen.append((t, self.samples_total))
         while len(self.samples_seen) > 2 and t - self.samples_seen[0][0] > RATE_WINDOW_S:
             self.samples_seen.popleft()
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "rank": self.rank,
+            "step": self.step,
+            "loss": self.loss,
+            "samples_total": self.samples_total,
+            "samples_seen": [list(x) for x in self.samples_seen],
+            "first": list(self.first) if self.first is not None else None,
+            "last_t": self.last_t,
+            "share": self.share,
+            "share_why": self.share_why,
+        }
+
+    @staticmethod
+    def from_record(data: dict[str, Any]) -> WorkerProgress:
+        first = data.get("first")
+        return WorkerProgress(
+            node=str(data["node"]),
+            rank=int(data["rank"]),
+            step=int(data.get("step") or 0),
+            loss=data.get("loss"),
+            samples_total=float(data.get("samples_total") or 0.0),
+            samples_seen=deque((float(t), float(s)) for t, s in data.get("samples_seen") or []),
+            first=(float(first[0]), float(first[1])) if first else None,
+            last_t=float(data.get("last_t") or 0.0),
+            share=data.get("share"),
+            share_why=str(data.get("share_why") or ""),
+        )
 
     def rate(self, now: float) -> float:
         """Samples per second over the recent window; 0 once reports stop for a whole window."""
@@ -209,6 +244,50 @@ class JobState:
         samples = sum(n for n, _ in spans)
         return (samples / seconds if seconds > 0 else 0.0), seconds
 
+    _PLAIN = (
+        "job",
+        "script",
+        "started",
+        "state",
+        "message",
+        "nodes",
+        "epoch",
+        "epochs",
+        "step",
+        "steps_per_epoch",
+        "loss",
+        "test_accuracy",
+        "ring_mb_s",
+        "finished",
+        "main",
+        "generation",
+    )
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything, as plain data: what a node taking over coordination restores from."""
+        record: dict[str, Any] = {key: getattr(self, key) for key in self._PLAIN}
+        record["nodes"] = list(self.nodes)
+        record["workers"] = [w.to_record() for _, w in sorted(self.workers.items())]
+        record["events"] = list(self.events)
+        record["log"] = list(self.log)
+        record["loss_history"] = list(self.loss_history)
+        record["global_steps"] = [list(x) for x in self._global_steps]
+        return record
+
+    @staticmethod
+    def from_record(data: dict[str, Any]) -> JobState:
+        state = JobState(job=str(data["job"]), script=str(data["script"]), started=float(data["started"]))
+        for key in JobState._PLAIN[3:]:
+            if key in data:
+                setattr(state, key, data[key])
+        state.nodes = [str(n) for n in data.get("nodes") or []]
+        state.workers = {int(w["rank"]): WorkerProgress.from_record(w) for w in data.get("workers") or []}
+        state.events.extend(e for e in data.get("events") or [] if isinstance(e, dict))
+        state.log.extend(str(line) for line in data.get("log") or [])
+        state.loss_history.extend(float(x) for x in data.get("loss_history") or [])
+        state._global_steps.extend((float(t), int(s)) for t, s in data.get("global_steps") or [])
+        return state
+
     def summary(self) -> dict[str, Any]:
         """The short form listed in the mesh snapshot's `jobs`."""
         return {
@@ -258,6 +337,7 @@ class JobState:
             "test_accuracy": self.test_accuracy,
             "samples_per_s": total,
             "ring_mb_s": self.ring_mb_s,
+            "generation": self.generation,
             "eta_s": self.eta() if self.state == "running" else None,
             "started": self.started,
             "elapsed_s": max(0.0, end - self.started),
