@@ -30,7 +30,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
@@ -368,3 +370,132 @@ def test_a_beacon_names_no_node_only_that_one_exists_and_its_port(tmp_path: Path
     body = captured[ENVELOPE.size : -TAG_BYTES]  # the sealed envelope's body: authenticated, in clear
     beacon = decode_beacon(body, 1400)
     assert beacon.port == 7946 and beacon.node.startswith("b-") and name not in beacon.node
+
+
+# --- the ring port: idle connections, garbage and stale hellos never hold up a real neighbour ----
+
+RING_SECRET = Keyring([generate_secret()])
+
+
+def _ring_members(listeners: list[Any], gen: int, timeout: float, cancel: Any = None) -> list[Any]:
+    """Connect a ring of len(listeners) members in threads and all-reduce once; results or exceptions."""
+    from meshtrain.ring import Ring
+
+    addrs = [("127.0.0.1", lst.port) for lst in listeners]
+    results: list[Any] = [None] * len(listeners)
+
+    def body(rank: int) -> None:
+        try:
+            with Ring.connect(
+                listeners[rank], rank, addrs, job="jf", generation=gen, timeout=timeout, keyring=RING_SECRET
+            ) as ring:
+                out = ring.allreduce(np.full(1000, float(rank), np.float32), step=0)
+                results[rank] = float(out[0])
+        except BaseException as exc:  # noqa: B036 - handed back to the test
+            results[rank] = exc
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(len(listeners))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 10)
+    return results
+
+
+class IdleFlood:
+    """A stranger (127.0.0.2) that keeps `n` connections to a port open without a byte, reopening
+    the ones the listener drops, plus some garbage; like the issue's ~66 idle connections."""
+
+    def __init__(self, port: int, n: int = 120) -> None:
+        self.port, self.n = port, n
+        self.socks: list[socket.socket] = []
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> IdleFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for s in self.socks:
+            s.close()
+
+    def _run(self) -> None:
+        rng = random.Random(3)
+        while not self._stop.is_set():
+            alive = []
+            for s in self.socks:
+                try:
+                    s.setblocking(False)
+                    if s.recv(1) == b"":
+                        s.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                alive.append(s)
+            self.socks = alive
+            while len(self.socks) < self.n and not self._stop.is_set():
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.settimeout(0.2)
+                try:
+                    s.bind((STRANGER, 0))
+                    s.connect(("127.0.0.1", self.port))
+                    if rng.random() < 0.2:
+                        s.sendall(garbage(rng))  # and some junk among the silent ones
+                except OSError:
+                    s.close()
+                    break  # the backlog is full: try again on the next round
+                self.opened += 1
+                self.socks.append(s)
+            self._stop.wait(0.05)
+
+
+def test_idle_connections_on_the_ring_port_do_not_hold_up_the_ring() -> None:
+    from meshtrain.ring import RingListener
+
+    listeners = [RingListener.bind("127.0.0.1") for _ in range(3)]
+    try:
+        with IdleFlood(listeners[1].port) as flood, IdleFlood(listeners[2].port):
+            time.sleep(1.0)  # the flood is in place before the ring forms (the backlog of 64 would be full)
+            start = time.monotonic()
+            results = _ring_members(listeners, gen=4, timeout=15)
+            took = time.monotonic() - start
+        assert results == [1.0, 1.0, 1.0], results
+        assert took < 8, took  # one at a time, 2 s per idle connection, it did not form within 15 s
+        counted = listeners[1].drops.snapshot()
+        assert flood.opened > 100 and counted["malformed"] + counted["rate_limited"] > 0, (
+            flood.opened,
+            counted,
+        )
+    finally:
+        for lst in listeners:
+            lst.close()
+
+
+def test_a_leftover_hello_from_an_earlier_attempt_is_not_taken_for_the_neighbour() -> None:
+    """The issue's permanent stall: a hello of the same job, generation and rank whose dialer gave up
+    (closed) sits before the live one; the acceptor must take the live one, and the ring must work."""
+    from meshtrain.ring import RingListener
+
+    listeners = [RingListener.bind("127.0.0.1") for _ in range(2)]
+    try:
+        for _ in range(3):  # leftovers of rank 1's earlier attempts at generation 6, all closed
+            stale = socket.create_connection(("127.0.0.1", listeners[0].port))
+            hello = {"job": "jf", "gen": 6, "rank": 1, "size": 2, "version": 1, "attempt": os.urandom(8)}
+            from meshtrain.ring.tcp import send_hello
+            from meshtrain.security import handshake
+
+            send_hello(stale, handshake.dial_hello(RING_SECRET, hello, time.time()))
+            stale.close()
+        time.sleep(0.3)
+        results = _ring_members(listeners, gen=6, timeout=10)
+        assert results == [0.5, 0.5], results
+    finally:
+        for lst in listeners:
+            lst.close()

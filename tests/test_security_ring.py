@@ -166,7 +166,7 @@ def test_a_captured_hello_and_frames_replayed_later_are_rejected() -> None:
 
     def honest_rank0_acceptor() -> bytes | None:
         """Plays rank 0's accepting side correctly (it holds the secret), so only the replay is at fault."""
-        conn, _ = listeners[0].sock.accept()
+        conn, _ = plain0.accept()
         reader = FrameReader(conn)
         conn.settimeout(5)
         hello = reader.read_header(max_payload=0)
@@ -186,6 +186,8 @@ def test_a_captured_hello_and_frames_replayed_later_are_rejected() -> None:
         return None
 
     real = [("127.0.0.1", lst.port) for lst in listeners]
+    listeners[0].close()  # its acceptor thread would take the connections: rank 0 is played by hand
+    plain0 = socket.create_server(real[0])
 
     # 1. the listener that saw the hello refuses it when it comes again
     replay = threading.Thread(target=replay_into_rank1)

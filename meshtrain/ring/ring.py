@@ -12,6 +12,7 @@ The worker then closes the ring and forms generation g+1.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -74,19 +75,23 @@ class Ring:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sockbuf: int | None = None,
         keyring: Keyring | None = None,
+        cancel: threading.Event | None = None,
     ) -> Ring:
         """Form the ring (blocking): connect right, accept left, both checked for job and generation.
 
         With `keyring` (the mesh secret) both neighbours must prove they hold it, and
         every frame carries an HMAC-SHA256 tag under a per-connection session key; a
         neighbour without the secret is PeerLost ("authentication failed: ...").
+        `cancel` set (a newer membership view) ends the attempt at once (ConnectCancelled).
         """
         addrs = [(str(h), int(p)) for h, p in addrs]
         if not 0 <= rank < len(addrs):
             raise ValueError(f"rank {rank} outside a ring of {len(addrs)}")
         if len(addrs) == 1:
             return cls(rank, addrs, job, generation, timeout, None, chunk_bytes)
-        neighbours = connect_neighbours(listener, rank, addrs, job, generation, timeout, sockbuf, keyring)
+        neighbours = connect_neighbours(
+            listener, rank, addrs, job, generation, timeout, sockbuf, keyring, cancel=cancel
+        )
         return cls(rank, addrs, job, generation, timeout, neighbours, chunk_bytes)
 
     # --- public all-reduce -----------------------------------------------------------
@@ -196,10 +201,12 @@ class Ring:
         lo, hi = bounds[self.rank]
         if self.size == 1:
             return x[lo:hi].copy()
+        if not overwrite:  # the partial sums need a scratch copy: one kept across calls (no page faults)
+            work = self._cached("scatter", x.size, np.dtype(np.float32))
+            np.copyto(work, x)
+            x = work
         if weight != 1.0:
-            x = np.multiply(x, np.float32(weight), out=x if overwrite else None)
-        elif not overwrite:
-            x = x.copy()
+            np.multiply(x, np.float32(weight), out=x)
         chunk = max(1, self.chunk_bytes // tensors.wire_numpy_dtype(name).itemsize)
         schedule = CollectiveSchedule(REDUCE_SCATTER, self.size, self.rank, bounds, chunk)
         out = np.empty(hi - lo, np.float32)

@@ -53,6 +53,7 @@ from meshtrain.worker.views import View, ViewBoard
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)
 CONNECT_TIMEOUT_S = 30.0
 PAUSE_POLL_S = 1.0
+DROPS_REPORT_S = 2.0  # how often the ring listener's refusals reach the agent while training
 RETRY_SAME_VIEW_S = 5.0  # a ring that broke with no member lost (a stall) forms again with the same view
 STATUS_STEP = -1
 
@@ -132,6 +133,8 @@ class WorkerMesh(Mesh):
         self._keyring = keyring
         self._ring: Any = None
         self._ring_lock = threading.Lock()
+        self._connecting: tuple[int, threading.Event] | None = None  # the view a connect forms, its cancel
+        self._drops_sent: tuple[dict[str, int], float] = ({}, 0.0)  # ring drops last reported, and when
         self._gen = -1
         self._roster: tuple[str, ...] = ()
         self._history: dict[int, tuple[str, ...]] = {}
@@ -397,6 +400,7 @@ class WorkerMesh(Mesh):
             if self._state_due is not None and self.member in self._state_due.zero:
                 self._zero_participate(self._state_due)
                 self._send_due_state()
+        self._report_ring_drops()  # every few seconds: what the ring port refused, for `status`
         if self._rebalance_due:
             self._rebalance()
         if self._checkpoints is not None and self._has_state and self._sampler is not None:
@@ -673,12 +677,30 @@ class WorkerMesh(Mesh):
         return view is not None and view.version != self._gen
 
     def _abort_if_stale(self, view: View) -> None:
-        """Reader thread: a new view whose members differ from the ring's aborts the ring."""
+        """Reader thread: a newer view cancels a ring connect for an older one at once (it may wait
+        for a member that is gone); one whose members differ from the ring's aborts the ring."""
         with self._ring_lock:
-            ring = self._ring
+            connecting, ring = self._connecting, self._ring
+            if connecting is not None and view.version > connecting[0]:
+                connecting[1].set()
             if ring is None or view.members == self._roster:
                 return
         ring.close()
+
+    def _report_ring_drops(self, force: bool = False) -> None:
+        """What the ring listener refused (strangers, garbage, replays) to the agent, for `status`:
+        after each connect, and every few seconds from the step boundaries (training thread)."""
+        drops = getattr(self._listener, "drops", None)
+        if drops is None:
+            return
+        now = time.monotonic()
+        last, at = self._drops_sent
+        if not force and now - at < DROPS_REPORT_S:
+            return
+        snapshot = drops.snapshot()
+        self._drops_sent = (snapshot, now)
+        if snapshot != last:
+            self._reporter.send({"k": "ring", "drops": snapshot})
 
     def _mark_broken(self) -> None:
         with self._ring_lock:
@@ -721,6 +743,12 @@ class WorkerMesh(Mesh):
         while True:
             view = self._usable_view(newer_than, patience)
             self._mark_broken()
+            cancel = threading.Event()  # set by the views thread when a newer view arrives
+            with self._ring_lock:
+                self._connecting = (view.version, cancel)
+            latest = self._views.latest()
+            if latest is not None and latest.version > view.version:
+                cancel.set()  # it came between _usable_view and now
             try:
                 ring = Ring.connect(
                     self._listener,
@@ -730,10 +758,15 @@ class WorkerMesh(Mesh):
                     generation=view.version,
                     timeout=CONNECT_TIMEOUT_S,
                     keyring=self._keyring,
+                    cancel=cancel,
                 )
             except RING_FAILURES:
                 newer_than, patience = view.version, RETRY_SAME_VIEW_S
                 continue
+            finally:
+                with self._ring_lock:
+                    self._connecting = None
+                self._report_ring_drops(force=True)
             with self._ring_lock:
                 self._ring, self._gen, self._roster = ring, view.version, view.members
             self._history[view.version] = view.members
