@@ -184,14 +184,18 @@ def train_functions(
     )
 
 
-def make_optimizer(lr: float, total_steps: int, warmup: int, weight_decay: float) -> optim.AdamW:
-    """AdamW: linear warm-up to `lr`, then cosine decay to lr/10 at `total_steps`."""
+def make_optimizer(
+    lr: float, total_steps: int, warmup: int, weight_decay: float, kind: str = "adamw"
+) -> optim.Optimizer:
+    """AdamW (or plain SGD, for exact comparisons): linear warm-up to `lr`, cosine decay to lr/10."""
     warmup = max(0, min(warmup, total_steps // 5))
     decay = optim.cosine_decay(lr, max(1, total_steps - warmup), end=lr / 10)
     schedule = decay
     if warmup:
         ramp = optim.linear_schedule(lr / warmup, lr, warmup)
         schedule = optim.join_schedules([ramp, decay], [warmup])
+    if kind == "sgd":
+        return optim.SGD(learning_rate=schedule)
     return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=weight_decay)
 
 
@@ -246,6 +250,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps (at most a fifth of the run)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), default="adamw", help="sgd: for exact checks"
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="clip the averaged gradient's global norm")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="same on every worker: same init, same order")
@@ -256,6 +263,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=int, default=400, help="tokens to sample at the end (0: none)")
     parser.add_argument("--wire", choices=sorted(WIRE_DTYPES), default="bf16", help="all-reduce wire dtype")
     parser.add_argument("--no-compile", action="store_true", help="run MLX eagerly")
+    parser.add_argument(
+        "--save", metavar="FILE", help="the main worker saves the final weights (.safetensors)"
+    )
     return parser.parse_args(argv)
 
 
@@ -289,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    optimizer = make_optimizer(args.lr or DEFAULT_LR[args.size], total_steps, args.warmup, args.weight_decay)
+    lr = args.lr or DEFAULT_LR[args.size]
+    optimizer = make_optimizer(lr, total_steps, args.warmup, args.weight_decay, args.optimizer)
     mesh.register(model, optimizer)  # what joining nodes receive, and what checkpoints store
     loss_and_grad, apply_update = train_functions(model, optimizer, compile=not args.no_compile)
     zero_grads = tree_map(mx.zeros_like, model.trainable_parameters())
@@ -337,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 loss, grads = loss_and_grad(x, y)
             grads = mesh.allreduce(grads, weight=len(idx), wire_dtype=wire)
             grads, grad_norm = optim.clip_grad_norm(grads, args.clip)
-            lr = optimizer.learning_rate.item()  # the rate this update uses
+            rate = optimizer.learning_rate.item()  # the rate this update uses
             apply_update(grads)
             mx.eval(model.parameters(), optimizer.state, loss, grad_norm)
             step = int(optimizer.step.item())
@@ -349,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 steps_per_epoch=shown_steps,
                 loss=loss.item(),
                 samples=len(idx),
-                lr=lr,
+                lr=rate,
                 grad_norm=grad_norm.item(),
                 tokens_per_s=args.batch_size * block / seconds,  # the global batch's, at this step's pace
             )
@@ -360,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             validate(epochs - 1)
         elapsed = time.perf_counter() - began
         print(f"final validation loss {val_loss:.4f} after {step} steps, {elapsed:.0f} s", flush=True)
+        if args.save:
+            model.save_weights(args.save)
         if args.sample > 0:
             prompt = tokenizer.encode("\n")
             text = tokenizer.decode(model.generate(prompt, args.sample, seed=args.seed))
