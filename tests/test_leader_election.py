@@ -13,9 +13,11 @@ from meshtrain.gossip.member import ALIVE, DEAD, LEFT, SUSPECT, Member
 from meshtrain.gossip.profiles import LAN
 from meshtrain.gossip.simulator import Simulator
 from meshtrain.leader.election import (
+    FOLLOW_META_KEY,
     LEADER_META_KEY,
     Claim,
     Election,
+    Follow,
     LeaderChanged,
     Leadership,
     Resign,
@@ -26,31 +28,45 @@ from meshtrain.leader.election import (
 
 
 def member(
-    node: str, *, state: str = ALIVE, mem: float = 16, plugged: bool | None = None, term: int | None = None
+    node: str,
+    *,
+    state: str = ALIVE,
+    mem: float = 16,
+    plugged: bool | None = None,
+    term: int | None = None,
+    follows: str | None = None,
 ) -> Member:
     battery = None if plugged is None else {"percent": 50.0, "plugged": plugged}
     meta: dict[str, Any] = {"control": 1, "memory_gb": mem, "battery": battery}
     if term is not None:
         meta[LEADER_META_KEY] = term
+    if follows is not None:
+        meta[FOLLOW_META_KEY] = follows
     return Member(node, node, ("10.0.0.1", 7946), state, 1, meta)
 
 
+def meta_of(actions: list[Any]) -> dict[str, Any]:
+    """The gossip metadata a node publishes for its Claim/Resign/Follow actions."""
+    meta: dict[str, Any] = {}
+    for a in actions:
+        if isinstance(a, Claim):
+            meta[LEADER_META_KEY] = a.term
+        elif isinstance(a, Resign):
+            meta[LEADER_META_KEY] = None
+        elif isinstance(a, Follow):
+            meta[FOLLOW_META_KEY] = a.leader
+    return meta
+
+
 def publish(view: list[Member], node: str, actions: list[Any]) -> list[Member]:
-    """What gossip would carry: the node's meta after its Claim/Resign."""
-    out = []
-    for m in view:
-        if m.id == node:
-            for a in actions:
-                if isinstance(a, Claim):
-                    m = Member(
-                        m.id, m.name, m.addr, m.state, m.incarnation + 1, {**m.meta, LEADER_META_KEY: a.term}
-                    )
-                elif isinstance(a, Resign):
-                    m = Member(
-                        m.id, m.name, m.addr, m.state, m.incarnation + 1, {**m.meta, LEADER_META_KEY: None}
-                    )
-        out.append(m)
-    return out
+    """What gossip would carry: the node's meta after its Claim/Resign/Follow."""
+    meta = meta_of(actions)
+    return [
+        Member(m.id, m.name, m.addr, m.state, m.incarnation + 1, {**m.meta, **meta})
+        if m.id == node and meta
+        else m
+        for m in view
+    ]
 
 
 def settle(view: list[Member], elections: dict[str, Election], rounds: int = 6) -> tuple[list[Member], int]:
@@ -59,7 +75,7 @@ def settle(view: list[Member], elections: dict[str, Election], rounds: int = 6) 
         changed = False
         for node, election in elections.items():
             actions = election.observe(view)
-            if any(isinstance(a, (Claim, Resign)) for a in actions):
+            if any(isinstance(a, (Claim, Resign, Follow)) for a in actions):
                 changed = True
                 view = publish(view, node, actions)
         if not changed:
@@ -146,14 +162,56 @@ def test_a_per_job_election_keeps_to_its_nodes_and_its_key() -> None:
     assert e.current.leader == "c"
 
 
-def test_healed_split_brain_keeps_the_higher_term() -> None:
-    view = [member("a", term=3), member("b"), member("c", mem=99, term=4)]
-    elections = {"a": Election("a"), "b": Election("b"), "c": Election("c")}
-    elections["a"].claim = 3
-    elections["c"].claim = 4
+def test_healed_split_brain_keeps_the_claim_with_more_support() -> None:
+    """Two claims meet (a healed partition): the one more members follow wins, whatever the terms."""
+    view = [
+        member("a", term=3, follows="a"),
+        member("b", follows="a"),
+        member("c", mem=99, term=4, follows="c"),
+        member("d", follows="a"),
+    ]
+    elections = {m.id: Election(m.id) for m in view}
+    elections["a"].claim, elections["c"].claim = 3, 4
     view, _ = settle(view, elections)
-    assert [claimed_term(m) for m in view] == [None, None, 4]
-    assert {e.current.leader for e in elections.values()} == {"c"}
+    assert [claimed_term(m) for m in view] == [3, None, None, None]
+    assert {(e.current.leader, e.current.term) for e in elections.values()} == {("a", 3)}
+    assert {m.meta[FOLLOW_META_KEY] for m in view} == {"a"}
+
+
+def test_a_healed_lone_node_does_not_take_the_leadership() -> None:
+    """Issue 16: cut off, a node claims a term above the incumbent's; on heal it resigns (one supporter
+    against the incumbent's four) and the incumbent's term, which its workers know, stays."""
+    view = [member("n0", term=1, follows="n0"), *(member(f"n{i}", follows="n0") for i in (1, 2, 3))]
+    lone = member("n4", mem=512, term=2, follows="n4")  # the best machine, and a higher term
+    elections = {m.id: Election(m.id) for m in [*view, lone]}
+    elections["n0"].claim, elections["n4"].claim = 1, 2
+    for m in view:
+        elections[m.id].observe(view)  # the settled majority before the heal
+    before = {m.id: elections[m.id].current for m in view}
+    view, _ = settle([*view, lone], elections)
+    assert {(e.current.leader, e.current.term) for e in elections.values()} == {("n0", 1)}
+    assert {m.id: elections[m.id].current for m in view[:4]} == before  # no LeaderChanged: no abort
+    assert [m.id for m in view if claimed_term(m) is not None] == ["n0"]
+
+
+def test_equal_sides_keep_the_older_claim_and_two_startup_claims_merge() -> None:
+    view = [
+        member("a", term=2, follows="a"),
+        member("b", follows="a"),
+        member("c", term=1, follows="c"),
+        member("d", follows="c"),
+    ]
+    elections = {m.id: Election(m.id) for m in view}
+    elections["a"].claim, elections["c"].claim = 2, 1
+    view, _ = settle(view, elections)
+    assert {(e.current.leader, e.current.term) for e in elections.values()} == {("c", 1)}
+    # two nodes that started apart both claimed term 1 alone: one leader, the better by priority
+    view = [member("x", term=1, follows="x"), member("w", term=1, follows="w"), member("v")]
+    elections = {m.id: Election(m.id) for m in view}
+    elections["x"].claim, elections["w"].claim = 1, 1
+    view, _ = settle(view, elections)
+    assert {(e.current.leader, e.current.term) for e in elections.values()} == {("w", 1)}
+    assert [m.id for m in view if claimed_term(m) is not None] == ["w"]
 
 
 # ------------------------------------------------------------------ properties
@@ -166,14 +224,20 @@ views = st.lists(
         st.sampled_from([8, 16, 32]),
         st.sampled_from([None, True, False]),
         st.one_of(st.none(), st.integers(1, 6)),
+        st.one_of(st.none(), st.integers(0, 6)),  # whom it followed before (stale, dead, or nobody)
     ),
     min_size=1,
     max_size=7,
 )
 
+Spec = list[tuple[str, int, bool | None, int | None, int | None]]
 
-def build(spec: list[tuple[str, int, bool | None, int | None]]) -> tuple[list[Member], dict[str, Election]]:
-    view = [member(f"n{i}", state=s, mem=mem, plugged=p, term=t) for i, (s, mem, p, t) in enumerate(spec)]
+
+def build(spec: Spec) -> tuple[list[Member], dict[str, Election]]:
+    view = [
+        member(f"n{i}", state=s, mem=mem, plugged=p, term=t, follows=None if f is None else f"n{f}")
+        for i, (s, mem, p, t, f) in enumerate(spec)
+    ]
     elections = {}
     for m in view:
         if m.state in (ALIVE, SUSPECT):
@@ -185,11 +249,9 @@ def build(spec: list[tuple[str, int, bool | None, int | None]]) -> tuple[list[Me
 
 @settings(max_examples=300, deadline=None)
 @given(views)
-def test_any_shared_view_settles_on_one_live_leader(
-    spec: list[tuple[str, int, bool | None, int | None]],
-) -> None:
+def test_any_shared_view_settles_on_one_live_leader(spec: Spec) -> None:
     view, elections = build(spec)
-    seen = max([claimed_term(m) or 0 for m in view])
+    before = {m.id: claimed_term(m) or 0 for m in view}
     view, rounds = settle(view, elections)
     assert rounds <= 2
     live = [m for m in view if m.state in (ALIVE, SUSPECT)]
@@ -201,14 +263,18 @@ def test_any_shared_view_settles_on_one_live_leader(
     answers = {(e.current.leader, e.current.term, e.current.settled) for e in elections.values()}
     assert answers == {(leader.id, claimed_term(leader), True)}
     assert claimed_term(leader) is not None and claimed_term(leader) >= 1  # type: ignore[operator]
-    if all(t is None for *_, t in spec):
+    if all(t is None for _, _, _, t, _ in spec):
         assert leader.id == min(live, key=priority_key).id  # a fresh mesh: the best node
+    assert all(m.meta.get(FOLLOW_META_KEY) == leader.id for m in live)  # everyone follows it
     # stickiness: a new node of the best possible priority changes nothing
     view.append(member("a-best", mem=1024))
     elections["a-best"] = Election("a-best")
     view, _ = settle(view, elections)
     assert {e.current.leader for e in elections.values()} == {leader.id}
-    assert seen <= max(claimed_term(m) or 0 for m in view)
+    # the winner may hold a lower term than a claim that resigned; every node's next claim is still
+    # above the winner's term and above its own past claims
+    assert all(e.highest_term >= claimed_term(leader) for e in elections.values())  # type: ignore[operator]
+    assert all(elections[n].highest_term >= t for n, t in before.items() if n in elections)
 
 
 @settings(max_examples=200, deadline=None)
@@ -286,13 +352,14 @@ class Mesh:
 
     def observe(self, i: int) -> None:
         node = self.sim.nodes[i]
-        for a in self.elections[i].observe(node.members(), self.sim.now):
-            if isinstance(a, (Claim, Resign)):
-                me = node.member(node.id)
-                assert me is not None
-                term = a.term if isinstance(a, Claim) else None
-                self.sim._apply(i, node.update_meta(self.sim.now, {**me.meta, LEADER_META_KEY: term}))
-            elif isinstance(a, LeaderChanged) and a.current.settled:
+        actions = self.elections[i].observe(node.members(), self.sim.now)
+        meta = meta_of(actions)
+        if meta:
+            me = node.member(node.id)
+            assert me is not None
+            self.sim._apply(i, node.update_meta(self.sim.now, {**me.meta, **meta}))
+        for a in actions:
+            if isinstance(a, LeaderChanged) and a.current.settled:
                 self.changes[i].append((self.sim.now, a.current.leader, a.current.term))
 
     def beacons(self) -> None:
@@ -345,15 +412,16 @@ def test_simulator_no_flapping_under_loss_and_sticky_on_join() -> None:
     assert mesh.claimants(mesh.live()) == [0]
 
 
-def test_simulator_without_a_settle_time_a_better_newcomer_would_steal() -> None:
-    """Why `settle` exists: alone for its first instant, a newcomer claims term 1, ties the incumbent's
-    term 1 and wins on priority. With the settle time (previous test) it never claims."""
+def test_simulator_even_without_a_settle_time_a_better_newcomer_cannot_steal() -> None:
+    """Alone for its first instant, a newcomer without a settle time claims term 1, tying the incumbent's
+    term 1 with a better priority (the old rule then moved the leader); it has one supporter against the
+    incumbent's four, so it resigns."""
     mesh = Mesh(4)
     mesh.run(3.0)
     assert mesh.agreed() == ("n0", 1)
     mesh.join(1, mem_gb=512, settle=0.0)
     mesh.run(5.0)
-    assert mesh.agreed() == ("n4", 1)
+    assert mesh.agreed() == ("n0", 1) and mesh.claimants(mesh.live()) == [0]
 
 
 def test_simulator_leader_crash_gives_one_new_leader_within_the_gossip_bound() -> None:
@@ -381,12 +449,51 @@ def test_simulator_partition_elects_per_side_then_converges_to_one() -> None:
     mesh.run(LAN.detection_bound(6) + 2.0)
     assert mesh.agreed(side_a) == ("n0", 1)  # the incumbent keeps its side
     assert mesh.agreed(side_b) == ("n3", 2)  # the other side elects its own, with a higher term
+    marks = [len(mesh.changes[i]) for i in side_a]
     mesh.sim.group = {}  # heal; the next discovery beacons merge the halves
     mesh.beacons()
     healed_at = mesh.sim.now
     mesh.run(2.0)
-    assert mesh.agreed() == ("n3", 2)  # higher term wins; n0 resigned
-    assert mesh.claimants(mesh.live()) == [3]
+    assert mesh.agreed() == ("n0", 1)  # equal sides: the older claim, the incumbent, stays; n3 resigned
+    assert mesh.claimants(mesh.live()) == [0]
+    assert [len(mesh.changes[i]) for i in side_a] == marks  # the incumbent's side never saw a change
     assert max(c[-1][0] for c in mesh.changes) - healed_at < 1.0
     mesh.run(20.0)
-    assert mesh.agreed() == ("n3", 2) and mesh.claimants(mesh.live()) == [3]
+    assert mesh.agreed() == ("n0", 1) and mesh.claimants(mesh.live()) == [0]
+
+
+def test_simulator_a_partitioned_node_rejoins_without_taking_the_leadership() -> None:
+    """Issue 16 on real gossip: one node cut off claims term 2 alone; when it heals, the incumbent
+    (term 1, the majority side) stays leader and no majority node sees the leadership move."""
+    mesh = Mesh(5, seed=5)
+    mesh.run(3.0)
+    assert mesh.agreed() == ("n0", 1)
+    majority = [0, 1, 2, 3]
+    mesh.sim.group = {4: 1}
+    for _ in range(40):  # alone, it probes the others one by one: it takes a while to see them all dead
+        mesh.run(0.5)
+        if mesh.agreed([4]) == ("n4", 2):
+            break
+    assert mesh.agreed([4]) == ("n4", 2)  # alone, it leads itself with a higher term
+    assert mesh.agreed(majority) == ("n0", 1)
+    marks = [len(mesh.changes[i]) for i in majority]
+    mesh.sim.group = {}
+    mesh.beacons()
+    mesh.run(3.0)
+    assert mesh.agreed() == ("n0", 1) and mesh.claimants(mesh.live()) == [0]
+    assert [len(mesh.changes[i]) for i in majority] == marks  # no "leadership moved" on the majority
+
+
+def test_simulator_the_majority_keeps_its_new_leader_when_the_old_one_heals() -> None:
+    mesh = Mesh(5, seed=7)
+    mesh.run(3.0)
+    assert mesh.agreed() == ("n0", 1)
+    mesh.sim.group = {0: 1}  # the leader is the one cut off
+    majority = [1, 2, 3, 4]
+    mesh.run(LAN.detection_bound(5) + 2.0)
+    assert mesh.agreed(majority) == ("n1", 2) and mesh.agreed([0]) == ("n0", 1)
+    mesh.sim.group = {}
+    mesh.beacons()
+    mesh.run(3.0)
+    assert mesh.agreed() == ("n1", 2)  # the lower term of the old leader does not win it back
+    assert mesh.claimants(mesh.live()) == [1]

@@ -28,9 +28,10 @@ from typing import Any
 from meshtrain import PROTOCOL_VERSION, __version__
 from meshtrain.agent.control import Conn, ControlServer, call, socket_path, state_dir
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
+from meshtrain.agent.mesh_jobs import MeshJobs
 from meshtrain.agent.placement import Candidate
 from meshtrain.agent.snapshot import EVENTS_KEPT, mesh_snapshot
-from meshtrain.agent.workers import HostedWorker, host_worker
+from meshtrain.agent.workers import HostedWorker
 from meshtrain.checkpoints.node import (
     CKPT_META_KEY,
     NodeCheckpoints,
@@ -39,6 +40,7 @@ from meshtrain.checkpoints.node import (
     write_term_floor,
 )
 from meshtrain.errors import WireError
+from meshtrain.metrics import extras
 from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
 from meshtrain.worker.checkpointing import ENV_CHECKPOINTS
 
@@ -46,6 +48,7 @@ LOAD_PERIOD_S = 5.0
 JOB_EVENTS_BEFORE = 5
 ELECTION_SETTLE_S = 1.0  # a new node waits for its join to land before it may claim leadership
 ELECTION_PERIOD_S = 0.5
+FINISHED_JOBS_KEPT = 20
 
 
 def node_facts() -> dict[str, Any]:
@@ -124,7 +127,9 @@ class Agent:
         self.keyring = keyring
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.runners: dict[str, JobRunner] = {}
+        self.jobs = MeshJobs(self)  # every job this node runs, submitted or holds (agent/mesh_jobs.py)
         self.hosted: dict[str, HostedWorker] = {}
+        self.finished_jobs: deque[dict[str, Any]] = deque(maxlen=FINISHED_JOBS_KEPT)  # for the dashboard
         self._ended_ring_drops = DropCounters()  # refused ring hellos of workers that have exited
         self.node: Any = None
         self._server = ControlServer(self._handle, protocol=protocol, keyring=keyring)
@@ -193,6 +198,7 @@ class Agent:
         self._elect()
         self._tasks.append(asyncio.create_task(self._publish_load()))
         self._tasks.append(asyncio.create_task(self._elect_periodically()))
+        self.jobs.start()
 
     @property
     def gossip_port(self) -> int:
@@ -216,13 +222,15 @@ class Agent:
         if self._closed.is_set():
             return
         self._closed.set()
-        for runner in list(self.runners.values()):
-            runner.cancel(f"{self.name} is leaving the mesh")
+        await self.jobs.close()  # this node's workers end (an elastic loss); its jobs go on elsewhere
         for task in self._tasks:
             task.cancel()
         if self.checkpoints is not None:
             with contextlib.suppress(Exception):
                 await self.checkpoints.close()
+        from meshtrain.notify.hook import drain
+
+        await drain(3.0)  # notifications of jobs that just ended go out before the process does
         await self._server.close()
         if self.node is not None:
             with contextlib.suppress(Exception):
@@ -276,19 +284,24 @@ class Agent:
         """Feed the view to the leader election; publish our claim, log a change of leader."""
         if self.election is None or self.closed:
             return
-        from meshtrain.leader.election import Claim, LeaderChanged, Resign
+        from meshtrain.leader.election import Claim, Follow, LeaderChanged, Resign
 
         actions = self.election.observe(self.members(), asyncio.get_running_loop().time())
+        meta: dict[str, Any] = {}
         for action in actions:
             if isinstance(action, Claim):
-                self.node.update_meta(**{self.election.meta_key: action.term})
+                meta[self.election.meta_key] = action.term
             elif isinstance(action, Resign):
-                self.node.update_meta(**{self.election.meta_key: None})
+                meta[self.election.meta_key] = None
+            elif isinstance(action, Follow):
+                meta[self.election.follow_key] = action.leader  # our support, should two claims meet
             elif isinstance(action, LeaderChanged) and action.current.leader != action.previous.leader:
                 leader = action.current.leader
                 name = next((m.name for m in self.members() if m.id == leader), leader or "none")
                 term = f", term {action.current.term}" if action.current.settled else ""
                 self._event("leader", name, f"checkpoint leader{term}")
+        if meta:
+            self.node.update_meta(**meta)  # one gossip update for a claim and its follow
         if actions:
             self._leadership_to_checkpoints()
 
@@ -348,6 +361,7 @@ class Agent:
                     "step": _count(m.get("step")),
                     "loss": m.get("loss"),
                     "test_accuracy": m.get("test_accuracy"),
+                    "metrics": extras(m),
                 }
             )
         drops = self.drop_counts()
@@ -377,13 +391,23 @@ class Agent:
             runner.add_event(event)  # the view opens on how the mesh got here
         self.runners[runner.job] = runner
         recorder = self._record(runner)  # experiment tracking: the run's record (meshtrain.tracking)
+        from meshtrain.notify.hook import watch_job
+
+        notify_end = watch_job(runner)  # --notify targets: follows runner.state, sends in the background
         try:
             result = await runner.run(sink)
+            notify_end(result)
             if recorder is not None:
                 await recorder.end(result)
             return result
         finally:
             self.runners.pop(runner.job, None)
+            self.finished_jobs.append(runner.state.snapshot(time.time()))
+
+    def job_snapshots(self) -> list[dict[str, Any]]:
+        """Full snapshots of the jobs this node coordinates, then of those that ended here (the dashboard)."""
+        now = time.time()
+        return [r.state.snapshot(now) for r in self.runners.values()] + list(self.finished_jobs)
 
     def _record(self, runner: JobRunner) -> Any:
         """The job's RunRecorder (meshtrain.tracking), or None when this node cannot keep records."""
@@ -453,19 +477,16 @@ class Agent:
             await conn.reply(True, name=self.name, version=__version__, proto=self.protocol)
         elif op == "status":
             await conn.reply(True, snapshot=self.mesh_snapshot())
-        elif op == "job.prepare":
-            await host_worker(
-                header,
-                payload,
-                conn,
-                node=self.name,
-                bind=self.host,
-                jobs_dir=self._jobs_dir,
-                extra_env=self._worker_env(),
-                on_change=self._on_hosted,
-                on_report=self._on_hosted_report,
-                before_start=self.before_worker_start,
-            )
+        elif op == "jobs" and local:
+            await conn.reply(True, jobs=self.job_snapshots())
+        elif op == "cancel" and local and isinstance(header.get("job"), str):
+            runner = self.runners.get(header["job"])
+            if runner is not None:
+                runner.cancel(str(header.get("reason") or "cancelled by the user"))
+            why = "cancelling" if runner is not None else "not coordinated by this node"
+            await conn.reply(runner is not None, message=f"job {header['job']}: {why}")
+        elif self.jobs.serves(op, local):  # job.*, jobs.list; run, attach, logs, mesh.jobs, mesh.cancel
+            await self.jobs.handle(header, payload, conn)
         elif op in ("runs.put", "runs.tag"):  # a run record's copy, a model version (meshtrain.tracking)
             from meshtrain.tracking.recorder import Tracking
 

@@ -6,15 +6,26 @@ Both are pure state machines; the agent and worker shells carry out their action
 """
 
 from meshtrain.leader.checkpoint import CheckpointCoordinator, CheckpointParticipant, CheckpointPolicy
-from meshtrain.leader.election import LEADER_META_KEY, Claim, Election, LeaderChanged, Leadership, Resign
+from meshtrain.leader.election import (
+    FOLLOW_META_KEY,
+    LEADER_META_KEY,
+    Claim,
+    Election,
+    Follow,
+    LeaderChanged,
+    Leadership,
+    Resign,
+)
 
 __all__ = [
+    "FOLLOW_META_KEY",
     "LEADER_META_KEY",
     "CheckpointCoordinator",
     "CheckpointParticipant",
     "CheckpointPolicy",
     "Claim",
     "Election",
+    "Follow",
     "LeaderChanged",
     "Leadership",
     "Resign",

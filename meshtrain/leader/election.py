@@ -2,7 +2,8 @@
 
 Pure: `Election.observe(members)` takes this node's current view (the gossip
 `Member` snapshots, ourselves included) and returns what to do: `Claim(term)`
-or `Resign()` (publish or clear ``leader_term`` in our gossip metadata) and
+or `Resign()` (publish or clear ``leader_term`` in our gossip metadata),
+`Follow(leader)` (publish ``follows``: the leader we follow) and
 `LeaderChanged` (tell the checkpoint layer). No sockets, no clock.
 
 The rule every node applies to the same view, so equal views give equal answers:
@@ -12,21 +13,34 @@ The rule every node applies to the same view, so equal views give equal answers:
    the leader), that pass the `eligible` filter (agents only, by default
    those that publish a control port).
 2. If any eligible member claims leadership (``leader_term`` in its meta), the
-   leader is the claimant with the highest term, ties broken by priority.
-   An incumbent therefore stays leader while it lives, even when a better
-   machine joins: moving the leader costs an aborted checkpoint and buys
-   nothing but a slightly better coordinator, so we never do it on purpose.
+   leader is the claimant with the most *support* -- itself plus the eligible
+   members whose ``follows`` names it -- then the lowest term (the older
+   claim), then priority. An incumbent therefore stays leader while it lives,
+   even when a better machine joins (the newcomer follows it before it could
+   claim), and also when a partitioned node comes back: alone, that node
+   claimed a higher term, but on heal it has one supporter against the
+   incumbent's whole side, so it resigns. Moving the leader costs an aborted
+   checkpoint and buys nothing, so we never do it on purpose.
 3. With no claimant, the best eligible member by priority -- on AC power
    first, then most memory, then lowest id -- becomes leader: that node alone
    claims, with a term one above every term it has ever seen (in anyone's
    metadata, dead members' included), and publishes it.
-4. A claimant that sees a winning claimant other than itself resigns.
+4. A claimant that sees a winning claimant other than itself resigns; every
+   node publishes the settled leader it follows.
 
 Split views: each side of a partition elects its own leader (both are right
 for the members they can reach). Once gossip converges every node sees the
-same claims, rule 2 picks the same winner everywhere (higher term, then
-priority), and the loser resigns on its own rule 4. Terms only grow, so a
-checkpoint message carrying an older term is recognisably stale.
+same claims and the same ``follows``, rule 2 picks the same winner everywhere
+-- the leader of the larger side; for equal sides the older claim, then
+priority -- and the loser resigns on its own rule 4. Support only grows for
+the winner as nodes switch to it, so the choice does not oscillate. Terms a
+node claims only grow (above every term it saw, across restarts); a healed
+loser's higher term is not used, so a leader keeps the term its workers know
+and nothing of its checkpoint in flight is aborted.
+
+Startup: a node claims only after `settle` (its join must land first); nodes
+that started apart and claimed alone merge by rule 2, so the mesh converges
+to one leader, which is the best by priority among the claimants that met.
 """
 
 from __future__ import annotations
@@ -42,6 +56,8 @@ __all__ = [
     "Claim",
     "Election",
     "ElectionAction",
+    "FOLLOW_META_KEY",
+    "Follow",
     "LeaderChanged",
     "Leadership",
     "Resign",
@@ -53,6 +69,10 @@ __all__ = [
 
 LEADER_META_KEY = "leader_term"
 """Gossip metadata key under which the leader publishes its term (absent or None: not leading)."""
+
+FOLLOW_META_KEY = "follows"
+"""Gossip metadata key under which every node publishes the id of the settled leader it follows:
+the support a claim has when two of them meet (a healed partition, nodes that started apart)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +107,14 @@ class LeaderChanged:
     current: Leadership
 
 
-ElectionAction = Claim | Resign | LeaderChanged
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """Publish ``{election.follow_key: leader}``: the settled leader we follow (None: none settled)."""
+
+    leader: str | None
+
+
+ElectionAction = Claim | Resign | Follow | LeaderChanged
 
 
 def on_ac_power(meta: Mapping[str, Any]) -> bool:
@@ -119,6 +146,11 @@ def claimed_term(member: Member, key: str = LEADER_META_KEY) -> int | None:
     return None
 
 
+def followed(member: Member, key: str = FOLLOW_META_KEY) -> str | None:
+    value = (member.meta or {}).get(key)
+    return value if isinstance(value, str) and value else None
+
+
 def is_agent(member: Member) -> bool:
     """Only agents (which publish a control port) can coordinate; a bare gossip node cannot."""
     return "control" in (member.meta or {})
@@ -138,12 +170,14 @@ class Election:
         *,
         eligible: Callable[[Member], bool] | None = None,
         meta_key: str = LEADER_META_KEY,
+        follow_key: str | None = None,
         term_floor: int = 0,
         started: float = 0.0,
         settle: float = 0.0,
     ) -> None:
         """`eligible` narrows the candidates (e.g. to one job's nodes for a per-job leader, which then
-        publishes under its own `meta_key` so it never collides with the mesh-wide one).
+        publishes under its own `meta_key` so it never collides with the mesh-wide one; its `follow_key`
+        defaults to ``<meta_key>_follows`` for the same reason).
 
         `term_floor`: the highest term this node saw before a restart (the shell persists it), so a
         restarted leader never claims a term lower than one the workers already know.
@@ -154,6 +188,10 @@ class Election:
         self.self_id = self_id
         self.eligible = eligible or _any_member
         self.meta_key = meta_key
+        if follow_key is None:
+            follow_key = FOLLOW_META_KEY if meta_key == LEADER_META_KEY else f"{meta_key}_follows"
+        self.follow_key = follow_key
+        self.follows: str | None = None  # what we last published under follow_key
         self.claim: int | None = None
         self.highest_term = term_floor
         self.claim_from = started + settle
@@ -185,7 +223,8 @@ class Election:
         if self.claim is not None and me is not None:
             claimants.append((self.claim, me))
         if claimants:
-            term, winner = min(claimants, key=lambda c: (-c[0], priority_key(c[1])))
+            claiming = {m.id for _, m in claimants}
+            term, winner = min(claimants, key=lambda c: self._rank(c[0], c[1], live, claiming))
             if self.claim is not None and winner.id != self.self_id:
                 actions.append(Resign(self.claim))
                 self.claim = None
@@ -202,7 +241,21 @@ class Election:
         else:
             view = Leadership(None, self.highest_term, False)
 
+        follows = view.leader if view.settled and i_am_live else None
+        if follows != self.follows:
+            self.follows = follows
+            actions.append(Follow(follows))
         if view != self.current:
             previous, self.current = self.current, view
             actions.append(LeaderChanged(previous, view))
         return actions
+
+    def _rank(
+        self, term: int, claimant: Member, live: list[Member], claiming: set[str]
+    ) -> tuple[int, int, tuple[int, float, str]]:
+        """Smaller wins: most support (the claimant itself and the live non-claimants following it),
+        then the older claim (lower term), then priority -- the same total order on every node."""
+        support = 1 + sum(
+            1 for m in live if m.id not in claiming and followed(m, self.follow_key) == claimant.id
+        )
+        return (-support, term, priority_key(claimant))
