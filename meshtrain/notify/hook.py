@@ -1,10 +1,10 @@
-"""The agent's one call per job: `watch_job(runner, sink)` -> (sink to use, call with the result).
+"""The agent's one call per job: `ended = watch_job(runner)`, then `ended(result)` when it is over.
 
 The job's targets are its `--notify` options, else the config file's
-defaults (read when the job starts, on the node that coordinates it). The
-returned sink passes everything through to the real one and feeds the
-snapshots to a `JobWatcher`; the notices go to the process's `Notifier`,
-which sends them in the background. A job with no targets costs nothing.
+defaults (read when the job starts, on the node that coordinates it). A
+background task feeds the job's snapshots (`runner.state`) to a
+`JobWatcher`; the notices go to the process's `Notifier`, which sends them
+in the background. A job with no targets costs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from meshtrain.notify.targets import Target, parse_targets
 
 log = logging.getLogger("meshtrain.notify")
 OPTION = "notify"  # the job option: a list of target texts
+POLL_S = 0.5
 
 _notifiers: weakref.WeakKeyDictionary[Any, Notifier] = weakref.WeakKeyDictionary()
 
@@ -58,42 +59,45 @@ def job_targets(options: dict[str, Any] | None) -> tuple[list[Target], NotifyCon
     return list(config.targets), config
 
 
-class _WatchingSink:
-    def __init__(self, inner: Any, watcher: JobWatcher, send: Callable[[Any], None]) -> None:
-        self.inner = inner
-        self.watcher = watcher
-        self.send = send
+def watch_job(runner: Any) -> Callable[[Any], None]:
+    """Follow a job's `runner.state` in the background; call the result with its `JobResult` at the end.
 
-    async def log(self, node: str, rank: int, stream: str, line: str) -> None:
-        await self.inner.log(node, rank, stream, line)
+    Polling the state (as the run recorder does) rather than wrapping the
+    live view's sink keeps this independent of who streams the job where.
+    """
+    import asyncio
 
-    async def snapshot(self, snap: dict[str, Any]) -> None:
-        for notice in self.watcher.observe(snap, time.time()):
-            self.send(notice)
-        await self.inner.snapshot(snap)
-
-
-def watch_job(runner: Any, sink: Any) -> tuple[Any, Callable[[Any], None]]:
-    """Wrap a job's sink; the second value takes the job's `JobResult` when it ends."""
     options = getattr(runner.request, "options", None) or {}
     targets, config = job_targets(options)
     if not targets:
-        return sink, lambda result: None
+        return lambda result: None
     notifier = notifier_for_loop(config)
     script = str(runner.request.script)
     name = str(options.get("run") or Path(script).stem)
     watcher = JobWatcher(runner.job, name, script)
 
-    def send(notice: Any) -> None:
-        notifier.notify(targets, notice)
+    def observe() -> None:
+        for notice in watcher.observe(runner.state.snapshot(time.time()), time.time()):
+            notifier.notify(targets, notice)
+
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            observe()
+
+    task = asyncio.get_running_loop().create_task(follow())
 
     def ended(result: Any) -> None:
+        task.cancel()
+        observe()  # what happened since the last poll (a node lost just before the end)
+        if result is None:  # coordination moved to another node: it tells the end
+            return
         snap = runner.state.snapshot(time.time())
         notice = watcher.ended(result.state, result.message, result.traceback, snap, time.time())
         if notice is not None:
-            send(notice)
+            notifier.notify(targets, notice)
 
-    return _WatchingSink(sink, watcher, send), ended
+    return ended
 
 
 async def drain(timeout: float) -> None:

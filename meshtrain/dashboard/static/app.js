@@ -99,10 +99,9 @@ function apply(body) {
     if (rec.log.length > LOG_KEPT) rec.log.splice(0, rec.log.length - LOG_KEPT);
   }
   for (const job of [...S.jobs.keys()]) if (!present.has(job)) S.jobs.delete(job);
-  if (!S.selected || !S.jobs.has(S.selected)) {
-    const fromHash = new URLSearchParams(location.hash.slice(1)).get("job");
-    S.selected = S.jobs.has(fromHash) ? fromHash : (body.jobs.length ? body.jobs[0].job : null);
-  }
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("job");
+  if (fromHash && S.jobs.has(fromHash)) S.selected = fromHash;  // the user's choice (a click, a link)
+  else S.selected = body.jobs.length ? body.jobs[0].job : null;  // else the newest running job, or the newest
   render();
 }
 
