@@ -111,8 +111,26 @@ def test_two_workers_with_the_fp32_wire_equal_one_worker(tmp_path: Path) -> None
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     a, b = mx.load(str(tmp_path / "one.safetensors")), mx.load(str(tmp_path / "two.safetensors"))
     assert isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
-    moved = max(float(mx.abs(a[k] - b[k]).max()) for k in a)
-    assert moved <= 1e-5, moved
+    differ = max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+    assert differ <= 1e-5, differ
+    early = subprocess.run(  # the check has teeth: 3 steps fewer is far from both
+        [
+            sys.executable,
+            str(SHAKESPEARE),
+            *args,
+            "--max-steps",
+            "1",
+            "--save",
+            str(tmp_path / "early.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert early.returncode == 0, early.stderr[-2000:]
+    c = mx.load(str(tmp_path / "early.safetensors"))
+    assert isinstance(c, dict)
+    assert max(float(mx.abs(a[k] - c[k]).max()) for k in a) > 1e-3
 
 
 @needs_lm
