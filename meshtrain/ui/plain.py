@@ -309,7 +309,9 @@ def evaluated_line(job: Mapping[str, Any], epoch: int, evaluated: Mapping[str, f
     if "test_accuracy" in named:
         parts.append(f"test accuracy {fmt.accuracy(named.pop('test_accuracy'))}")
     parts += named_metrics(named)
-    parts += [f"loss {fmt.loss(number(job, 'loss'))}", f"{fmt.count(number(job, 'samples_per_s'))} samples/s"]
+    # an evaluation long enough to stall the recent rate reads as the run's average, not as 0
+    speed = number(job, "samples_per_s") or number(job, "avg_samples_per_s")
+    parts += [f"loss {fmt.loss(number(job, 'loss'))}", f"{fmt.count(speed)} samples/s"]
     return f"evaluated (epoch {epoch}/{integer(job, 'epochs') or '?'}): " + " | ".join(parts)
 
 
