@@ -69,7 +69,19 @@ def add_parser(sub: Any) -> None:
         default="reduce",
         help="on battery or hot: keep this node's share, halve it (default), or take none",
     )
+    join.add_argument(
+        "--dashboard",
+        type=_dashboard_address,
+        metavar="[HOST:]PORT",
+        help="also serve the web dashboard (HOST defaults to 127.0.0.1; another HOST needs a login)",
+    )
     join.set_defaults(handler=main)
+
+
+def _dashboard_address(text: str) -> tuple[str, int]:
+    from meshtrain.dashboard import listen_address
+
+    return listen_address(text)
 
 
 def resolve_keyring(args: argparse.Namespace) -> tuple[Any, bool]:
@@ -181,6 +193,14 @@ async def _join(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(join_hint(keyring, host, port), flush=True)
+    if getattr(args, "dashboard", None):
+        from meshtrain.dashboard import start_in_agent
+
+        try:
+            await start_in_agent(agent, args.dashboard)
+        except UserError:
+            await agent.leave()
+            raise
     view = LiveMesh()
     with view:
         while not agent.closed:
@@ -215,6 +235,7 @@ def _join_detached(args: argparse.Namespace) -> int:
         ("--on-battery", getattr(args, "on_battery", None)),
         ("--interface", args.interface),
         ("--secret-file", args.secret_file),
+        ("--dashboard", "{}:{}".format(*args.dashboard) if getattr(args, "dashboard", None) else None),
     ):
         if value:
             argv += [flag, value]

@@ -19,7 +19,7 @@ DEFAULT_PORT = 7946
 
 # Module names under meshtrain.cli, in the order `meshtrain --help` lists them
 # (`checkpoints` registers both `checkpoints` and `export`).
-COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs", "tag")
+COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs", "tag", "dashboard")
 
 DESCRIPTION = """Command line: `meshtrain join | run | status | leave | checkpoints | export | doctor`.
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 RUN_VALUE_FLAGS = (
+    "--notify",
     "--shares",
     "--ledger",
     "--nodes",

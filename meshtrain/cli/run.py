@@ -96,6 +96,14 @@ def add_parser(sub: Any) -> None:
         metavar="DIR",
         help="debug: every worker logs the sample indices of each committed step to DIR on its node",
     )
+    run.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="tell TARGET when the job ends, fails, pauses or loses a node (repeatable): "
+        "https://... webhook, slack:URL, mailto:ADDRESS, exec:COMMAND",
+    )
     run.set_defaults(handler=main)
 
 
@@ -127,6 +135,10 @@ def main(args: argparse.Namespace) -> int:
 
     options = checkpoint_options(args)  # flag mistakes first, before the script is even read
     options["shares"] = getattr(args, "shares", "perf")
+    if getattr(args, "notify", None):
+        from meshtrain.notify.targets import parse_targets
+
+        options["notify"] = [t.to_text() for t in parse_targets(args.notify)]  # bad ones: one line, here
     if getattr(args, "ledger", None):
         options["ledger"] = os.path.abspath(args.ledger)
         try:
