@@ -28,7 +28,8 @@ TINY = textwrap.dedent(
     mesh = meshtrain.init()
     for step in range(4):
         mesh.allreduce(np.ones(10, dtype=np.float32))
-        mesh.report(epoch=0, epochs=1, step=step, steps_per_epoch=4, loss=1.0 / (step + 1), samples=8, val_loss=0.5)
+        mesh.report(epoch=0, epochs=1, step=step, steps_per_epoch=4, loss=1.0 / (step + 1), samples=8,
+                    val_loss=0.5)
     if "--boom" in sys.argv:
         raise ValueError("boom in the script")
     mesh.close()
