@@ -69,12 +69,13 @@ def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     thread.join(10)
 
 
-def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, *ours: str, script_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`meshtrain run [OURS] tiny.py [SCRIPT_ARGS]` (meshtrain's options before the script)."""
     script = tmp_path / "tiny.py"
     script.write_text(TINY)
     env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
     return subprocess.run(
-        meshtrain_cmd("run", str(script), "--local", "1", *args),
+        meshtrain_cmd("run", "--local", "1", *ours, str(script), *script_args),
         env=env,
         capture_output=True,
         text=True,
@@ -107,7 +108,7 @@ def test_failed_job_says_the_tracebacks_last_line(
     tmp_path: Path, receiver: tuple[str, list[dict[str, Any]]]
 ) -> None:
     url, got = receiver
-    out = run(tmp_path, "--notify", url, "--boom")
+    out = run(tmp_path, "--notify", url, script_args=("--boom",))
     assert out.returncode == 1
     settle(got, 1)
     assert [m["event"] for m in got] == ["failed"]
