@@ -145,11 +145,21 @@ class Mesh:
         return np.array(buf, np.float32, copy=True)
 
     def all_gather(
-        self, shard: np.ndarray, shards: Any = None, *, wire_dtype: str | None = "float32"
+        self,
+        shard: np.ndarray,
+        shards: Any = None,
+        *,
+        wire_dtype: str | None = "float32",
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Every worker's 1-D float32 shard concatenated in rank order; a copy at world size 1."""
+        """Every worker's 1-D float32 shard concatenated in rank order (into `out` if given).
+
+        At world size 1 that is a copy of `shard`."""
         resolve_wire_dtype(shard, wire_dtype)
-        return np.array(shard, np.float32, copy=True)
+        if out is None:
+            return np.array(shard, np.float32, copy=True)
+        out[:] = shard
+        return out
 
     def shard(self, model: Any, optimizer: Any, *, stage: int = 1, **options: Any) -> Any:
         """Shard `optimizer`'s state (stage 1) and the gradients too (stage 2) across the mesh.

@@ -272,15 +272,23 @@ class ShardedOptimizer:
         lo_leaf, hi_leaf = plan.leaf_ranges[rank]
         arrays = [updated[p] for p in self._paths[lo_leaf:hi_leaf]]
         mx.eval(arrays, self.optimizer.state)
-        mine = np.empty(plan.sizes[rank], np.float32)
-        off = 0
+        # gathered straight into MLX memory: a writable numpy view of an evaluated, contiguous MLX
+        # buffer, so the whole parameter set exists once more in flight, not twice (numpy, then MLX)
+        fused = mx.zeros((plan.bounds[-1][1],), mx.float32)
+        mx.eval(fused)
+        whole = np.array(fused, copy=False)
+        if whole.strides != (4,) or not whole.flags.writeable:  # not a plain buffer: gather, then copy
+            whole = np.empty(plan.bounds[-1][1], np.float32)
+        lo, hi = plan.bounds[rank]
+        off = lo
         for a in arrays:
             src = a if a.dtype == mx.float32 else a.astype(mx.float32)
-            mine[off : off + a.size] = np.asarray(src).reshape(-1)
+            whole[off : off + a.size] = np.asarray(src).reshape(-1)
             off += a.size
-        whole = self.mesh.all_gather(mine, plan.sizes, wire_dtype="float32")
+        self.mesh.all_gather(whole[lo:hi], plan.sizes, wire_dtype="float32", out=whole)
         self._check_members(plan)
-        fused = mx.array(whole)
+        if not np.shares_memory(whole, np.array(fused, copy=False)):
+            fused = mx.array(whole)
         del whole
         current = dict(_leaf_dtypes(model))
         leaves = []

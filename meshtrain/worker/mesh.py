@@ -489,13 +489,25 @@ class WorkerMesh(Mesh):
         return self._collective("reduce_scatter", buf, shards, weight, wire_dtype, overwrite)
 
     def all_gather(
-        self, shard: np.ndarray, shards: Any = None, *, wire_dtype: str | None = "float32"
+        self,
+        shard: np.ndarray,
+        shards: Any = None,
+        *,
+        wire_dtype: str | None = "float32",
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Every worker's 1-D float32 shard concatenated in rank order (the same on every worker)."""
-        return self._collective("all_gather", shard, shards, 1.0, wire_dtype, False)
+        return self._collective("all_gather", shard, shards, 1.0, wire_dtype, False, out)
 
     def _collective(
-        self, kind: str, buf: np.ndarray, shards: Any, weight: float, wire_dtype: str | None, overwrite: bool
+        self,
+        kind: str,
+        buf: np.ndarray,
+        shards: Any,
+        weight: float,
+        wire_dtype: str | None,
+        overwrite: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         wire = resolve_wire_dtype(buf, wire_dtype)
         before = self._roster
@@ -505,11 +517,11 @@ class WorkerMesh(Mesh):
             raise PeerLost(self.member, self._gen, f"the job's members changed before a {kind}")
         try:
             if kind == "reduce_scatter":
-                out = self._ring.reduce_scatter(
+                result = self._ring.reduce_scatter(
                     buf, shards, step=self.committed, weight=weight, wire_dtype=wire, overwrite=overwrite
                 )
             else:
-                out = self._ring.all_gather(buf, shards, step=self.committed, wire_dtype=wire)
+                result = self._ring.all_gather(buf, shards, step=self.committed, wire_dtype=wire, out=out)
         except RING_FAILURES as exc:
             self._mark_broken()
             rank = getattr(exc, "rank", -1)
@@ -517,7 +529,7 @@ class WorkerMesh(Mesh):
             reason = str(getattr(exc, "reason", "") or exc)
             raise PeerLost(who, self._gen, f"in a {kind}: {reason}") from exc
         self._note_stats()
-        return np.asarray(out)
+        return np.asarray(result)
 
     # --- state ---------------------------------------------------------------------------------
     def _state_tree(self) -> dict[str, Any]:
