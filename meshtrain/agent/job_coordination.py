@@ -97,11 +97,12 @@ def has_quorum(previous: Sequence[str], reachable: Collection[str], ended: Colle
 
     Workers in `ended` (exited, their agent said so) do not vote. A strict
     majority of the rest must be reachable; exactly half suffices only when
-    the lowest-ranked of them is among the reachable.
+    the lowest-ranked of them is among the reachable; with no voter left, no
+    side may.
     """
     voters = [m for m in previous if m not in ended]
     if not voters:
-        return True
+        return False  # nobody left to vote: nothing to continue (the job ends), and no side may restart it
     have = sum(1 for m in voters if m in reachable)
     return 2 * have > len(voters) or (2 * have == len(voters) and voters[0] in reachable)
 

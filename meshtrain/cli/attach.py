@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from meshtrain.cli.job_stream import follow, note, open_local
+    from meshtrain.cli.job_stream import follow, note, open_local, report_end
     from meshtrain.cli.run import Renderer
 
     use_uvloop()
@@ -37,20 +37,3 @@ def main(args: argparse.Namespace) -> int:
         note(f"detached from {job}; it goes on (meshtrain attach {job} to watch it again)")
         return 0
     return report_end(reply, str(job))
-
-
-def report_end(reply: dict[str, Any], job: str) -> int:
-    """The job's ending, as `run` prints it: the traceback once, then one line; the job's exit code."""
-    import sys
-
-    state, message = reply.get("state"), reply.get("message")
-    if state == "failed":
-        if reply.get("traceback"):
-            print(str(reply["traceback"]).rstrip(), file=sys.stderr)
-        print(f"meshtrain: job {job} failed: {message}", file=sys.stderr)
-    elif state == "cancelled":
-        print(f"meshtrain: job {job} cancelled: {message}", file=sys.stderr)
-    else:
-        print(f"job {job} {state or 'ended'}")
-    code = reply.get("exit_code")
-    return int(code) if isinstance(code, int) else {"done": 0, "cancelled": 130}.get(str(state), 1)

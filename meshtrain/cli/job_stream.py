@@ -155,6 +155,19 @@ def run_detached(request: Any, local: int | None) -> int:
         print(job)
         note(f"job {job} runs on the mesh: meshtrain attach {job} (any node), meshtrain cancel {job}")
         return 0
-    from meshtrain.cli.attach import report_end
-
     return report_end(reply, str(job))
+
+
+def report_end(reply: dict[str, Any], job: str) -> int:
+    """The job's ending, as `run` prints it: the traceback once, then one line; the job's exit code."""
+    state, message = reply.get("state"), reply.get("message")
+    if state == "failed":
+        if reply.get("traceback"):
+            print(str(reply["traceback"]).rstrip(), file=sys.stderr)
+        print(f"meshtrain: job {job} failed: {message}", file=sys.stderr)
+    elif state == "cancelled":
+        print(f"meshtrain: job {job} cancelled: {message}", file=sys.stderr)
+    else:
+        print(f"job {job} {state or 'ended'}")
+    code = reply.get("exit_code")
+    return int(code) if isinstance(code, int) else {"done": 0, "cancelled": 130}.get(str(state), 1)
