@@ -20,6 +20,7 @@ DEFAULT_PORT = 7946
 # Module names under meshtrain.cli, in the order `meshtrain --help` lists them
 # (`checkpoints` registers both `checkpoints` and `export`).
 COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs", "tag", "dashboard")
+COMMANDS += ("attach", "jobs", "cancel", "logs")  # a job of the mesh, watched and steered from any node
 
 DESCRIPTION = """Command line: `meshtrain join | run | status | leave | checkpoints | export | doctor`.
 

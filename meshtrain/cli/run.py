@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshtrain.cli.agent_link import agent_alive, use_uvloop
 from meshtrain.cli.parser import positive
-from meshtrain.errors import UserError, WireError
+from meshtrain.errors import UserError
 
 if TYPE_CHECKING:  # the agent pulls in MLX: imported when the command runs, not to build the parser
     from meshtrain.agent.jobs import JobRequest, JobResult
@@ -104,6 +104,9 @@ def add_parser(sub: Any) -> None:
         help="tell TARGET when the job ends, fails, pauses or loses a node (repeatable): "
         "https://... webhook, slack:URL, mailto:ADDRESS, exec:COMMAND",
     )
+    run.add_argument(
+        "--detach", action="store_true", help="print the job's id once it runs and return (see `attach`)"
+    )
     run.set_defaults(handler=main)
 
 
@@ -162,6 +165,10 @@ def main(args: argparse.Namespace) -> int:
         options=options,
     )
     use_uvloop()
+    if getattr(args, "detach", False):  # the job's id, once it runs; `meshtrain attach` watches it
+        from meshtrain.cli.job_stream import run_detached
+
+        return run_detached(request, args.local)
     renderer = Renderer()
     result = asyncio.run(_run(request, args.local, renderer, checkpoint_dir))
     last = renderer.last or {}
@@ -286,9 +293,8 @@ def _on_interrupt(loop: asyncio.AbstractEventLoop, cancel: Callable[[], object])
 async def _run_on_agent(
     path: Path, request: JobRequest, renderer: Renderer, loop: asyncio.AbstractEventLoop
 ) -> JobResult:
-    from meshtrain.agent.control import check_reply, open_request
+    from meshtrain.agent.control import open_request
     from meshtrain.agent.jobs import JobResult
-    from meshtrain.wire import StreamClosed
 
     conn = await open_request(
         path,
@@ -302,28 +308,7 @@ async def _run_on_agent(
         options=request.options,
     )
 
-    def cancel() -> None:
-        asyncio.ensure_future(conn.send("request", {"op": "cancel"}))
+    from meshtrain.cli.job_stream import follow  # Ctrl-C cancels the job on every node, and says so
 
-    _on_interrupt(loop, cancel)
-    try:
-        while True:
-            try:
-                header, _ = await conn.recv()
-            except (StreamClosed, WireError, ConnectionError):
-                raise UserError("the agent on this machine closed the connection during the job") from None
-            kind = header.get("kind")
-            if kind == "log":
-                await renderer.log(
-                    str(header.get("node")),
-                    int(header.get("rank", 0)),
-                    str(header.get("stream")),
-                    str(header.get("line", "")),
-                )
-            elif kind == "event" and isinstance(header.get("snapshot"), dict):
-                await renderer.snapshot(header["snapshot"])
-            elif kind == "reply":
-                check_reply(header, "the agent on this machine")
-                return JobResult(str(header.get("state")), header.get("message"), header.get("traceback"))
-    finally:
-        await conn.close()
+    header = await follow(conn, renderer, job=None, on_interrupt="cancel")
+    return JobResult(str(header.get("state")), header.get("message"), header.get("traceback"))
