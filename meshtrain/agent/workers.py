@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import msgpack
 
 from meshtrain.agent.bundle import Bundle
 from meshtrain.agent.control import Conn
+from meshtrain.agent.hang import CHECK_S, HangWatch, is_stopped
 from meshtrain.errors import WireError
 from meshtrain.wire import StreamClosed
 
@@ -209,6 +211,7 @@ async def _serve(
 ) -> None:
     assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
     stderr_tail: list[str] = []
+    hang = HangWatch()  # a stopped worker is removed from the job (meshtrain.agent.hang)
     first = await reports.get()
     if first is None or first.get("k") != "ready":
         code = await proc.wait()
@@ -234,6 +237,7 @@ async def _serve(
     async def metrics() -> None:
         while (message := await reports.get()) is not None:
             if message.get("k") == "m":
+                hang.reported(time.monotonic())
                 batch = message.get("batch") or []
                 for entry in batch:  # every report: a metric reported once (val_loss) is not lost
                     if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict):
@@ -274,8 +278,23 @@ async def _serve(
             elif header.get("op") == "job.cancel":
                 await _kill(proc)
 
+    async def watch_hang() -> None:
+        while proc.returncode is None:
+            await asyncio.sleep(CHECK_S)
+            held = hang.observe(time.monotonic(), is_stopped(proc.pid))
+            if held is not None:
+                line = f"meshtrain: this worker was stopped for {held:.0f}s (hung): it leaves the job"
+                with contextlib.suppress(ConnectionError, WireError):
+                    await conn.send(
+                        "log", {"node": node, "rank": hosted.rank, "stream": "stderr", "line": line}
+                    )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # a lost worker now; the node rejoins as a new one
+                return
+
     stdin = proc.stdin
     command_task = asyncio.create_task(commands())
+    hang_task = asyncio.create_task(watch_hang())
     try:
         await asyncio.gather(lines(proc.stdout, "stdout"), lines(proc.stderr, "stderr"), metrics())
         code = await proc.wait()
@@ -291,6 +310,7 @@ async def _serve(
         )
     finally:
         command_task.cancel()
+        hang_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await command_task
 
