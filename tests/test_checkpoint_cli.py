@@ -16,9 +16,9 @@ from meshtrain.cli.run import checkpoint_options as _checkpoint_options
 from meshtrain.errors import UserError
 
 
-def test_run_flags_anywhere_and_the_options_they_make() -> None:
+def test_run_flags_before_the_script_and_the_options_they_make() -> None:
     args = cli.parse(
-        ["run", "examples/mnist.py", "--local", "2", "--epochs", "2", "--checkpoint-every", "20", "--resume"]
+        ["run", "--local", "2", "--checkpoint-every", "20", "--resume", "examples/mnist.py", "--epochs", "2"]
     )
     assert args.script_args == ["--epochs", "2"] and args.local == 2
     assert _checkpoint_options(args) == {
@@ -32,25 +32,25 @@ def test_run_flags_anywhere_and_the_options_they_make() -> None:
         [
             "run",
             "--checkpoint-every=30s",
-            "train.py",
             "--keep",
             "5",
             "--name",
             "exp-1",
             "--checkpoint-replicas",
             "0",
+            "train.py",
         ]
     )
     assert _checkpoint_options(args) == {"run": "exp-1", "checkpoint_every": "30s", "replicas": 0, "keep": 5}
-    assert _checkpoint_options(cli.parse(["run", "train.py", "--", "--resume"])) == {}  # the script's flag
+    assert _checkpoint_options(cli.parse(["run", "train.py", "--resume"])) == {}  # the script's flag
 
 
 def test_flag_mistakes_are_one_line_user_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in (["--checkpoint-every", "soon"], ["--checkpoint-every", "1.5"], ["--name", "../etc"]):
-        assert cli.main(["run", "missing.py", *bad]) == 2
+        assert cli.main(["run", *bad, "missing.py"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("meshtrain: bad") and "\n" not in err
-    assert cli.main(["run", "missing.py", "--keep", "0"]) == 2
+    assert cli.main(["run", "--keep", "0", "missing.py"]) == 2
     with pytest.raises(UserError, match="checkpoint-replicas"):
         CheckpointOptions.build("x.py", every="5", replicas=-1)
 

@@ -154,6 +154,8 @@ class Conn:
         return self.mac_recv is not None or (self.channel is not None and self.channel.encrypted)
 
     async def send(self, kind: str, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.writer.is_closing():  # the peer went away: a ConnectionError, not uvloop's RuntimeError
+            raise ConnectionResetError("the other end closed the connection")
         async with self._send_lock:
             if self.channel is not None:
                 await self.channel.write(self.writer, {**header, "kind": kind}, payload)

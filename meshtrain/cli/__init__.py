@@ -13,10 +13,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from meshtrain.cli.parser import build_parser, parse, positive, seed, split_run_args
+from meshtrain.cli.parser import CommandError, build_parser, parse, port, positive, seed, split_run_args
 from meshtrain.errors import UserError
 
-__all__ = ["build_parser", "main", "parse", "positive", "seed", "split_run_args"]
+__all__ = ["build_parser", "main", "parse", "port", "positive", "seed", "split_run_args"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse(sys.argv[1:] if argv is None else argv)
         return int(args.handler(args))
     except UserError as exc:
-        print(f"meshtrain: {exc}", file=sys.stderr)
+        prog = exc.prog if isinstance(exc, CommandError) else "meshtrain"
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshtrain.cli.agent_link import agent_alive, fetch_status, use_uvloop
+from meshtrain.cli.agent_link import agent_alive, fetch_status, slow_blas_warning, use_uvloop
 from meshtrain.cli.parser import DEFAULT_PORT, seed
+from meshtrain.cli.parser import port as port_number
 from meshtrain.errors import UserError, WireError
 
 DETACH_START_S = 15.0
@@ -55,7 +56,11 @@ def add_parser(sub: Any) -> None:
         help="failure-detection timing for the network (default: lan)",
     )
     join.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"gossip UDP port (default {DEFAULT_PORT})"
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"gossip UDP and TCP port (default {DEFAULT_PORT}; 0: any free one); LAN discovery "
+        "beacons use the next one (7947)",
     )
     join.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     join.add_argument("--no-discovery", action="store_true", help="do not broadcast LAN beacons")
@@ -145,6 +150,11 @@ def join_hint(keyring: Any, host: str, port: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.log and not args.detach:
+        raise UserError("--log FILE is for --detach (a foreground agent shows its log in the terminal)")
+    slow = slow_blas_warning()
+    if slow is not None:  # this node's workers will train slowly: say it where the node starts
+        print(slow, file=sys.stderr, flush=True)
     if args.detach:
         return _join_detached(args)
     use_uvloop()
@@ -215,6 +225,12 @@ async def _join(args: argparse.Namespace) -> int:
 def _join_detached(args: argparse.Namespace) -> int:
     from meshtrain.agent.control import socket_path, state_dir
 
+    running = asyncio.run(agent_alive(socket_path()))
+    if running is not None:  # checked first: a second agent would fail, and the first one answer for it
+        raise UserError(
+            f"an agent ({running.get('name')}) is already running on this machine; "
+            "see it with `meshtrain status`"
+        )
     keyring, _ = resolve_keyring(args)  # a token is stored here, so the background agent finds it
     log = Path(args.log) if args.log else state_dir() / "agent.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +271,7 @@ def _join_detached(args: argparse.Namespace) -> int:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise UserError(f"the agent did not start: {tail[0] if tail else f'exit code {proc.returncode}'}")
         reply = asyncio.run(agent_alive(socket_path()))
-        if reply is not None:
+        if reply is not None and proc.poll() is None:  # ours answers (not one started meanwhile)
             print(
                 f"agent {reply.get('name')} running in the background (pid {proc.pid}), log: {log}; "
                 "stop it with `meshtrain leave`"

@@ -19,7 +19,17 @@ DEFAULT_PORT = 7946
 
 # Module names under meshtrain.cli, in the order `meshtrain --help` lists them
 # (`checkpoints` registers both `checkpoints` and `export`).
-COMMANDS: tuple[str, ...] = ("join", "run", "status", "leave", "checkpoints", "doctor", "runs", "tag", "dashboard")
+COMMANDS: tuple[str, ...] = (
+    "join",
+    "run",
+    "status",
+    "leave",
+    "checkpoints",
+    "doctor",
+    "runs",
+    "tag",
+    "dashboard",
+)
 COMMANDS += ("attach", "jobs", "cancel", "logs")  # a job of the mesh, watched and steered from any node
 
 DESCRIPTION = """Command line: `meshtrain join | run | status | leave | checkpoints | export | doctor`.
@@ -27,6 +37,14 @@ DESCRIPTION = """Command line: `meshtrain join | run | status | leave | checkpoi
 Every user mistake ends as one line on stderr and a non-zero exit code;
 tracebacks are for bugs only (and for the user's own script, shown once).
 """
+
+
+class CommandError(UserError):
+    """A UserError said in a command's own name (`meshtrain run: missing SCRIPT`)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +62,13 @@ def seed(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def port(text: str) -> int:
+    """A port to bind: 1-65535, or 0 for any free one."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535, or 0 for any free one): {text!r}")
+    return int(text)
+
+
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
@@ -51,60 +76,64 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meshtrain import __version__
+
     parser = _Parser(prog="meshtrain", description=DESCRIPTION, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"meshtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"meshtrain.cli.{name}").add_parser(sub)
     return parser
 
 
-RUN_VALUE_FLAGS = (
-    "--notify",
-    "--shares",
-    "--ledger",
-    "--nodes",
-    "--min-nodes",
-    "--wait",
-    "--local",
-    "--checkpoint-every",
-    "--checkpoint-replicas",
-    "--checkpoint-dir",
-    "--keep",
-    "--name",
-)
-RUN_SWITCHES = ("--resume",)
+RUN_USAGE = "meshtrain run [OPTIONS] SCRIPT [ARGS...]"
 
 
-def split_run_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(meshtrain's own `run` arguments, the script's), keeping the script's in order.
+def run_flags(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """`run`'s option strings, each with whether it takes a value (read from its subparser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            run = action.choices["run"]
+            return {o: action_.nargs != 0 for action_ in run._actions for o in action_.option_strings}
+    raise AssertionError("no subcommands")
 
-    `run`'s flags may come before or after SCRIPT (`run mnist.py --local 2 --epochs 1`);
-    anything else after SCRIPT is the script's, and everything after `--` is too.
+
+def split_run_args(argv: Sequence[str], flags: dict[str, bool] | None = None) -> tuple[list[str], list[str]]:
+    """(meshtrain's own `run` arguments ending in SCRIPT, the script's arguments).
+
+    As with torchrun and mlx.launch, meshtrain's options go before SCRIPT and
+    everything after SCRIPT is the script's, untouched (`run --local 2 t.py
+    --local 3`: the script gets `--local 3`). A `--` before SCRIPT ends
+    meshtrain's options (for a script whose name starts with `-`); one right
+    after SCRIPT is dropped, as older command lines put it there.
     """
+    flags = run_flags(build_parser()) if flags is None else flags
     ours: list[str] = []
-    theirs: list[str] = []
-    have_script = False
     i = 0
     while i < len(argv):
         token = argv[i]
         if token == "--":
-            theirs.extend(argv[i + 1 :])
-            break
-        name = token.split("=", 1)[0]
-        if name in RUN_VALUE_FLAGS:
-            take = 1 if "=" in token else 2
+            rest = list(argv[i + 1 :])
+            if not rest:
+                break
+            return [*ours, "--", rest[0]], rest[1:]
+        if token.startswith("-") and token != "-":
+            name = token.split("=", 1)[0]
+            if name not in flags:
+                raise CommandError(
+                    "meshtrain run",
+                    f"unknown option {name} (meshtrain's options go before SCRIPT, the script's after it: "
+                    f"{RUN_USAGE})",
+                )
+            take = 2 if flags[name] and "=" not in token else 1
             ours.extend(argv[i : i + take])
             i += take
             continue
-        if token in RUN_SWITCHES:
-            ours.append(token)
-        elif token in ("-h", "--help") or not have_script:
-            ours.append(token)
-            have_script = have_script or not token.startswith("-")
-        else:
-            theirs.append(token)
-        i += 1
-    return ours, theirs
+        rest = list(argv[i + 1 :])
+        return [*ours, "--", token], rest[1:] if rest[:1] == ["--"] else rest
+    if any(t in ("-h", "--help") for t in ours):
+        return ours, []
+    raise CommandError("meshtrain run", f"missing SCRIPT ({RUN_USAGE})")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -112,7 +141,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     if not argv or argv[0] != "run":
         return parser.parse_args(argv)
-    ours, theirs = split_run_args(argv[1:])
+    ours, theirs = split_run_args(argv[1:], run_flags(parser))
     args = parser.parse_args(["run", *ours])
     args.script_args = theirs
     return args

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshtrain.cli.agent_link import agent_alive, use_uvloop
+from meshtrain.blas import WARNED_MARKER
+from meshtrain.cli.agent_link import agent_alive, slow_blas_warning, use_uvloop
 from meshtrain.cli.parser import positive
 from meshtrain.errors import UserError
 
@@ -25,18 +26,22 @@ if TYPE_CHECKING:  # the agent pulls in MLX: imported when the command runs, not
     from meshtrain.agent.jobs import JobRequest, JobResult
 
 DEFAULT_WAIT_S = 30.0  # seconds `run --nodes` waits for its nodes unless --wait says otherwise
+# The script's arguments travel in the job request's header (64 KiB at most, see meshtrain.wire) and
+# again in each worker's: this leaves room for everything else those headers carry.
+MAX_ARGS_BYTES = 32 * 1024
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_parser(sub: Any) -> None:
     run = sub.add_parser(
         "run", allow_abbrev=False, help="train SCRIPT on the mesh (or alone, or on a --local mesh)"
     )
-    run.add_argument("script", metavar="SCRIPT")
+    run.add_argument("script", metavar="SCRIPT", help="the training script; meshtrain's options go before it")
     run.add_argument(
         "script_args",
         nargs="*",
-        metavar="ARG",
-        help="arguments for the script (anywhere after SCRIPT; after `--` if they clash with ours)",
+        metavar="ARGS",
+        help="the script's arguments: everything after SCRIPT is passed to it untouched",
     )
     run.add_argument("--nodes", help="how many nodes (N) or which (name,name); default: all that are up")
     run.add_argument(
@@ -120,6 +125,8 @@ class Renderer:
         self.interactive = is_interactive(probe.console)
         self.view = LiveJob(include_log=self.interactive)
         self.last: dict[str, Any] | None = None
+        self.checkpointed = False  # a checkpoint of this job was committed somewhere in the mesh
+        self.stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP; SIGINT alone) that cancelled it
 
     async def log(self, node: str, rank: int, stream: str, line: str) -> None:
         if not self.interactive:
@@ -129,6 +136,10 @@ class Renderer:
 
     async def snapshot(self, snap: dict[str, Any]) -> None:
         self.last = snap
+        self.checkpointed = self.checkpointed or any(
+            isinstance(e, dict) and e.get("kind") == "checkpoint" and "committed" in str(e.get("detail", ""))
+            for e in snap.get("events") or ()
+        )
         self.view.update(snap)
 
 
@@ -137,6 +148,8 @@ def main(args: argparse.Namespace) -> int:
     from meshtrain.agent.jobs import JobRequest
 
     options = checkpoint_options(args)  # flag mistakes first, before the script is even read
+    _check_node_counts(args)
+    _check_script_args(args.script_args)
     options["shares"] = getattr(args, "shares", "perf")
     if getattr(args, "notify", None):
         from meshtrain.notify.targets import parse_targets
@@ -149,9 +162,14 @@ def main(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"--ledger {args.ledger}: cannot create it: {exc.strerror or exc}") from None
     checkpoint_dir = _checkpoint_dir(getattr(args, "checkpoint_dir", None))
-    bundle = bundle_snapshot(args.script)
     if args.local is not None and args.nodes is not None:
         raise UserError("--local N makes its own mesh of N nodes: drop --nodes")
+    if os.path.isdir(args.script):
+        example = os.path.join(args.script, "train.py")
+        raise UserError(
+            f"{args.script} is a directory: name the script in it to run (meshtrain run {example})"
+        )
+    bundle = bundle_snapshot(args.script)
     wait = args.wait if args.wait is not None else (DEFAULT_WAIT_S if (args.nodes or args.min_nodes) else 0.0)
     if wait < 0:
         raise UserError("--wait must be zero or more seconds")
@@ -169,9 +187,18 @@ def main(args: argparse.Namespace) -> int:
         from meshtrain.cli.job_stream import run_detached
 
         return run_detached(request, args.local)
+    slow = slow_blas_warning()
+    if slow is not None:
+        print(slow, file=sys.stderr, flush=True)
+        os.environ[WARNED_MARKER] = "1"  # this run's own workers (alone, --local) need not say it again
     renderer = Renderer()
     result = asyncio.run(_run(request, args.local, renderer, checkpoint_dir))
     last = renderer.last or {}
+    stopped = renderer.stopped_by
+    if stopped in (signal.SIGTERM, signal.SIGHUP) and result.state == "cancelled":
+        name = signal.Signals(stopped).name
+        print(f"meshtrain: terminated ({name}): the job was cancelled on every node", file=sys.stderr)
+        return 128 + stopped
     if result.state == "done" and (last.get("train_s") or 0) >= 0.5:
         print(
             f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
@@ -191,7 +218,54 @@ def main(args: argparse.Namespace) -> int:
         print(f"meshtrain: job failed: {result.message}", file=sys.stderr)
     elif result.state == "cancelled":
         print(f"meshtrain: job cancelled: {result.message}", file=sys.stderr)
+    if result.state == "done" and slow is not None:
+        print(slow, file=sys.stderr)  # again: the first one has scrolled away with the live view
+    if result.state == "done" and options.get("checkpoint_every") and not renderer.checkpointed:
+        print(
+            "meshtrain: warning: no checkpoint was written: the job ended before its first checkpoint "
+            f"was due (--checkpoint-every {options['checkpoint_every']})",
+            file=sys.stderr,
+        )
     return result.exit_code
+
+
+def _check_node_counts(args: argparse.Namespace) -> None:
+    """Refuse what no mesh can meet: `--nodes 0`, or a --min-nodes above the nodes asked for."""
+    nodes = None if args.nodes is None else str(args.nodes).strip()
+    asked: int | None = None
+    what = "--nodes asks for"
+    if nodes is not None and nodes.isdigit():
+        asked = int(nodes)
+        if asked == 0:
+            raise UserError("--nodes 0: a job needs at least one node")
+    elif nodes is not None:
+        names = {n.strip() for n in nodes.split(",") if n.strip()}
+        if not names:
+            raise UserError(f"--nodes {args.nodes!r}: name at least one node (or give a count)")
+        asked = len(names)
+    elif args.local is not None:
+        asked, what = args.local, "--local makes"
+    if asked is not None and args.min_nodes is not None and args.min_nodes > asked:
+        raise UserError(f"--min-nodes {args.min_nodes} is more than the {asked} nodes {what}")
+
+
+def _check_script_args(script_args: list[str]) -> None:
+    """Script arguments travel as UTF-8 text in a bounded header: say so rather than fail later."""
+    size = 0
+    for number, arg in enumerate(script_args, 1):
+        try:
+            size += len(arg.encode("utf-8"))
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UserError(
+                f"argument {number} for the script is not valid UTF-8 ({shown!r}): "
+                "meshtrain passes the script's arguments as text"
+            ) from None
+    if size > MAX_ARGS_BYTES:
+        raise UserError(
+            f"the script's arguments are {size:,} bytes; at most {MAX_ARGS_BYTES:,} fit in a job request "
+            "(pass a file instead)"
+        )
 
 
 def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,7 +343,7 @@ async def _run(
         if local is not None:
             ready: asyncio.Future[JobRunner] = loop.create_future()
             task = asyncio.ensure_future(run_embedded(request, local, renderer, ready))
-            _on_interrupt(loop, lambda: ready.result().cancel() if ready.done() else task.cancel())
+            _on_interrupt(loop, renderer, lambda: ready.result().cancel() if ready.done() else task.cancel())
             try:
                 return await task
             except asyncio.CancelledError:
@@ -277,17 +351,26 @@ async def _run(
         return await _run_on_agent(path, request, renderer, loop)
 
 
-def _on_interrupt(loop: asyncio.AbstractEventLoop, cancel: Callable[[], object]) -> None:
-    """First Ctrl-C cancels the job everywhere (and waits for that); a second one quits at once."""
-    hits = {"n": 0}
+def _on_interrupt(
+    loop: asyncio.AbstractEventLoop,
+    renderer: Renderer,
+    cancel: Callable[[], object],
+    signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+) -> None:
+    """The first Ctrl-C, SIGTERM or SIGHUP cancels the job everywhere and waits for that; a second quits.
 
-    def handler() -> None:
-        hits["n"] += 1
-        if hits["n"] > 1:
-            os._exit(130)
+    SIGTERM (a timeout, CI, `kill`) and SIGHUP (the terminal closed) stop the job as
+    Ctrl-C does, so no worker trains on for a submitter that is gone.
+    """
+
+    def handler(signum: int) -> None:
+        if renderer.stopped_by is not None:
+            os._exit(128 + signum)
+        renderer.stopped_by = signum
         cancel()
 
-    loop.add_signal_handler(signal.SIGINT, handler)
+    for signum in signals:
+        loop.add_signal_handler(signum, handler, signum)
 
 
 async def _run_on_agent(
@@ -310,5 +393,10 @@ async def _run_on_agent(
 
     from meshtrain.cli.job_stream import follow  # Ctrl-C cancels the job on every node, and says so
 
+    def cancel() -> None:
+        why = f"the submitting `meshtrain run` got {signal.Signals(renderer.stopped_by or 15).name}"
+        asyncio.ensure_future(conn.send("request", {"op": "cancel", "why": why}))
+
+    _on_interrupt(loop, renderer, cancel, (signal.SIGTERM, signal.SIGHUP))  # follow() takes Ctrl-C
     header = await follow(conn, renderer, job=None, on_interrupt="cancel")
     return JobResult(str(header.get("state")), header.get("message"), header.get("traceback"))

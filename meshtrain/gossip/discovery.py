@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import secrets
 import socket
@@ -151,6 +152,11 @@ class Discovery:
             sock.bind(("", self.port))
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"cannot listen for discovery beacons: UDP port {self.port} is in use; choose another "
+                    "--port (discovery uses --port + 1) or turn discovery off with --no-discovery"
+                ) from None
             raise UserError(f"cannot listen for discovery beacons on UDP port {self.port}: {exc}") from None
         sock.setblocking(False)
         loop = asyncio.get_running_loop()

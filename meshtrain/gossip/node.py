@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import socket
@@ -113,7 +114,7 @@ class GossipNode:
         *,
         node_id: str | None = None,
         advertise: str | None = None,
-        discovery_port: int = DISCOVERY_PORT,
+        discovery_port: int | None = None,
         incarnation: int | None = None,
         keyring: Keyring | None = None,
     ) -> None:
@@ -127,7 +128,9 @@ class GossipNode:
         self.seeds = [(str(h), int(p)) for h, p in seeds]
         self.interface = interface
         self.discovery_enabled = discovery
-        self.discovery_port = discovery_port
+        # beacons follow the gossip port (7946 -> 7947), so `--port 7947` does not collide with them
+        default = port + 1 if 0 < port < 65535 else DISCOVERY_PORT
+        self.discovery_port = discovery_port if discovery_port is not None else default
         self.drops: dict[str, int] = {}
         self.keyring = keyring
         self.security_drops = DropCounters()
@@ -200,6 +203,12 @@ class GossipNode:
                     lambda: _UdpProtocol(self), local_addr=(self.host, self.port)
                 )
             except OSError as exc:
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # uvloop wraps it
+                if cause.errno == errno.EADDRINUSE:
+                    raise UserError(
+                        f"cannot bind gossip UDP {self.host}:{self.port}: the port is in use "
+                        "(another agent or program); choose another with --port"
+                    ) from None
                 raise UserError(f"cannot bind gossip UDP {self.host}:{self.port}: {exc}") from None
             port = udp.get_extra_info("sockname")[1]
             try:
@@ -208,6 +217,11 @@ class GossipNode:
                 udp.close()
                 if self.port == 0 and attempt < 19:
                     continue  # the ephemeral UDP port was taken on TCP; pick another
+                if exc.errno == errno.EADDRINUSE:
+                    raise UserError(
+                        f"cannot bind gossip TCP {self.host}:{port}: the port is in use; "
+                        "choose another with --port"
+                    ) from None
                 raise UserError(f"cannot bind gossip TCP {self.host}:{port}: {exc}") from None
             self._udp, self.port = udp, port
             return
