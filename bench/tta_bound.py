@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path
 from mnist_example import load_example  # noqa: E402
 
+from meshtrain import Mesh  # noqa: E402
 from meshtrain.blas import describe as describe_blas  # noqa: E402
 from meshtrain.blas import ensure_fast_blas  # noqa: E402
 from meshtrain.train.local_sgd import outer_update  # noqa: E402
@@ -79,7 +80,7 @@ def epochs_to_target(
             apply_update(grads)
             mx.eval(model.parameters(), optimizer.state)
             if (step + 1) % every == 0 or step + 1 == steps:
-                accuracy = ex.evaluate(model, xt, yt)
+                accuracy = ex.evaluate(Mesh(), model, xt, yt)
                 best = max(best, accuracy)
                 if accuracy >= target:
                     return epoch + (step + 1) / steps, best
@@ -145,7 +146,7 @@ def local_sgd_epochs_to_target(
                 model.update(tree_unflatten([(k, mx.array(v)) for k, v in anchor.items()]))
             if due:
                 due = False
-                accuracy = ex.evaluate(replicas[0][0], xt, yt)
+                accuracy = ex.evaluate(Mesh(), replicas[0][0], xt, yt)
                 best = max(best, accuracy)
                 if accuracy >= target:
                     return epoch + (step + 1) / steps, best

@@ -134,15 +134,19 @@ def make_optimizer(lr: float, total_steps: int) -> optim.Optimizer:
     return optim.Adam(learning_rate=optim.join_schedules([ramp, decay], [warmup]))
 
 
-def evaluate(model: nn.Module, x: mx.array, y: mx.array, batch: int = 1000) -> float:
-    """Test accuracy in [0, 1], dropout off."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(y), batch):
-        logits = model(x[start : start + batch])
-        correct += int(mx.sum(mx.argmax(logits, axis=1) == y[start : start + batch]))
-    model.train()
-    return correct / len(y)
+def evaluate(mesh: meshtrain.Mesh, model: nn.Module, x: mx.array, y: mx.array, batch: int = 1000) -> float:
+    """Test accuracy in [0, 1], dropout off, spread over the workers (each counts its slice)."""
+
+    def correct(indices: np.ndarray) -> dict[str, float]:
+        model.eval()
+        hits = 0
+        for start in range(0, len(indices), batch):
+            part = mx.array(indices[start : start + batch])
+            hits += int(mx.sum(mx.argmax(model(x[part]), axis=1) == y[part]))
+        model.train()
+        return {"correct": hits}
+
+    return mesh.evaluate(len(y), correct)["correct"] / len(y)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -223,12 +227,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         mode = "per-step gradient sync" if outer is None else outer.describe()
         print(f"mode: {mode}, wire {args.wire}", flush=True)
     eval_every = max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))
-    accuracy, eval_s = 0.0, 0.0  # eval_s: the main worker's evaluation time (the others wait meanwhile)
+    accuracy, eval_s = 0.0, 0.0  # eval_s: time spent evaluating (every worker its slice: mesh.evaluate)
 
     def timed_evaluate() -> float:
         nonlocal eval_s
         began = time.perf_counter()
-        result = evaluate(model, x_test, y_test)
+        result = evaluate(mesh, model, x_test, y_test)
         eval_s += time.perf_counter() - began
         return result
 
@@ -249,8 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             synced = outer is None or outer.step(samples=len(idx)) or not outer.active
             if (step + 1) // eval_every > evaluated and synced and step + 1 < steps_per_epoch:
                 evaluated = (step + 1) // eval_every  # mid-epoch: the shared model, right after a sync
+                accuracy = timed_evaluate()  # every worker: each evaluates its slice
                 if mesh.is_main:
-                    accuracy = timed_evaluate()
                     print(
                         f"epoch {epoch + (step + 1) / steps_per_epoch:.2f}/{args.epochs}  "
                         f"test accuracy {accuracy * 100:.2f}%  (evaluating so far {eval_s:.2f} s)",
@@ -270,8 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             outer.flush()  # every worker, so the evaluated (and saved) model is the shared one
             if epoch == 0 and mesh.is_main and outer.auto:
                 print(outer.describe(), flush=True)
+        accuracy = timed_evaluate()
         if mesh.is_main:
-            accuracy = timed_evaluate()
             mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
             elapsed = time.perf_counter() - start
             print(

@@ -8,51 +8,19 @@ the worker runtime fills in rank, size and a ring (see meshtrain.worker).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-WIRE_AUTO = "auto"
-
 
 def resolve_wire_dtype(tree: Any, wire_dtype: str | None) -> str:
-    """The wire dtype an all-reduce of `tree` uses; "auto" decides by what is reduced.
+    """The wire dtype an all-reduce of `tree` uses ("auto" decides by what is reduced): see
+    meshtrain.ring.codecs.resolve, where the codecs and this policy live."""
+    from meshtrain.ring.codecs import resolve  # late: the ring package is heavier
 
-    Why bfloat16 for fp32 models: gradients and parameter deltas keep their
-    float32 range in bf16 and lose only mantissa bits that SGD noise swamps,
-    while the bytes on the wire halve (the sum itself stays float32). "auto"
-    therefore means bfloat16 for an MLX array tree whose floating leaves are
-    all float32 or bfloat16, float16 for an all-float16 tree, and float32
-    for anything else, including a raw numpy buffer, the low-level path for
-    exact sums (metrics, counters). A name outside float32, bfloat16,
-    float16 and auto is a UserError.
-    """
-    if wire_dtype != WIRE_AUTO:
-        from meshtrain.ring.codecs import codec  # late: the ring package is heavier
-
-        return codec(wire_dtype).name
-    if isinstance(tree, np.ndarray):
-        return "float32"
-    kinds = {str(leaf.dtype).replace("mlx.core.", "") for leaf in _leaves(tree) if hasattr(leaf, "dtype")}
-    kinds = {k for k in kinds if k.startswith(("float", "bfloat"))}
-    if kinds and kinds <= {"float32", "bfloat16"}:
-        return "bfloat16"
-    if kinds == {"float16"}:
-        return "float16"
-    return "float32"
-
-
-def _leaves(tree: Any) -> Iterator[Any]:
-    """The leaves of a nested dict/list/tuple tree (MLX's tree shape), without importing MLX."""
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree
+    return resolve(tree, wire_dtype)
 
 
 class Mesh:
@@ -63,10 +31,40 @@ class Mesh:
     job: str | None = None  # the job id when started by `meshtrain run`
     node: str = "local"  # the name of the node this worker runs on
 
+    _committed: int = 0
+    _resumed_from: int | None = None
+
     @property
     def is_main(self) -> bool:
-        """True on the one worker that should print, evaluate or save."""
+        """True on the one worker that should print or save (rank 0 of the current generation)."""
         return self.rank == 0
+
+    @property
+    def step(self) -> int:
+        """The global step: training steps committed so far in this run, the same on every worker,
+        continued across `--resume` and by a worker that joins mid-run. Key schedules, logging and
+        "every K steps" decisions on it, not on a loop counter (a joiner's loop starts at 0)."""
+        return self._committed
+
+    @property
+    def resumed_from(self) -> int | None:
+        """The checkpoint step this run resumed from (`meshtrain run --resume`), else None."""
+        return self._resumed_from
+
+    @property
+    def output_dir(self) -> Path:
+        """Where to write files that must outlive the job (a model, samples, logs). Run plainly, the
+        current directory; inside a job, the job's output directory on this node, which `meshtrain run`
+        names at the end (relative paths land in a temporary copy of the script's directory)."""
+        return Path.cwd()
+
+    def evaluate(self, n_samples: int, fn: Callable[[np.ndarray], Mapping[str, float]]) -> dict[str, float]:
+        """Evaluation spread over the workers: `fn(indices)` returns sums over those samples (say
+        `{"correct": 931, "loss_sum": 210.4, "count": 1000}`) and every worker gets the sums over all
+        `n_samples`, each index counted once. Call it on every worker at the same point of the loop
+        (at the same `mesh.step`). If a worker is lost meanwhile, the survivors evaluate the whole set
+        themselves: slower once, never wrong. Sums travel as float32 (counts exact below 2**24)."""
+        return {k: float(v) for k, v in fn(np.arange(n_samples, dtype=np.int64)).items()}
 
     def register(self, model: Any, optimizer: Any) -> None:
         """Name the training state (model and optimizer): what a node joining a running job receives,
@@ -98,6 +96,7 @@ class Mesh:
         for start in range(0, stop, batch_size):
             global_batch = perm[start : start + batch_size]
             yield np.array_split(global_batch, self.size)[self.rank]
+            self._committed += 1
 
     def config(self, **params: Any) -> dict[str, Any]:
         """Declare the run's hyper-parameters (`mesh.config(lr=1e-3, layers=4)`): recorded with the
@@ -106,14 +105,20 @@ class Mesh:
 
         return capture.config(params)
 
-    def report(self, **metrics: float) -> None:
-        """Send metrics to the live view; a no-op at world size 1.
+    def report(self, **metrics: Any) -> None:
+        """Send metrics to the live view; at world size 1 only checked.
 
-        Known keys: `epoch` and `step` as loop indices (from 0, like `range`),
+        Any named scalar goes (`val_loss=`, `perplexity=`, `lr=` ...; MLX and
+        numpy scalars too) and every view shows it. First-class keys keep their
+        places: `epoch` and `step` as loop indices (from 0, like `range`),
         `epochs`, `steps_per_epoch`, `loss`, `samples` (this worker's samples in
         this step, for samples/s) and `test_accuracy` (a fraction, from the main
-        worker). Call it every step: inside a job it only queues.
+        worker). A non-scalar value is a UserError (meshtrain.metrics). Call it
+        every step: inside a job it only queues.
         """
+        from meshtrain.metrics import check  # late: as light as the rest of this module's imports
+
+        check(metrics)
 
     # --- sharded training (meshtrain.shard) ------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""The mesh snapshot (schema shared with meshtrain.ui), built from the membership view.
+"""The mesh snapshot (schema: meshtrain.status, shared with every view), built from the membership view.
 
 Pure: members, events, jobs and counters in, one plain msgpack/JSON-able dict
 out. `meshtrain status --json` prints exactly this.
@@ -10,15 +10,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshtrain import __version__
+from meshtrain.status import MeshSnapshot, Node
 
 EVENTS_KEPT = 50
 
 NODE_FACTS = ("platform", "device", "cores", "memory_gb", "load", "battery")
 
 
-def node_entry(member: Any) -> dict[str, Any]:
+def node_entry(member: Any) -> Node:
     meta: Mapping[str, Any] = member.meta or {}
-    entry: dict[str, Any] = {
+    entry: Node = {
         "id": member.id,
         "name": member.name,
         "addr": f"{member.addr[0]}:{member.addr[1]}",
@@ -26,7 +27,7 @@ def node_entry(member: Any) -> dict[str, Any]:
         "incarnation": member.incarnation,
     }
     for key in NODE_FACTS:
-        entry[key] = meta.get(key)
+        entry[key] = meta.get(key)  # type: ignore[literal-required]  # NODE_FACTS are Node keys
     entry["job"] = meta.get("job")
     entry["role"] = meta.get("role")
     return entry
@@ -36,10 +37,10 @@ def mesh_snapshot(
     self_id: str,
     leader: str | None,
     members: Sequence[Any],
-    events: Iterable[dict[str, Any]],
+    events: Iterable[Any],
     jobs: Iterable[dict[str, Any]],
     drops: Mapping[str, int],
-) -> dict[str, Any]:
+) -> MeshSnapshot:
     ordered = sorted(members, key=lambda m: (m.id != self_id, m.name))
     return {
         "version": __version__,

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshtrain.ui.snapshot import FINISHED_JOB_STATES
+from meshtrain.status import FINISHED_JOB_STATES
 
 POINTS_KEPT = 20000
 LOG_KEPT = 500

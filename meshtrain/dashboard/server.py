@@ -40,7 +40,7 @@ from meshtrain.dashboard.auth import (
 from meshtrain.dashboard.board import Board
 from meshtrain.dashboard.source import Source
 from meshtrain.errors import UserError
-from meshtrain.ui.snapshot import FINISHED_JOB_STATES
+from meshtrain.status import FINISHED_JOB_STATES
 
 log = logging.getLogger("meshtrain.dashboard")
 

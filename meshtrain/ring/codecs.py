@@ -12,14 +12,17 @@ codec (int8 with a scale, 4-bit) is one `register` call, not six edits.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from meshtrain.errors import UserError
 
-__all__ = ["CODECS", "WireCodec", "by_code", "codec", "names", "register"]
+__all__ = ["CODECS", "WIRE_AUTO", "WireCodec", "by_code", "codec", "names", "register", "resolve"]
+
+WIRE_AUTO = "auto"
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -94,3 +97,40 @@ def codec(wire_dtype: object) -> WireCodec:
 
 def by_code(code: int) -> WireCodec | None:
     return _BY_CODE.get(code)
+
+
+def resolve(tree: Any, wire_dtype: object) -> str:
+    """The wire dtype an all-reduce of `tree` uses; "auto" decides by what is reduced.
+
+    Why bfloat16 for fp32 models: gradients and parameter deltas keep their
+    float32 range in bf16 and lose only mantissa bits that SGD noise swamps,
+    while the bytes on the wire halve (the sum itself stays float32). "auto"
+    therefore means bfloat16 for an MLX array tree whose floating leaves are
+    all float32 or bfloat16, float16 for an all-float16 tree, and float32
+    for anything else, including a raw numpy buffer, the low-level path for
+    exact sums (metrics, counters). A name outside float32, bfloat16,
+    float16 and auto is a UserError.
+    """
+    if wire_dtype != WIRE_AUTO:
+        return codec(wire_dtype).name
+    if isinstance(tree, np.ndarray):
+        return "float32"
+    kinds = {str(leaf.dtype).replace("mlx.core.", "") for leaf in _leaves(tree) if hasattr(leaf, "dtype")}
+    kinds = {k for k in kinds if k.startswith(("float", "bfloat"))}
+    if kinds and kinds <= {"float32", "bfloat16"}:
+        return "bfloat16"
+    if kinds == {"float16"}:
+        return "float16"
+    return "float32"
+
+
+def _leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of a nested dict/list/tuple tree (MLX's tree shape), without importing MLX."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+    else:
+        yield tree

@@ -188,8 +188,8 @@ class ShardedOptimizer:
         """
         import mlx.core as mx
 
-        from meshtrain.mesh import resolve_wire_dtype
         from meshtrain.ring import tensors
+        from meshtrain.ring.codecs import resolve as resolve_wire_dtype
 
         if self.plan is None:
             self.register(model)

@@ -1,7 +1,7 @@
 """Rich live views of the mesh (`join`, `status`) and of a training job (`run`).
 
 The views consume the snapshot dicts the agent produces (schemas in
-`meshtrain.ui.snapshot`) and never import the model; on a terminal they are
+`meshtrain.status`) and never import the model; on a terminal they are
 rich renderables redrawn in place, elsewhere plain lines for logs and CI.
 """
 

@@ -20,10 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from meshtrain.ui import format as fmt
-from meshtrain.ui import styles
-from meshtrain.ui.mesh_view import event_section, section
-from meshtrain.ui.snapshot import (
+from meshtrain.status import (
     FINISHED_JOB_STATES,
     epoch_fraction,
     integer,
@@ -35,6 +32,9 @@ from meshtrain.ui.snapshot import (
     strings,
     text,
 )
+from meshtrain.ui import format as fmt
+from meshtrain.ui import styles
+from meshtrain.ui.mesh_view import event_section, section
 
 ONE_SHOT_EVENTS = 5
 ONE_SHOT_LOG = 10

@@ -28,10 +28,10 @@ from typing import Any, TextIO
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
 
+from meshtrain.status import FINISHED_JOB_STATES, integer, number, text
 from meshtrain.ui.job_view import JobView
 from meshtrain.ui.mesh_view import MeshView
 from meshtrain.ui.plain import JobLog, MeshLog, final_line, render_job_text, render_mesh_text
-from meshtrain.ui.snapshot import FINISHED_JOB_STATES, integer, number, text
 from meshtrain.ui.terminal import quiet_input
 
 Snapshot = Mapping[str, Any]

@@ -20,9 +20,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from meshtrain.ui import format as fmt
-from meshtrain.ui import styles
-from meshtrain.ui.snapshot import (
+from meshtrain.status import (
     integer,
     is_leader,
     is_self,
@@ -33,6 +31,8 @@ from meshtrain.ui.snapshot import (
     strings,
     text,
 )
+from meshtrain.ui import format as fmt
+from meshtrain.ui import styles
 
 WIDE = 110  # columns from which the extra node columns are shown
 NARROW = 72  # below this the device column gives way

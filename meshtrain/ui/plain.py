@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshtrain.ui import format as fmt
-from meshtrain.ui.mesh_view import state_counts
-from meshtrain.ui.snapshot import (
+from meshtrain.status import (
     FINISHED_JOB_STATES,
     epoch_fraction,
     integer,
@@ -31,6 +29,8 @@ from meshtrain.ui.snapshot import (
     strings,
     text,
 )
+from meshtrain.ui import format as fmt
+from meshtrain.ui.mesh_view import state_counts
 
 PLAIN_LEADER_MARK = "*"
 

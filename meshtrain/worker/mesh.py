@@ -56,6 +56,13 @@ PAUSE_POLL_S = 1.0
 DROPS_REPORT_S = 2.0  # how often the ring listener's refusals reach the agent while training
 RETRY_SAME_VIEW_S = 5.0  # a ring that broke with no member lost (a stall) forms again with the same view
 STATUS_STEP = -1
+EVAL_STEP = -3  # the step label of mesh.evaluate's reduction (-2 is the state broadcast's)
+
+
+def _sums(values: Any) -> dict[str, float]:
+    if not hasattr(values, "items"):
+        raise UserError("mesh.evaluate: fn(indices) must return a dict of sums, e.g. {'correct': 93}")
+    return {str(k): float(v) for k, v in values.items()}
 
 
 FAULT_ENV = "MESHTRAIN_FAULT"  # test hook: "MEMBER:STEP:forward|allreduce[,...]" SIGKILLs that worker there
@@ -205,6 +212,7 @@ class WorkerMesh(Mesh):
         if resumed is not None:
             tree, meta, step = resumed
             self._adopt(tree, {**meta, "committed": step})
+            self._resumed_from = step
             if meta.get("rng") is not None:
                 from meshtrain.checkpoints.arrays import restore_rng
 
@@ -357,6 +365,45 @@ class WorkerMesh(Mesh):
             if key not in COUNTERS and key != "samples":
                 self._metrics[key] = float(value)  # checkpoints list them
         self._reporter.report({**metrics, **extra})
+
+    @property
+    def step(self) -> int:  # type: ignore[override]
+        """The global step: steps committed so far, the same on every worker (Mesh.step)."""
+        return self.committed
+
+    @property
+    def output_dir(self) -> Path:  # type: ignore[override]
+        """This worker's directory for files that outlive the job (Mesh.output_dir); created on demand."""
+        from meshtrain.paths import outputs_dir
+
+        path = outputs_dir(str(self.job), self.member)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def evaluate(self, n_samples: int, fn: Any) -> dict[str, float]:
+        """Evaluation spread over the current generation's workers (Mesh.evaluate says the contract).
+
+        Each worker evaluates its contiguous slice and the sums meet in one float32
+        all-reduce, labelled with its own step so it can never be mistaken for a
+        step's reduction. A new view or a broken ring meanwhile (a worker lost, a
+        node joining) makes every worker evaluate the whole set locally instead:
+        the same sums, no hang, and the next step boundary forms the new ring.
+        """
+        if self._ring is None or self._stale_view() or len(self._roster) < 2 or not self._has_state:
+            return _sums(fn(np.arange(n_samples, dtype=np.int64)))
+        size, rank = len(self._roster), self._roster.index(self.member)
+        mine = np.array_split(np.arange(n_samples, dtype=np.int64), size)[rank]
+        local = _sums(fn(mine))
+        keys = sorted(local)
+        vec = np.array([local[k] for k in keys] + [float(len(keys))], np.float32)
+        try:
+            summed = self._ring.allreduce(vec, step=EVAL_STEP, weight=1.0, wire_dtype="float32") * size
+        except RING_FAILURES:
+            self._mark_broken()
+            return _sums(fn(np.arange(n_samples, dtype=np.int64)))
+        if int(round(float(summed[-1]))) != len(keys) * size:
+            raise UserError("mesh.evaluate: the workers' fn returned different keys; return the same sums")
+        return {k: float(v) for k, v in zip(keys, summed[:-1], strict=True)}
 
     def close(self) -> None:
         self._views.on_change(None)
@@ -558,6 +605,7 @@ class WorkerMesh(Mesh):
             "weights": {str(g): w for g, w in self._weights.items()},
             "rebalance_due": self._rebalance_due,
             "metrics": dict(self._metrics),
+            "resumed_from": self._resumed_from,
         }
 
     def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -585,6 +633,8 @@ class WorkerMesh(Mesh):
         for g, weights in (meta.get("weights") or {}).items():
             self._weights[int(g)] = {str(m): float(w) for m, w in weights.items()}
         self._rebalance_due = bool(meta.get("rebalance_due"))
+        if meta.get("resumed_from") is not None:
+            self._resumed_from = int(meta["resumed_from"])
         self._has_state = True
         self._last = None
 

@@ -1,7 +1,11 @@
-"""The snapshot dicts the agent produces and the views consume, read tolerantly.
+"""The status snapshot: one schema for the agent that produces it and every view that reads it.
 
-Snapshots are plain msgpack/JSON-able dicts (schemas below, shared with the
-agent). A view must survive any optional field being absent, `None`, or of an
+The agent (meshtrain.agent.snapshot, the job state) builds these dicts; the
+terminal views (meshtrain.ui), the web dashboard (meshtrain.dashboard) and
+`meshtrain status --json` read them. Snapshots are plain msgpack/JSON-able
+dicts (schemas below). This module imports nothing of either side.
+
+A view must survive any optional field being absent, `None`, or of an
 unexpected type — an older or newer agent must never crash a terminal — so the
 views read fields only through these helpers.
 """
