@@ -21,7 +21,7 @@ $(DEVSTAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/meshtrain run examples/mnist.py --local 2 --epochs 3
+	$(BIN)/meshtrain run --local 2 examples/mnist.py --epochs 3
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest tests

@@ -254,7 +254,7 @@ def main() -> None:
     script = base / "work" / "probe.py"
     script.parent.mkdir()
     script.write_text(PROBE)
-    common = [str(script), "--nodes", str(args.nodes), "--wait", "30", "--"]
+    common = ["--nodes", str(args.nodes), "--wait", "30", str(script), "--"]
     probe = ["--steps", str(args.steps), "--pace", str(args.pace)]
     print(
         f"{args.nodes} agents on loopback, {args.steps} steps, checkpoint every {args.every}; "
@@ -272,7 +272,7 @@ def main() -> None:
         mesh.start()
         ckpt = ["--checkpoint-every", str(args.every), "--name", "probe"]
         out = str(base / "resumed.safetensors")
-        job = mesh.run(str(script), *ckpt, *common[1:], *probe, "--out", out)
+        job = mesh.run(*ckpt, *common, *probe, "--out", out)
         deadline = time.monotonic() + 600
         while True:
             steps = [complete_steps(mesh.home(i), "probe") for i in range(args.nodes)]
@@ -294,7 +294,7 @@ def main() -> None:
 
         mesh.start()
         t0 = time.monotonic()
-        job = mesh.run(str(script), *ckpt, "--resume", *common[1:], *probe, "--out", out)
+        job = mesh.run(*ckpt, "--resume", *common, *probe, "--out", out)
         said = mesh.resume_events(job)
         text = finish(job, "the resumed run")
         trained = next((line for line in text.splitlines() if "steps in this run" in line), "?")

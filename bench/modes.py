@@ -1,7 +1,7 @@
 """Communication modes compared: per-step fp32 wire, per-step bf16 wire, local SGD (DiLoCo).
 
 For each world size N (`--sizes`, default 1,2) and each mode this runs
-`meshtrain run examples/mnist.py --local N --model M --epochs E ...` with the
+`meshtrain run --local N examples/mnist.py --model M --epochs E ...` with the
 mode's flags, and reads back what meshtrain prints: the job's throughput
 (samples/s, meshtrain's own average over the training time) and the final
 test accuracy. It prints the machine, every command, a table, and two ratios
@@ -45,7 +45,7 @@ def modes(sync_every: str) -> dict[str, list[str]]:
 
 def run_one(n: int, flags: list[str], args: argparse.Namespace) -> tuple[float, float, str, float]:
     """(samples/s, final accuracy %, note, wall seconds) of one `meshtrain run`."""
-    cmd = [sys.executable, "-m", "meshtrain", "run", "examples/mnist.py", "--local", str(n)]
+    cmd = [sys.executable, "-m", "meshtrain", "run", "--local", str(n), "examples/mnist.py"]
     cmd += ["--model", args.model, "--epochs", str(args.epochs), "--seed", str(args.seed), *flags]
     if args.train_limit:
         cmd += ["--train-limit", str(args.train_limit)]

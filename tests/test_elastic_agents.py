@@ -160,7 +160,7 @@ def test_below_min_nodes_the_job_pauses_and_resumes_when_a_node_returns(tmp_path
     try:
         wait_for(lambda: alive_names(a.home) == {"a", "b"})
         env = {**os.environ, "MESHTRAIN_HOME": str(a.home)}
-        cmd = [sys.executable, "-m", "meshtrain", "run", str(SCRIPT), "--min-nodes", "2", "--"]
+        cmd = [sys.executable, "-m", "meshtrain", "run", "--min-nodes", "2", str(SCRIPT), "--"]
         cmd += ["--out", str(out), "--epochs", "5", "--step-sleep", "0.05"]
         job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert job.stdout is not None

@@ -91,7 +91,7 @@ def test_status_json_follows_the_schema(mesh: tuple[Path, Path, Path]) -> None:
 
 def test_run_trains_on_both_nodes_with_the_weighted_mean(mesh: tuple[Path, Path, Path]) -> None:
     home_a, _, script = mesh
-    out = cli(home_a, "run", str(script), "--nodes", "2", "x", "--flag")
+    out = cli(home_a, "run", "--nodes", "2", str(script), "x", "--flag")
     assert out.returncode == 0, out.stderr
     assert "[a] rank 0/2 on a args ['x', '--flag']" in out.stdout
     assert "[b] rank 1/2 on b args ['x', '--flag']" in out.stdout
@@ -119,14 +119,14 @@ def test_a_crash_on_one_node_is_shown_once_and_the_agents_survive(mesh: tuple[Pa
 
 
 def test_unknown_node_name_is_one_line(mesh: tuple[Path, Path, Path]) -> None:
-    out = cli(mesh[0], "run", str(mesh[2]), "--nodes", "a,zz")
+    out = cli(mesh[0], "run", "--nodes", "a,zz", str(mesh[2]))
     assert out.returncode != 0
     assert out.stderr.strip() == "meshtrain: job failed: unknown node 'zz'; the mesh has: a, b"
 
 
 def test_too_few_nodes_waits_then_says_who_is_missing(mesh: tuple[Path, Path, Path]) -> None:
     start = time.monotonic()
-    out = cli(mesh[0], "run", str(mesh[2]), "--nodes", "3", "--wait", "1.5")
+    out = cli(mesh[0], "run", "--nodes", "3", "--wait", "1.5", str(mesh[2]))
     assert out.returncode != 0 and time.monotonic() - start >= 1.5
     assert "only 2 of 3 nodes reachable: have a, b" in out.stderr.strip().splitlines()[-1]
 
@@ -163,7 +163,7 @@ def test_an_agent_of_an_older_protocol_gets_one_clear_line(
     try:
         assert old.stdout is not None and "gossip port" in old.stdout.readline()
         wait_for(lambda: "old" in alive_names(home_a))
-        named = cli(home_a, "run", str(script), "--nodes", "a,old")
+        named = cli(home_a, "run", "--nodes", "a,old", str(script))
         assert named.returncode != 0
         assert named.stderr.strip() == (
             "meshtrain: job failed: old runs meshtrain protocol 0 (this is 1): upgrade it"

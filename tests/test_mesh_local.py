@@ -1,4 +1,4 @@
-"""`meshtrain run SCRIPT --local N`: an embedded mesh of N real local agents, just for the run."""
+"""`meshtrain run --local N SCRIPT`: an embedded mesh of N real local agents, just for the run."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_mnist_on_a_local_mesh_of_two_matches_one_node(tmp_path: Path) -> None:
     """Same global batch, same epochs: the 2-node mesh learns what one node learns."""
     common = ["--epochs", "1", "--train-limit", "6000"]
-    mesh = run(tmp_path, "-m", "meshtrain", "run", "examples/mnist.py", "--local", "2", *common)
+    mesh = run(tmp_path, "-m", "meshtrain", "run", "--local", "2", "examples/mnist.py", *common)
     assert mesh.returncode == 0, mesh.stdout[-2000:] + mesh.stderr[-2000:]
     assert "[node1] mlp on" in mesh.stdout and "world size 2" in mesh.stdout
     alone = run(tmp_path, "examples/mnist.py", *common)
@@ -43,7 +43,7 @@ def test_a_crash_in_a_local_mesh_ends_the_run_with_its_traceback_once(tmp_path: 
         "if mesh.rank == 2:\n    {}['missing']\n"
         "mesh.allreduce(np.ones(4, dtype=np.float32))\n"
     )
-    out = run(tmp_path, "-m", "meshtrain", "run", str(script), "--local", "3")
+    out = run(tmp_path, "-m", "meshtrain", "run", "--local", "3", str(script))
     assert out.returncode == 1
     assert out.stderr.count("Traceback") == 1 and "KeyError: 'missing'" in out.stderr
     assert (

@@ -81,7 +81,7 @@ def test_an_encrypted_mesh_of_two_agents_trains_and_a_plain_node_is_kept_out(tmp
         agents.append(plain)
         wait_for(lambda: alive_names(a.home) == {"a", "b"})
 
-        out = cli(a.home, "run", str(script), "--nodes", "2", "x")
+        out = cli(a.home, "run", "--nodes", "2", str(script), "x")
         assert out.returncode == 0, out.stderr
         assert "[a] weighted mean 1.6667" in out.stdout  # (1*1 + 2*2) / (1 + 2)
         assert "[a] ring encrypted True" in out.stdout and "[b] ring encrypted True" in out.stdout

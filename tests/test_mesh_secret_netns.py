@@ -96,7 +96,7 @@ def test_a_host_with_another_secret_is_refused_and_counted(tmp_path: Path) -> No
 
             script = tmp_path / "job.py"
             script.write_text("print('ran')\n")
-            refused = cli(2, "run", str(script), "--nodes", "host0", "--wait", "1")
+            refused = cli(2, "run", "--nodes", "host0", "--wait", "1", str(script))
             assert refused.returncode != 0 and "ran" not in refused.stdout
             assert refused.stderr.strip().splitlines()[-1] == (
                 "meshtrain: job failed: unknown node 'host0'; the mesh has: host2"

@@ -231,7 +231,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Agen
 
 def test_the_mesh_keeps_training_under_a_garbage_flood_on_every_port(mesh: tuple[Agent, Agent]) -> None:
     a, b = mesh
-    job = ["run", "examples/mnist.py", "--nodes", "2", "--epochs", "1", "--train-limit", "4000"]
+    job = ["run", "--nodes", "2", "examples/mnist.py", "--epochs", "1", "--train-limit", "4000"]
     accuracies: list[float] = []
     start = time.monotonic()
     with Flooder([a.proc.pid, b.proc.pid]) as flood:

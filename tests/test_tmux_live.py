@@ -126,7 +126,7 @@ def keep(name: str, screen: str) -> None:
 
 # Loopback only, no LAN broadcast beacons: the test never sends a packet off this machine.
 AGENT = "meshtrain join --profile local --port 0 --host 127.0.0.1 --no-discovery"
-RUN = "meshtrain run examples/mnist.py --nodes 2 --epochs 1 --train-limit 10000"
+RUN = "meshtrain run --nodes 2 examples/mnist.py --epochs 1 --train-limit 10000"
 
 
 @pytest.mark.timeout(90)

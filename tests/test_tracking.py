@@ -119,7 +119,7 @@ def local_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, li
     (work / "train.py").write_text(SCRIPT)
     ids = []
     for lr in ("0.1", "0.02"):
-        out = mt(home, "run", "train.py", "--local", "2", "--lr", lr, cwd=work)
+        out = mt(home, "run", "--local", "2", "train.py", "--lr", lr, cwd=work)
         assert out.returncode == 0, out.stderr + out.stdout
         listing = json.loads(mt(home, "runs", "--json").stdout)
         ids.append(listing[-1]["id"])
@@ -203,7 +203,7 @@ def test_bad_input_is_one_line(local_runs: tuple[Path, Path, list[str]]) -> None
 
 def test_rm(local_runs: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
     home, work, _ = local_runs
-    out = mt(home, "run", "train.py", "--local", "1", "--steps", "2", cwd=work)
+    out = mt(home, "run", "--local", "1", "train.py", "--steps", "2", cwd=work)
     assert out.returncode == 0, out.stderr
     run_id = json.loads(mt(home, "runs", "--json").stdout)[-1]["id"]
     assert mt(home, "runs", "rm", run_id).returncode == 0
@@ -223,9 +223,9 @@ def test_record_survives_the_loss_of_the_node_that_ran_it(tmp_path: Path) -> Non
     b = AgentProcess(tmp_path / "b", "b", token=a.token)
     try:
         wait_for(lambda: alive_names(a.home) == {"a", "b"})
-        both = cli(a.home, "run", str(work / "train.py"), "--nodes", "2", "--lr", "0.3")
+        both = cli(a.home, "run", "--nodes", "2", str(work / "train.py"), "--lr", "0.3")
         assert both.returncode == 0, both.stderr
-        alone = cli(a.home, "run", str(work / "train.py"), "--nodes", "a", "--lr", "0.4")
+        alone = cli(a.home, "run", "--nodes", "a", str(work / "train.py"), "--lr", "0.4")
         assert alone.returncode == 0, alone.stderr
         on_a = json.loads(cli(a.home, "runs", "--json").stdout)
         assert len(on_a) == 2
