@@ -69,7 +69,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
 def test_status_json_follows_the_schema(mesh: tuple[Path, Path, Path]) -> None:
     home_a, _, _ = mesh
     snap = json.loads(cli(home_a, "status", "--json").stdout)
-    assert snap["self"] == "a" and snap["leader"] in ("a", "b")
+    ids = {n["name"]: n["id"] for n in snap["nodes"]}  # ids are stored per node, apart from names
+    assert snap["self"] == ids["a"] and snap["leader"] in (ids["a"], ids["b"])
     node = next(n for n in snap["nodes"] if n["name"] == "b")
     for key in (
         "id",

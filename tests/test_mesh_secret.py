@@ -23,6 +23,7 @@ from meshtrain.agent.control import NO_SECRET, call, open_request
 from meshtrain.cli.join import resolve_keyring
 from meshtrain.errors import UserError, WireError
 from meshtrain.gossip import PROFILES, GossipNode
+from meshtrain.gossip.node import REFUSED
 from meshtrain.gossip.pushpull import frame
 from meshtrain.security import DatagramSealer, Keyring, generate_secret, make_token
 
@@ -139,7 +140,7 @@ def test_replayed_stale_and_tampered_datagrams_are_refused_by_reason() -> None:
             replays = a.security_drops.snapshot()["replay"]
             reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
             writer.write(frame(join_body))
-            assert await reader.read() == b""  # closed without an answer: a's table is not revealed
+            assert await reader.read() == frame(REFUSED + b"clock")  # only why it was refused, no table
             writer.close()
             assert a.security_drops.snapshot()["replay"] == replays + 1
             assert {m.state for m in a.members()} == {"alive"}  # and the mesh goes on
@@ -175,7 +176,8 @@ def test_an_agent_without_the_secret_cannot_join_or_ask_for_a_job(tmp_path: Path
         stranger = agent("stranger", other, tmp_path, seed=a.gossip_port)
         try:
             await b.start()
-            await stranger.start()
+            with pytest.raises(UserError, match="another mesh's secret"):  # the seed refused it: it says so
+                await stranger.start()
             await eventually(lambda: {m.name for m in a.members()} == {"a", "b"})
             assert {m.name for m in stranger.members()} == {"stranger"}
             assert a.mesh_snapshot()["drops"]["unknown_mesh"] >= 1

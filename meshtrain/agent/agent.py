@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import os
 import platform
+import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -39,7 +41,7 @@ from meshtrain.checkpoints.node import (
     read_term_floor,
     write_term_floor,
 )
-from meshtrain.errors import WireError
+from meshtrain.errors import UserError, WireError
 from meshtrain.metrics import extras
 from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
 from meshtrain.worker.checkpointing import ENV_CHECKPOINTS
@@ -48,6 +50,8 @@ LOAD_PERIOD_S = 5.0
 JOB_EVENTS_BEFORE = 5
 ELECTION_SETTLE_S = 1.0  # a new node waits for its join to land before it may claim leadership
 ELECTION_PERIOD_S = 0.5
+NODE_ID_FILE = "node-id"
+LEAVE_WORKERS_S = 5.0  # how long a leaving agent waits for its workers to end (SIGTERM, then SIGKILL)
 FINISHED_JOBS_KEPT = 20
 
 
@@ -72,6 +76,29 @@ def node_facts() -> dict[str, Any]:
         if known.get(key) is not None:
             facts[key] = known[key]
     return facts
+
+
+def node_identity(home: Path, name: str) -> str:
+    """This node's id in the mesh, stored in ``home/nodes/NAME/node-id`` (created on first use).
+
+    Gossip keys on the id, so two machines with one hostname are two members (their names are then
+    told apart by meshtrain.gossip.names), while a restart of the same agent keeps its id and is
+    recognised as the same member coming back. Per name, because one state directory may hold
+    several agents (the nodes of a `--local` mesh). Readable: the name, then 12 random hex digits.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:40] or "node"
+    path = home / "nodes" / safe / NODE_ID_FILE
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        stored = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9._-]{1,100}", stored):
+            return stored
+    node_id = f"{safe}-{secrets.token_hex(6)}"
+    tmp = path.with_name(f".{NODE_ID_FILE}.{os.getpid()}")
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(node_id + "\n")
+        os.replace(tmp, path)
+    return node_id
 
 
 class _ForwardSink:
@@ -113,7 +140,10 @@ class Agent:
         None runs an unauthenticated mesh (only tests and benches do that; the CLI
         always passes one, `run --local` an ephemeral one).
         """
-        self.name = name or socket.gethostname().split(".")[0]
+        self._name = name or socket.gethostname().split(".")[0]
+        self.explicit_name = name is not None  # a clash then refuses to start, instead of taking NAME-2
+        self.failure: str | None = None  # why this agent stopped itself (a name clash), for the CLI
+        self._leaving: asyncio.Future[None] | None = None
         self.profile = profile
         self.host = host
         self.port = port
@@ -141,6 +171,20 @@ class Agent:
         self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
         self.control_port = 0
         self.tracking: Any = None  # meshtrain.tracking.recorder.Tracking, opened at the first job or push
+
+    @property
+    def name(self) -> str:
+        """This node's display name: the requested one, or NAME-2... when a live member held it first."""
+        return str(self.node.name) if self.node is not None else self._name
+
+    @name.setter
+    def name(self, value: str) -> None:  # the name to ask for (before start)
+        self._name = value
+
+    @property
+    def join_problem(self) -> str | None:
+        """Why the join through the seeds failed (refused, silent, unreachable), while it has."""
+        return self.node.join_problem if self.node is not None else None
 
     # lifecycle
 
@@ -179,9 +223,15 @@ class Agent:
             interface=self.interface,
             discovery=self.discovery,
             keyring=self.keyring,
+            node_id=node_identity(self.home, self._name),
+            on_clash="refuse" if self.explicit_name else "suffix",
         )
         self.node.subscribe(self._on_member_event)
         await self.node.start()
+        if self.failure is not None:
+            raise UserError(self.failure)
+        if self.node.join_refused:  # a seed answered, and refused us: no retry can help
+            raise UserError(str(self.node.join_problem))
         if self.unix_socket:  # last: once the CLI can reach us, the node is fully there
             await self._server.start_unix(socket_path(self.home))
         from meshtrain.leader.election import Election, is_agent
@@ -195,6 +245,8 @@ class Agent:
             term_floor=read_term_floor(self.home),
         )
         self._event("joined", self.name, f"this node, gossip port {self.node.port}")
+        if self.join_problem is not None:
+            self._event("join", self.name, f"{self.join_problem}; retrying")
         self._elect()
         self._tasks.append(asyncio.create_task(self._publish_load()))
         self._tasks.append(asyncio.create_task(self._elect_periodically()))
@@ -218,11 +270,24 @@ class Agent:
         await self._closed.wait()
 
     async def leave(self) -> None:
-        """Cancel jobs, stop workers, tell the mesh we are leaving, close everything. Idempotent."""
-        if self._closed.is_set():
-            return
+        """Leave the mesh gracefully; every caller (Ctrl-C, `meshtrain leave`, the CLI's own exit)
+        waits for the one leave in progress to finish, so none ends the process half-way."""
+        if self._leaving is None:
+            self._leaving = asyncio.ensure_future(self._leave())
+        await asyncio.shield(self._leaving)
+
+    async def _leave(self) -> None:
+        """Announce `left` first, so the coordinators of our workers' jobs drop them from the views at
+        once (a planned departure: no suspicion, no waiting on broken rings); then end the workers,
+        the jobs this node holds, the control plane, and close."""
         self._closed.set()
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.node.announce_leave(), 3.0)
         await self.jobs.close()  # this node's workers end (an elastic loss); its jobs go on elsewhere
+        deadline = asyncio.get_running_loop().time() + LEAVE_WORKERS_S
+        while self.hosted and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # each worker's host sends SIGTERM (SIGKILL after a grace)
         for task in self._tasks:
             task.cancel()
         if self.checkpoints is not None:
@@ -233,8 +298,6 @@ class Agent:
         await drain(3.0)  # notifications of jobs that just ended go out before the process does
         await self._server.close()
         if self.node is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.node.leave(), 3.0)
             with contextlib.suppress(Exception):
                 await self.node.close()
         shutil.rmtree(self._jobs_dir, ignore_errors=True)
@@ -258,7 +321,8 @@ class Agent:
 
     def endpoint(self, name: str) -> tuple[str, int] | None:
         me = self.node.id if self.node is not None else None
-        for m in self.members():
+        live_first = sorted(self.members(), key=lambda m: m.state not in ("alive", "suspect"))
+        for m in live_first:  # a dead member may share the name of the one that replaced it
             if m.name == name and "control" in (m.meta or {}):
                 host = m.addr[0]
                 if m.id == me and host in ("0.0.0.0", ""):
@@ -273,11 +337,25 @@ class Agent:
 
     def _on_member_event(self, event: Any) -> None:
         self._changed.set()
-        if event.kind != "updated":
-            member = event.member
-            self._event(event.kind, member.name, f"{member.addr[0]}:{member.addr[1]}")
+        member = event.member
+        where = f"{member.addr[0]}:{member.addr[1]}"
+        if event.kind == "renamed":
+            self._event("renamed", member.name, f"the name {self._name} is taken by another machine")
+        elif event.kind == "name_taken":
+            self.failure = (
+                f"the name {self._name} is taken by the node at {where} (another machine, id {member.id}); "
+                "choose another with --name"
+            )
+            self._event("refused", self._name, self.failure)
+            if self.election is not None:  # running: stop; still starting: start() raises it
+                asyncio.ensure_future(self.leave())
+            return
+        elif event.kind != "updated":
+            self._event(event.kind, member.name, where)
         if event.kind in ("dead", "left") and self.checkpoints is not None:
-            self.checkpoints.member_lost(event.member.name)
+            others = [m for m in self.members() if m.name == member.name and m.id != member.id]
+            if not any(m.state in ("alive", "suspect") for m in others):  # not a namesake's exit
+                self.checkpoints.member_lost(member.name)
         self._elect()
 
     def _elect(self) -> None:
@@ -366,7 +444,7 @@ class Agent:
             )
         drops = self.drop_counts()
         leader = self.election.current.leader if self.election is not None else None
-        return mesh_snapshot(self.node.id, leader, self.members(), self.events, jobs, drops)
+        return dict(mesh_snapshot(self.node.id, leader, self.members(), self.events, jobs, drops))
 
     def drop_counts(self) -> dict[str, int]:
         """What this node refused, by reason: gossip (codec and authentication) and control TCP."""
@@ -474,7 +552,9 @@ class Agent:
         op = header.get("op")
         local = _is_unix(conn)
         if op == "ping":
-            await conn.reply(True, name=self.name, version=__version__, proto=self.protocol)
+            await conn.reply(
+                True, name=self.name, version=__version__, proto=self.protocol, join_problem=self.join_problem
+            )
         elif op == "status":
             await conn.reply(True, snapshot=self.mesh_snapshot())
         elif op == "jobs" and local:

@@ -280,6 +280,8 @@ class ControlServer:
             await self._handler(header, payload, conn)
         except (WireError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a broken or hostile client ends only its own connection
+        except asyncio.CancelledError:
+            pass  # close() ends the connection: quietly (asyncio logs a cancelled client task as an error)
         except Exception:
             if handling:
                 log.exception("control request %r failed", header.get("op"))

@@ -203,6 +203,8 @@ async def _join(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(join_hint(keyring, host, port), flush=True)
+    if agent.join_problem is not None:  # alone for now: say so (the agent keeps retrying the seeds)
+        print(f"meshtrain: not joined yet: {agent.join_problem}; retrying", file=sys.stderr, flush=True)
     if getattr(args, "dashboard", None):
         from meshtrain.dashboard import start_in_agent
 
@@ -218,6 +220,8 @@ async def _join(args: argparse.Namespace) -> int:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(agent.wait_closed(), 0.5)
     await agent.leave()
+    if agent.failure is not None:  # it stopped itself (its name is another machine's)
+        raise UserError(agent.failure)
     print(f"{agent.name} left the mesh", flush=True)
     return 0
 
@@ -271,6 +275,9 @@ def _join_detached(args: argparse.Namespace) -> int:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise UserError(f"the agent did not start: {tail[0] if tail else f'exit code {proc.returncode}'}")
         reply = asyncio.run(agent_alive(socket_path()))
+        if reply is not None and proc.poll() is None and reply.get("join_problem"):
+            asyncio.run(stop_agent(socket_path()))  # alone in the background helps nobody: say why, stop
+            raise UserError(f"{reply['join_problem']}; the agent stopped (log: {log})")
         if reply is not None and proc.poll() is None:  # ours answers (not one started meanwhile)
             print(
                 f"agent {reply.get('name')} running in the background (pid {proc.pid}), log: {log}; "
@@ -280,6 +287,18 @@ def _join_detached(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.2)
     raise UserError(f"the agent did not answer within {DETACH_START_S:.0f}s; see {log}")
+
+
+async def stop_agent(path: Path) -> None:
+    """Ask the agent on this machine to leave and wait (briefly) for its control socket to go."""
+    from meshtrain.agent.control import call
+
+    with contextlib.suppress(OSError, WireError, UserError, asyncio.TimeoutError):
+        await asyncio.wait_for(call(path, "leave"), 5.0)
+    for _ in range(100):
+        if not path.exists():
+            return
+        await asyncio.sleep(0.05)
 
 
 def _reachable(args: argparse.Namespace) -> tuple[str, int]:

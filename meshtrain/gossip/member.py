@@ -18,9 +18,11 @@ DEAD = "dead"
 LEFT = "left"
 STATES = (ALIVE, SUSPECT, DEAD, LEFT)
 
-EVENT_KINDS = ("joined", "alive", "suspect", "dead", "left", "updated")
+EVENT_KINDS = ("joined", "alive", "suspect", "dead", "left", "updated", "renamed", "name_taken")
 """`joined`: first heard of; `alive`: back from suspect/dead/left (a refutation or a restart);
-`updated`: its address or meta changed; the others name the state it entered."""
+`updated`: its address, name or meta changed; `renamed`: this node took another name because a live
+member holds its own (`member` is this node, renamed); `name_taken`: the same, for a node that must not
+rename (`member` is the holder); the others name the state it entered."""
 
 
 @dataclass(frozen=True, slots=True)

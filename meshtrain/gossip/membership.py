@@ -286,6 +286,20 @@ class Membership:
         self._clock = now
         me = self._me
         me.meta = meta
+        if self.leaving:
+            return []  # a node that left never gossips itself alive again (peers saw it return, then die)
+        me.incarnation += 1
+        self._broadcast(me.id, me.alive_message())
+        self._notify("updated", me)
+        return self._flush()
+
+    def rename(self, now: float, name: str, meta: dict[str, Any]) -> list[Action]:
+        """Take another display name (the id, which the protocol keys on, stays): a new incarnation."""
+        self._clock = now
+        me = self._me
+        if self.leaving or (name == me.name and meta == me.meta):
+            return []
+        me.name, me.meta = name, meta
         me.incarnation += 1
         self._broadcast(me.id, me.alive_message())
         self._notify("updated", me)
@@ -384,7 +398,7 @@ class Membership:
             if self.leaving:
                 return
             if m.incarnation > e.incarnation or (
-                m.incarnation == e.incarnation and (m.addr != e.addr or m.meta != e.meta)
+                m.incarnation == e.incarnation and (m.addr != e.addr or m.meta != e.meta or m.name != e.name)
             ):
                 self._refute(m.incarnation)
             return

@@ -12,10 +12,20 @@ by reason and never reach the codec or the state machine. A keyring with
 `encrypt` (`meshtrain join --encrypt`) makes the sealing AES-GCM: bodies are
 ciphertext, and a node with the other setting is dropped as `mode_mismatch`.
 
-Identity: `id` defaults to `name` (names must be unique in a mesh, like
-memberlist). A node's first incarnation is its start time in milliseconds, so a
-restarted node keeps its id and is always newer than anything its previous life
-said: the mesh accepts it back (`alive` event) without waiting for tombstones.
+Identity: the protocol keys on `id` (the agent passes one stored in its state
+directory; bare nodes default it to `name`), never on the display `name`. When
+another live member holds our name, meshtrain.gossip.names decides who keeps
+it: with ``on_clash="suffix"`` we take ``NAME-2`` (a `renamed` event), with
+``"refuse"`` subscribers get a `name_taken` event naming the holder. A node's
+first incarnation is its start time in milliseconds, so a restarted node keeps
+its id and is always newer than anything its previous life said: the mesh
+accepts it back (`alive` event) without waiting for tombstones.
+
+Joining through seeds says how it went (`join_problem`): a seed that cannot
+open our push-pull (another mesh's key, the other --encrypt setting, a clock
+out of the window) answers with a fixed refusal frame that carries nothing
+about its mesh (`REFUSED`); silence, a closed connection or a connect error
+are told apart too, so `meshtrain join` can say at once why it is alone.
 """
 
 from __future__ import annotations
@@ -50,13 +60,46 @@ from meshtrain.gossip.discovery import DISCOVERY_PORT, Discovery, local_address
 from meshtrain.gossip.member import ALIVE, SUSPECT, Addr, Member, MemberEvent
 from meshtrain.gossip.membership import Action, Membership, Notify, PushPull, Send, TcpPing
 from meshtrain.gossip.messages import Ack, Alive, Packet
+from meshtrain.gossip.names import NAMED_KEY, free_name, must_yield
 from meshtrain.gossip.profiles import PROFILES, Profile
 from meshtrain.gossip.pushpull import frame, read_frame, request
-from meshtrain.security import DatagramOpener, DatagramSealer, DropCounters, Keyring
+from meshtrain.security import DatagramOpener, DatagramSealer, DropCounters, Dropped, Keyring
 from meshtrain.security.auth import OVERHEAD
+from meshtrain.security.drops import BAD_TAG, MODE_MISMATCH, REPLAY, UNKNOWN_MESH
 
 log = logging.getLogger(__name__)
 Subscriber = Callable[[MemberEvent], None]
+
+REFUSED = b"meshtrain refused "
+"""A seed's answer to a push-pull it cannot open: this prefix and one reason word, unsealed (the
+asker holds no key we accept). It says only why, never anything about the mesh: `key` (a key id we do
+not hold, or a wrong tag), `mode` (our key, the other --encrypt setting) or `clock` (authentic but
+stale or replayed: only a holder of the key can get that far)."""
+_REFUSAL_REASON = {UNKNOWN_MESH: b"key", BAD_TAG: b"key", MODE_MISMATCH: b"mode", REPLAY: b"clock"}
+JOINED = "ok"
+
+_OUTCOMES = {
+    "refused:key": "refused this node: it holds another mesh's secret (a wrong MESHTRAIN_SECRET or "
+    "--secret-file, or the token of an older mesh)",
+    "refused:mode": "refused this node: its --encrypt setting differs from the mesh's (join with the "
+    "mesh's token)",
+    "refused:clock": "refused this node's messages as stale: the two machines' clocks differ by more "
+    "than 30 s (turn on NTP)",
+    "closed": "closed the connection without answering (another mesh's secret, or not a meshtrain agent)",
+    "garbled": "answered with something this node cannot read (another mesh's secret?)",
+}
+
+
+def describe_outcome(seed: Addr, outcome: str) -> str:
+    """One line on how a join through `seed` went (JOINED, a refusal, silence, an error)."""
+    where = f"the seed {seed[0]}:{seed[1]}"
+    if outcome in _OUTCOMES:
+        return f"{where} {_OUTCOMES[outcome]}"
+    if outcome.startswith("timeout:"):
+        return f"{where} did not answer within {outcome.split(':', 1)[1]}s (is it up, and the port open?)"
+    if outcome.startswith("unreachable:"):
+        return f"{where} is unreachable ({outcome.split(':', 1)[1].strip()})"
+    return f"{where}: {outcome}"
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -117,10 +160,17 @@ class GossipNode:
         discovery_port: int | None = None,
         incarnation: int | None = None,
         keyring: Keyring | None = None,
+        on_clash: str = "suffix",
     ) -> None:
         if not name or len(name) > 128:
             raise UserError("node name must be 1 to 128 characters")
+        if on_clash not in ("suffix", "refuse"):
+            raise ValueError(f"on_clash must be 'suffix' or 'refuse', not {on_clash!r}")
         self.name = name
+        self.base_name = name  # what we asked for; a clash makes `name` base-2, base-3, ...
+        self.on_clash = on_clash
+        self.name_taken_by: Member | None = None  # the holder, once a clash made us refuse
+        self.join_outcomes: dict[Addr, str] = {}  # seed -> JOINED or why not, from the latest attempt
         self.id = node_id or name
         self.profile = profile
         self.host = host
@@ -168,6 +218,7 @@ class GossipNode:
         """Bind UDP and TCP on `port` (0 picks a free one), then join seeds and start beaconing."""
         loop = asyncio.get_running_loop()
         await self._bind(loop)
+        self._meta = {**self._meta, NAMED_KEY: time.time_ns() // 1_000_000}
         host = self._advertise or self._advertised_host()
         me = Alive(
             self.id,
@@ -237,13 +288,18 @@ class GossipNode:
 
     async def leave(self) -> None:
         """Tell the mesh we are leaving (state `left`, not `dead`), give it a moment to spread, close."""
-        if self._sm is not None and not self._closed:
+        await self.announce_leave()
+        await self.close()
+
+    async def announce_leave(self) -> None:
+        """Gossip `left` and wait (up to the profile's leave_timeout) for it to spread; stay open, so an
+        agent can wind its work down while the mesh already knows it is going, then `close()`."""
+        if self._sm is not None and not self._closed and not self._sm.leaving:
             loop = asyncio.get_running_loop()
             self._apply(self._sm.leave(loop.time()))
             deadline = loop.time() + self.profile.leave_timeout
             while self._sm.pending_updates and loop.time() < deadline:
                 await asyncio.sleep(self.profile.gossip_interval)
-        await self.close()
 
     async def close(self) -> None:
         if self._closed:
@@ -274,6 +330,26 @@ class GossipNode:
     @property
     def meta(self) -> dict[str, Any]:
         return dict(self._meta)
+
+    @property
+    def joined(self) -> bool:
+        """No seeds, at least one answered our latest join, or we found the mesh another way (beacons)."""
+        if not self.seeds or any(o == JOINED for o in self.join_outcomes.values()):
+            return True
+        return self._sm is not None and self._sm.live_count > 1
+
+    @property
+    def join_refused(self) -> bool:
+        """Every seed that answered refused us (a wrong secret, mode or clock): retrying cannot help."""
+        return not self.joined and any(o.startswith("refused:") for o in self.join_outcomes.values())
+
+    @property
+    def join_problem(self) -> str | None:
+        """Why joining through the seeds failed (one line per seed, refusals first), or None."""
+        if self.joined or not self.join_outcomes:
+            return None
+        rows = sorted(self.join_outcomes.items(), key=lambda kv: (not kv[1].startswith("refused"), kv[0]))
+        return "; ".join(describe_outcome(seed, outcome) for seed, outcome in rows)
 
     def members(self) -> list[Member]:
         """Everyone this node knows of, itself included, dead and left ones until they are reaped."""
@@ -316,13 +392,14 @@ class GossipNode:
         return self._opener.open_or_none(data, time.time()) if self._opener is not None else data
 
     def _unseal_tcp(self, data: bytes) -> bytes:
-        """As `unseal`, for a push-pull or TCP-ping body; a refused one raises DatagramDropped."""
+        """As `unseal`, for a push-pull or TCP-ping body; a refused one (counted) raises
+        DatagramDropped("refused", <the opener's reason>)."""
         if self._tcp_opener is None:
             return data
-        body = self._tcp_opener.open_or_none(data, time.time())
-        if body is None:
-            raise DatagramDropped("refused", "unauthenticated TCP body")
-        return body
+        try:
+            return self._tcp_opener.open(data, time.time())
+        except Dropped as exc:
+            raise DatagramDropped("refused", exc.reason) from None
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._sm is None or self._closed:
@@ -360,16 +437,51 @@ class GossipNode:
                     except (OSError, ValueError):
                         self._drop("send")
             elif type(a) is Notify:
-                for cb in list(self._subscribers):
-                    try:
-                        cb(a.event)
-                    except Exception:
-                        log.exception("gossip subscriber failed on %s", a.event.kind)
+                self._deliver(a.event)
+                if a.event.member.id != self.id and a.event.kind in ("joined", "alive", "updated"):
+                    self._check_name(a.event.member)
             elif type(a) is PushPull:
                 self._spawn(self._push_pull(a.addr, join=False))
             elif type(a) is TcpPing:
                 self._spawn(self._tcp_ping(a))
         self._arm()
+
+    def _deliver(self, event: MemberEvent) -> None:
+        for cb in list(self._subscribers):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("gossip subscriber failed on %s", event.kind)
+
+    def _check_name(self, other: Member) -> None:
+        """`other` (alive, joined or updated) may hold our name: yield as names.must_yield says."""
+        sm = self._sm
+        me = sm.member(self.id) if sm is not None else None
+        if (
+            sm is None
+            or me is None
+            or sm.leaving
+            or self.name_taken_by is not None
+            or not must_yield(me, other)
+        ):
+            return
+        if self.on_clash == "refuse":
+            self.name_taken_by = other
+            self._deliver(MemberEvent("name_taken", other))
+            return
+        self.name = free_name(self.base_name, sm.members())
+        self._meta = {**self._meta, NAMED_KEY: time.time_ns() // 1_000_000}
+        self._apply(sm.rename(asyncio.get_running_loop().time(), self.name, self._meta))
+        renamed = sm.member(self.id)
+        if renamed is not None:
+            log.warning(
+                "the name %s is taken by %s at %s: this node is %s",
+                other.name,
+                other.id,
+                other.addr,
+                self.name,
+            )
+            self._deliver(MemberEvent("renamed", renamed))
 
     def _arm(self) -> None:
         if self._sm is None or self._closed:
@@ -398,17 +510,33 @@ class GossipNode:
     # ------------------------------------------------------------ TCP: push-pull and fallback ping
 
     async def _push_pull(self, addr: Addr, join: bool) -> bool:
+        outcome = await self._exchange(addr, join)
+        if join and addr in self.seeds:
+            self.join_outcomes[addr] = outcome
+        return outcome == JOINED
+
+    async def _exchange(self, addr: Addr, join: bool) -> str:
+        """One push-pull with `addr`: JOINED, ``refused:<why>``, ``closed``, ``garbled``, ``timeout:<s>``
+        or ``unreachable:<error>``."""
         sm = self._machine()
+        timeout = self.profile.tcp_timeout
         try:
-            reply = await request(
-                addr, self._seal_tcp(encode_state(sm.state_rows(), join)), self.profile.tcp_timeout
-            )
+            reply = await request(addr, self._seal_tcp(encode_state(sm.state_rows(), join)), timeout)
+        except asyncio.TimeoutError:
+            return f"timeout:{timeout:g}"
+        except asyncio.IncompleteReadError:
+            return "closed"
+        except (OSError, DatagramDropped) as exc:
+            return f"unreachable:{getattr(exc, 'strerror', None) or exc}"
+        if reply.startswith(REFUSED):
+            return "refused:" + reply[len(REFUSED) :].decode("ascii", "replace")[:16]
+        try:
             rows, _ = decode_state(self._unseal_tcp(reply))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DatagramDropped) as exc:
-            log.debug("push-pull with %s failed: %s", addr, exc)
-            return False
+        except DatagramDropped as exc:
+            log.debug("push-pull with %s: unreadable answer: %s", addr, exc)
+            return "garbled"
         self._guarded(lambda now: sm.merge(now, rows))
-        return True
+        return JOINED
 
     async def join(self, seeds: Sequence[Addr]) -> int:
         """Push-pull with each of `seeds` (e.g. `--seed host:port` given later); returns how many answered."""
@@ -466,6 +594,13 @@ class GossipNode:
         except DatagramDropped as exc:
             if exc.reason != "refused":  # refused bodies are already counted in security_drops
                 self._drop(exc.reason)
+            else:
+                why = _REFUSAL_REASON.get(str(exc).partition(": ")[2])
+                if why is not None:  # a well-formed envelope we cannot accept: say why, nothing more
+                    self._drop("join_refused")
+                    with contextlib.suppress(OSError, RuntimeError):
+                        writer.write(frame(REFUSED + why))
+                        await asyncio.wait_for(writer.drain(), 1.0)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, UserError):
             self._drop("tcp")
         finally:
