@@ -82,9 +82,10 @@ sizes_st = st.integers(2, 6).flatmap(lambda n: st.lists(st.integers(0, 150), min
     wire=st.sampled_from(WIRES),
     seed=st.integers(0, 2**32 - 1),
     weighted=st.booleans(),
+    in_place=st.booleans(),
 )
 def test_reduce_scatter_leaves_each_member_its_shard_of_the_weighted_mean(
-    sizes: list[int], chunk_elems: int, wire: str, seed: int, weighted: bool
+    sizes: list[int], chunk_elems: int, wire: str, seed: int, weighted: bool, in_place: bool
 ) -> None:
     n, bounds = len(sizes), shard_bounds(sizes)
     count = bounds[-1][1]
@@ -92,13 +93,15 @@ def test_reduce_scatter_leaves_each_member_its_shard_of_the_weighted_mean(
     xs = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
     weights = [float(rng.integers(1, 9)) if weighted else 1.0 for _ in range(n)]
     outs = [np.full(hi - lo, np.nan, np.float32) for lo, hi in bounds]
+    srcs = [xs[r] * np.float32(weights[r]) for r in range(n)]
     ops = [
         ReduceScatter(
             CollectiveSchedule(REDUCE_SCATTER, n, r, bounds, chunk_elems),
-            xs[r] * np.float32(weights[r]),
+            srcs[r],
             outs[r],
             weights[r],
             wire,
+            acc=None if in_place else np.full(count, np.nan, np.float32),  # garbage until written
         )
         for r in range(n)
     ]
@@ -107,6 +110,8 @@ def test_reduce_scatter_leaves_each_member_its_shard_of_the_weighted_mean(
     tol = 4 * n * EPS[wire] * (1 + np.abs(expected).max(initial=0) * 4)
     for r, (lo, hi) in enumerate(bounds):
         assert np.allclose(outs[r], expected[lo:hi], rtol=0, atol=tol), (r, outs[r], expected[lo:hi])
+        if not in_place:
+            assert np.array_equal(srcs[r], xs[r] * np.float32(weights[r])), "src was written"
 
 
 @settings(max_examples=150, deadline=None)

@@ -15,11 +15,12 @@ one contiguous [start, stop) per member, in rank order, covering the buffer.
 
 Reduce-scatter, phase p: member r sends shard (r - p - 1) mod N and receives
 shard (r - p - 2) mod N, adding its own contribution to it; after N-1 phases
-the last shard it received is its own, r, complete. Partial sums accumulate
-in place in the member's own (weighted) buffer, so apart from its result the
-operation needs only two chunk-sized scratch buffers, never a second copy of
-the buffer: a shard is received at one phase and sent at the next, and never
-received again. Weights ride in the chunk headers exactly as in the
+the last shard it received is its own, r, complete. A received partial sum
+plus the member's own contribution lands in an accumulator, which may be the
+member's own (weighted) buffer when the caller no longer needs it: a shard is
+received at one phase, sent at the next and never received again, so the sum
+can overwrite the contribution it was made from. Apart from its result the
+operation then needs only two chunk-sized scratch buffers. Weights ride in the chunk headers exactly as in the
 all-reduce (the running sum), so the owner divides by the total.
 
 All-gather, phase p: member r sends shard (r - p) mod N (its own at phase 0)
@@ -127,20 +128,32 @@ def _check(name: str, a: np.ndarray, size: int) -> None:
 class ReduceScatter:
     """One member's side of one reduce-scatter.
 
-    `buf` (float32, the whole buffer, already multiplied by `weight`) is
-    consumed: partial sums accumulate in it. `out` (float32, this member's
+    `src` (float32, the whole buffer, already multiplied by `weight`) is
+    this member's contribution; partial sums land in `acc` (the whole
+    length; only the shards passed on are written), which may be `src`
+    itself when the caller no longer needs it. `out` (float32, this member's
     shard length) receives the weighted mean of the shard.
     """
 
     def __init__(
-        self, schedule: CollectiveSchedule, buf: np.ndarray, out: np.ndarray, weight: float, wire_dtype: str
+        self,
+        schedule: CollectiveSchedule,
+        src: np.ndarray,
+        out: np.ndarray,
+        weight: float,
+        wire_dtype: str,
+        acc: np.ndarray | None = None,
     ) -> None:
         if schedule.kind != REDUCE_SCATTER:
             raise ValueError("a ReduceScatter needs a reduce-scatter schedule")
         lo, hi = schedule.own
-        _check("buf", buf, schedule.count)
+        acc = src if acc is None else acc
+        _check("src", src, schedule.count)
+        _check("acc", acc, schedule.count)
         _check("out", out, hi - lo)
-        self.schedule, self.buf, self.out = schedule, buf, out
+        if acc is not src and np.shares_memory(acc, src):
+            raise ValueError("acc must be src itself or a separate buffer")
+        self.schedule, self.src, self.acc, self.out = schedule, src, acc, out
         self.weight = float(weight)
         self.wire_dtype = wire_dtype
         self.wide = wire_dtype == "float32"
@@ -154,7 +167,8 @@ class ReduceScatter:
 
     def send_payload(self, i: int) -> memoryview:
         t = self.schedule.sends[i]
-        part = self.buf[t.start : t.stop]  # complete up to this member (its `after` receive is done)
+        # phase 0: this member's own contribution; later: the partial sum its `after` receive completed
+        part = (self.src if t.phase == 0 else self.acc)[t.start : t.stop]
         if self.wide:
             return part.data.cast("B")
         wire = self._scratch.send[: t.count]
@@ -177,8 +191,8 @@ class ReduceScatter:
             widened = self._scratch.widened[: t.count]
             tensors.decode(got, widened, self.wire_dtype)
             got = widened
-        part = self.buf[t.start : t.stop]
-        np.add(part, got, out=part)
+        part = self.acc[t.start : t.stop]
+        np.add(self.src[t.start : t.stop], got, out=part)
         if t.phase == self.schedule.phases - 1:  # this member's own shard, now the full sum
             lo = self.schedule.own[0]
             np.multiply(part, np.float32(1.0 / self._total()), out=self.out[t.start - lo : t.stop - lo])

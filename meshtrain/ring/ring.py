@@ -201,16 +201,16 @@ class Ring:
         lo, hi = bounds[self.rank]
         if self.size == 1:
             return x[lo:hi].copy()
-        if not overwrite:  # the partial sums need a scratch copy: one kept across calls (no page faults)
-            work = self._cached("scatter", x.size, np.dtype(np.float32))
-            np.copyto(work, x)
-            x = work
+        # the partial sums land in `buf` itself (overwrite) or in a buffer kept across calls
+        work = x if overwrite else self._cached("scatter", x.size, np.dtype(np.float32))
+        src = x
         if weight != 1.0:
-            np.multiply(x, np.float32(weight), out=x)
+            src = np.multiply(x, np.float32(weight), out=work)
         chunk = max(1, self.chunk_bytes // tensors.wire_numpy_dtype(name).itemsize)
         schedule = CollectiveSchedule(REDUCE_SCATTER, self.size, self.rank, bounds, chunk)
         out = np.empty(hi - lo, np.float32)
-        self._run_collective(ReduceScatter(schedule, x, out, weight, name), step, x.nbytes, name)
+        op = ReduceScatter(schedule, src, out, weight, name, acc=work)
+        self._run_collective(op, step, x.nbytes, name)
         return out
 
     def all_gather(
