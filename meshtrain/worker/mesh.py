@@ -289,6 +289,13 @@ class WorkerMesh(Mesh):
             self._boundary()
             if sampler.epoch != epoch:
                 return  # this epoch is done (or was, before this worker joined)
+            if self._verify_gen is not None and self._verify_gen == self._gen:
+                # before any local update: local SGD's first reduction comes H updates later
+                self._verify_gen = None
+                try:
+                    self._check_replicas_agree()
+                except RING_FAILURES:
+                    self._mark_broken()  # the step's reduction recovers; its plan compares digests
             generation = self._step_generation()
             shares = self._history[generation] if generation != self._gen else self._roster
             weights = self._weights_of(generation, shares)
