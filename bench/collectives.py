@@ -9,7 +9,9 @@ all-gather, then again), so drift of a shared machine hits them alike. Bus bandw
     all-gather       (N-1)/N * bytes / time
 
 so a collective that runs at link rate shows the same busbw for all three; the all-reduce moves
-twice the bytes of either half.
+twice the bytes of either half. Every call writes into buffers kept across calls (the all-reduce
+through `Ring.reduce_into`, the all-gather with `out=`, the reduce-scatter's own accumulator), as
+training does: on this machine the page faults of a fresh 64 MiB output cost more than the transfer.
 
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/collectives.py --ns 2,3,4 --sizes 4,16,64
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/collectives.py --netns --rate 1gbit --auth
@@ -25,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -55,10 +59,11 @@ def worker(args: argparse.Namespace) -> None:
         for size in sizes:
             buf = np.random.default_rng(args.rank).standard_normal(size // 4).astype(np.float32)
             shard = buf[: buf.size // n].copy()
-            calls = {
-                "allreduce": lambda b=buf: ring.allreduce(b, wire_dtype=wire),
-                "reduce_scatter": lambda b=buf: ring.reduce_scatter(b, wire_dtype=wire),
-                "all_gather": lambda s=shard: ring.all_gather(s, wire_dtype=wire),
+            out = np.empty_like(buf)  # one output buffer, reused: fresh pages fault on every call
+            calls: dict[str, Callable[[], object]] = {
+                "allreduce": partial(ring.reduce_into, buf, out, wire_dtype=wire or "float32"),
+                "reduce_scatter": partial(ring.reduce_scatter, buf, wire_dtype=wire),
+                "all_gather": partial(ring.all_gather, shard, wire_dtype=wire, out=out),
             }
             for op in OPS:  # warm-up
                 calls[op]()
