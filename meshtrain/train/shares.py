@@ -21,6 +21,15 @@ leaving member demands it, when the members changed, or when asked
 change (a node on battery, a thermal throttle, a background job) moves shares
 at the next re-balance.
 
+Identical machines must not be split on noise (issue 20 measured two equal
+workers read 1.1-1.5x apart from two timed steps, a 5/3 split of a batch of 8
+that the wide band then kept for the epoch, ~10% slower than 4/4). Two rules:
+the first re-plan waits for `MIN_MEASURED` timed steps (a median of six, not
+of two), and speeds within `NOISE` (10%) of each other count as one speed, so
+the ideal of a mesh of equals is equal shares. The second rule also undoes a
+wrong first plan: once the members read as equals again, the ideal is equal
+and a split that far from it is more than the band away.
+
 When to re-balance (`rebalance_due`): at step `FIRST_CHECK` of the job,
 every `CHECK_EVERY` global steps and at every epoch's end. The step count and
 the sampler's epoch are the same on every member, so they all swap their
@@ -29,7 +38,7 @@ The first check comes a few measured steps into the job, so an uneven mesh
 does not run a whole epoch on equal shares; the checks every few steps catch
 a drift within seconds. The first check and the epoch ends use a narrower
 band (`drift_band`, 5% instead of 15%): the wide band keeps noise from moving
-shares mid-epoch, but shares left 10% off (a first estimate from two steps)
+shares mid-epoch, but shares left 10% off (a first estimate that was off)
 would cost up to 10% of the throughput for good. Not zero: every new split
 is a new batch shape that each member's compiled step traces again (~0.1 s
 on a slow CPU), worth paying for 5% of speed but not for 1%.
@@ -54,6 +63,8 @@ __all__ = [
     "DEFAULT_FLOOR",
     "SETTLE_DRIFT",
     "FIRST_CHECK",
+    "MIN_MEASURED",
+    "NOISE",
     "WARMUP",
     "ShareDecision",
     "ThroughputMeter",
@@ -69,8 +80,10 @@ DEFAULT_DRIFT = 0.15  # re-balance when an ideal share is >15% (relative) away f
 SETTLE_DRIFT = 0.05  # the band at the first check and at epoch ends (see drift_band)
 DEFAULT_FLOOR = 0.02  # every member still in the job keeps at least 2% of the global batch
 SAME_SPEED = 0.05  # rates within 5% of the slowest are reported as "same speed"
+NOISE = 0.10  # speeds within 10% of each other are one speed: equal shares (see the module docstring)
 WARMUP = 2  # steps the meter ignores at the start (graph compilation, caches)
-FIRST_CHECK = WARMUP + 2  # the job's first re-plan: after the warm-up and two measured steps
+MIN_MEASURED = 6  # timed steps behind the first re-plan: two read equal machines 1.5x apart
+FIRST_CHECK = WARMUP + MIN_MEASURED  # the job's first re-plan: after the warm-up and six measured steps
 CHECK_EVERY = 10  # global steps between drift checks (besides the first and every epoch's end)
 
 
@@ -234,6 +247,7 @@ def plan_shares(
     drift: float = DEFAULT_DRIFT,
     floor: float = DEFAULT_FLOOR,
     force: bool = False,
+    noise: float = NOISE,
 ) -> ShareDecision:
     """New shares proportional to measured speed, bent by power factors, memory caps and a floor.
 
@@ -249,6 +263,8 @@ def plan_shares(
     floor:   minimum share of every member with a positive factor (lowered to
              1/members if it were larger).
     force:   re-balance even within the drift band.
+    noise:   relative spread of the active members' speeds read as measurement noise:
+             within it they all count as their median (equal machines, equal shares).
 
     Deterministic: the same inputs give the same shares on every member.
     """
@@ -259,6 +275,8 @@ def plan_shares(
         raise ValueError("duplicate member names")
     if not 0 <= drift:
         raise ValueError("drift must be >= 0")
+    if not 0 <= noise:
+        raise ValueError("noise must be >= 0")
     caps = dict(caps or {})
     factors = dict(factors or {})
     ordered = sorted(members)  # sums in name order: the same floats whatever the rank order
@@ -269,6 +287,10 @@ def plan_shares(
         raise ValueError("every member is leaving: nobody to share the batch among")
 
     speed = _speeds(rates, ordered)
+    alike = [speed[m] for m in active]
+    if noise > 0 and max(alike) <= min(alike) * (1.0 + noise):
+        typical = statistics.median(alike)
+        speed = {m: typical for m in ordered}
     weight = {m: speed[m] * factor[m] for m in ordered}
     cap_share = _cap_shares(caps, global_batch, ordered)
     upper = {m: (cap_share.get(m, 1.0) if factor[m] > 0 else 0.0) for m in ordered}
