@@ -32,10 +32,11 @@ def thread_env(n_local: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-async def start_local_mesh(n: int) -> list[Agent]:
-    """N agents on loopback that all see each other; the caller must `leave()` them."""
+async def start_local_mesh(n: int, encrypt: bool = False) -> list[Agent]:
+    """N agents on loopback that all see each other; the caller must `leave()` them. `encrypt`:
+    AES-GCM for all their traffic (gossip, control, ring), as `join --encrypt` gives a mesh."""
     agents: list[Agent] = []
-    keyring = Keyring([generate_secret()])
+    keyring = Keyring([generate_secret()], encrypt=encrypt)
     try:
         for i in range(n):
             seeds = [(LOOPBACK, agents[0].gossip_port)] if agents else []
@@ -74,10 +75,15 @@ async def stop_local_mesh(agents: list[Agent]) -> None:
 
 
 async def run_embedded(
-    request: JobRequest, n: int, sink: JobSink, runner_ready: asyncio.Future[JobRunner]
+    request: JobRequest,
+    n: int,
+    sink: JobSink,
+    runner_ready: asyncio.Future[JobRunner],
+    *,
+    encrypt: bool = False,
 ) -> JobResult:
     """Run the job on a fresh local mesh of `n` nodes; `runner_ready` gets the runner (for Ctrl-C)."""
-    agents = await start_local_mesh(n)
+    agents = await start_local_mesh(n, encrypt=encrypt)
     try:
         job = JobRequest(
             script=request.script,

@@ -58,6 +58,11 @@ def add_parser(sub: Any) -> None:
         "--local", type=positive, metavar="N", help="an embedded mesh of N local nodes, just for this run"
     )
     run.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the traffic (AES-GCM) of the mesh this run starts (--local N, or training alone)",
+    )
+    run.add_argument(
         "--checkpoint-every",
         metavar="STEPS|PERIOD",
         help="take a coordinated checkpoint every STEPS steps (200) or every PERIOD (30s, 5m, 1h)",
@@ -192,7 +197,8 @@ def main(args: argparse.Namespace) -> int:
         print(slow, file=sys.stderr, flush=True)
         os.environ[WARNED_MARKER] = "1"  # this run's own workers (alone, --local) need not say it again
     renderer = Renderer()
-    result = asyncio.run(_run(request, args.local, renderer, checkpoint_dir))
+    encrypt = bool(getattr(args, "encrypt", False))
+    result = asyncio.run(_run(request, args.local, renderer, checkpoint_dir, encrypt))
     last = renderer.last or {}
     stopped = renderer.stopped_by
     if stopped in (signal.SIGTERM, signal.SIGHUP) and result.state == "cancelled":
@@ -313,7 +319,11 @@ def _checkpoint_dir(path: str | None) -> str | None:
 
 
 async def _run(
-    request: JobRequest, local: int | None, renderer: Renderer, checkpoint_dir: str | None = None
+    request: JobRequest,
+    local: int | None,
+    renderer: Renderer,
+    checkpoint_dir: str | None = None,
+    encrypt: bool = False,
 ) -> JobResult:
     from meshtrain.agent.control import socket_path
     from meshtrain.agent.jobs import JobResult, JobRunner
@@ -329,6 +339,11 @@ async def _run(
             flush=True,
         )
         local = 1
+    if encrypt and local is None:
+        raise UserError(
+            "--encrypt is for a mesh this run starts (--local N, or alone): this machine's agent's mesh "
+            "is encrypted or not from its creation (`meshtrain join --encrypt`)"
+        )
     if checkpoint_dir is not None:
         if local is None:
             raise UserError(
@@ -342,7 +357,7 @@ async def _run(
     with renderer.view:
         if local is not None:
             ready: asyncio.Future[JobRunner] = loop.create_future()
-            task = asyncio.ensure_future(run_embedded(request, local, renderer, ready))
+            task = asyncio.ensure_future(run_embedded(request, local, renderer, ready, encrypt=encrypt))
             _on_interrupt(loop, renderer, lambda: ready.result().cancel() if ready.done() else task.cancel())
             try:
                 return await task

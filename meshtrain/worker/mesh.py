@@ -196,6 +196,12 @@ class WorkerMesh(Mesh):
     def ring_authenticated(self) -> bool | None:
         return bool(getattr(self._ring, "authenticated", False)) if self._ring is not None else None
 
+    @property
+    def ring_encrypted(self) -> bool | None:
+        """Whether the ring's frames are sealed (AES-GCM): a mesh made with --encrypt."""
+        link = getattr(self._ring, "_link", None) if self._ring is not None else None
+        return bool(getattr(link, "encrypted", False)) if self._ring is not None else None
+
     def register(self, model: Any, optimizer: Any) -> None:
         """The training state: what a joining worker receives and a checkpoint stores.
 
