@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from meshtrain import env as env_names
 from meshtrain.data.fashion_mnist import fashion_mnist
 from meshtrain.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_bytes, parse_idx, read_maybe_gz
 from meshtrain.data.shakespeare import Corpus, shakespeare
@@ -86,7 +87,7 @@ def mnist(split: str = "train", data_dir: str | os.PathLike[str] | None = None) 
     cached = _read_cache(split)
     if cached is not None:
         return cached
-    directory = Path(data_dir) if data_dir is not None else _env_path("MESHTRAIN_DATA")
+    directory = Path(data_dir) if data_dir is not None else _env_path(env_names.DATA)
     arrays = _read_idx_dir(directory, split) if directory is not None else None
     if arrays is None:
         bundled = _read_bundled()
@@ -104,7 +105,7 @@ def mnist(split: str = "train", data_dir: str | os.PathLike[str] | None = None) 
 
 def cache_dir() -> Path:
     """Where decoded arrays are kept: $MESHTRAIN_CACHE or ~/.cache/meshtrain."""
-    return _env_path("MESHTRAIN_CACHE") or Path.home() / ".cache" / "meshtrain"
+    return _env_path(env_names.CACHE) or Path.home() / ".cache" / "meshtrain"
 
 
 def cache_path(split: str) -> Path:
@@ -259,7 +260,7 @@ def _from_floats(x: np.ndarray, y: np.ndarray, origin: str) -> Arrays:
 
 def _download(split: str, opener: Callable[[str], bytes] | None = None) -> Arrays:
     """Fetch the split's IDX files from a mirror and verify them; the last resort."""
-    if os.environ.get("MESHTRAIN_OFFLINE"):
+    if os.environ.get(env_names.OFFLINE):
         raise UserError(f"MNIST not found: {INSTALL_HINT}")
     mirror = os.environ.get("MESHTRAIN_MNIST_MIRROR", DEFAULT_MIRROR)
     fetch = opener or _fetch

@@ -10,7 +10,9 @@ import os
 import re
 from pathlib import Path
 
-HOME_ENV = "MESHTRAIN_HOME"
+from meshtrain import env as env_names
+
+HOME_ENV = env_names.HOME
 _SAFE = re.compile(r"[^A-Za-z0-9._~-]")
 
 

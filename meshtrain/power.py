@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import psutil
 
+from meshtrain import env as env_names
 from meshtrain.errors import UserError
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "write_override",
 ]
 
-OVERRIDE_ENV = "MESHTRAIN_POWER_FILE"
+OVERRIDE_ENV = env_names.POWER_FILE
 BATTERY_POLICIES = ("continue", "reduce", "leave")
 Policy = Literal["continue", "reduce", "leave"]
 # On battery at or below this charge (%) the policy applies; 100 = whenever on battery.

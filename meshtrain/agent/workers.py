@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from meshtrain import env as env_names
 from meshtrain.agent.bundle import Bundle
 from meshtrain.agent.control import Conn
 from meshtrain.agent.hang import CHECK_S, HangWatch, is_stopped
@@ -140,7 +141,7 @@ async def host_worker(
             return
     read_fd, write_fd = os.pipe()
     spec["report_fd"] = write_fd
-    env = worker_env(dict(os.environ), {**extra_env, "MESHTRAIN_JOB_SPEC": json.dumps(spec)})
+    env = worker_env(dict(os.environ), {**extra_env, env_names.JOB_SPEC: json.dumps(spec)})
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from meshtrain import env as env_names
 from meshtrain.checkpoints.leading import CheckpointLeader
 from meshtrain.checkpoints.options import CheckpointOptions
 from meshtrain.checkpoints.store import CheckpointStore
@@ -50,7 +51,7 @@ __all__ = ["CKPT_META_KEY", "ENV_CHECKPOINT_DIR", "NodeCheckpoints", "claim_stor
 
 CKPT_META_KEY = "ckpt"
 ENV_CHECKPOINT_DIR = (
-    "MESHTRAIN_CHECKPOINT_DIR"  # the checkpoint directory instead of $MESHTRAIN_HOME/checkpoints
+    env_names.CHECKPOINT_DIR  # the checkpoint directory instead of $MESHTRAIN_HOME/checkpoints
 )
 PROTOCOL_TYPES_FOR_LEADER = ("written", "failed")
 CALL_TIMEOUT_S = 30.0

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshtrain import env as env_names
 from meshtrain.cli.agent_link import agent_alive, fetch_status, slow_blas_warning, use_uvloop
 from meshtrain.cli.parser import DEFAULT_PORT, seed
 from meshtrain.cli.parser import port as port_number
@@ -104,7 +105,7 @@ def resolve_keyring(args: argparse.Namespace) -> tuple[Any, bool]:
     token_text = getattr(args, "token", None)
     secret_file = getattr(args, "secret_file", None)
     encrypt = bool(getattr(args, "encrypt", False))
-    own_file = secret_file is None and not os.environ.get("MESHTRAIN_SECRET")
+    own_file = secret_file is None and not os.environ.get(env_names.SECRET)
     if token_text is None:
         try:
             keyring, created = load_keyring(secret_file, create=not args.seed)
@@ -183,7 +184,7 @@ async def _join(args: argparse.Namespace) -> int:
         interface=args.interface,
         discovery=not args.no_discovery,
         keyring=keyring,
-        worker_env={"MESHTRAIN_ON_BATTERY": getattr(args, "on_battery", "reduce")},
+        worker_env={env_names.ON_BATTERY: getattr(args, "on_battery", "reduce")},
     )
     try:
         await agent.start()

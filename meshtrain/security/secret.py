@@ -37,10 +37,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshtrain import env as env_names
 from meshtrain.errors import UserError
 
-ENV_SECRET = "MESHTRAIN_SECRET"
-ENV_HOME = "MESHTRAIN_HOME"
+ENV_SECRET = env_names.SECRET
+ENV_HOME = env_names.HOME
 SECRET_BYTES = 32
 KEY_ID_BYTES = 4
 KEY_PREFIX = "mk1."

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from meshtrain import env as env_names
+
 __all__ = ["AgentProcess", "alive_names", "cli", "meshtrain_cmd", "wait_for"]
 
 
@@ -22,7 +24,7 @@ def meshtrain_cmd(*args: str) -> list[str]:
 
 
 def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MESHTRAIN_HOME": str(home)}
+    env = {**os.environ, env_names.HOME: str(home)}
     return subprocess.run(meshtrain_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +41,7 @@ class AgentProcess:
     ) -> None:
         self.home, self.name = home, name
         home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MESHTRAIN_HOME": str(home)}
+        env = {**os.environ, env_names.HOME: str(home)}
         args = [
             "join",
             "--name",

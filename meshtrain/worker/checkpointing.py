@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from meshtrain import env as env_names
 from meshtrain.checkpoints.options import CheckpointOptions
 from meshtrain.checkpoints.store import CheckpointStore
 from meshtrain.errors import UserError
@@ -55,7 +56,7 @@ from meshtrain.leader.checkpoint import (
 
 __all__ = ["ENV_CHECKPOINTS", "WorkerCheckpoints"]
 
-ENV_CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"
+ENV_CHECKPOINTS = env_names.CHECKPOINTS
 """The agent tells its workers where its checkpoint store is (each node of a --local mesh has its own)."""
 
 PROGRESS_PERIOD_S = 0.5

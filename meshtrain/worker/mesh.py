@@ -40,6 +40,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from meshtrain import env as env_names
 from meshtrain.errors import PeerLost, UserError, WireError
 from meshtrain.mesh import Mesh, resolve_wire_dtype
 from meshtrain.train.recovery import MemberStatus, RecoveryPlan, Unrecoverable, decode_statuses, encode_status
@@ -65,7 +66,7 @@ def _sums(values: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in values.items()}
 
 
-FAULT_ENV = "MESHTRAIN_FAULT"  # test hook: "MEMBER:STEP:forward|allreduce[,...]" SIGKILLs that worker there
+FAULT_ENV = env_names.FAULT  # test hook: "MEMBER:STEP:forward|allreduce[,...]" SIGKILLs that worker there
 
 
 def _inject_fault(member: str, step: int, where: str) -> None:

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from meshtrain import env as env_names
 from meshtrain import mesh as mesh_module
 from meshtrain.errors import PeerLost
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.views import ViewBoard
 
-SPEC_ENV = "MESHTRAIN_JOB_SPEC"
-LEDGER_ENV = "MESHTRAIN_LEDGER_DIR"  # debug mode: every worker logs the slices of each committed step
+SPEC_ENV = env_names.JOB_SPEC
+LEDGER_ENV = env_names.LEDGER_DIR  # debug mode: every worker logs the slices of each committed step
 RING_CONNECT_TIMEOUT_S = 30.0
 EXIT_CRASH = 1
 EXIT_NO_START = 3
@@ -108,8 +109,8 @@ def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
         joiner=bool(spec.options.get("joiner")),
         ledger_dir=spec.options.get("ledger") or os.environ.get(LEDGER_ENV),
         checkpoints=checkpoints,
-        share_mode=str(spec.options.get("shares") or os.environ.get("MESHTRAIN_SHARES") or "perf"),
-        on_battery=os.environ.get("MESHTRAIN_ON_BATTERY", "reduce"),
+        share_mode=str(spec.options.get("shares") or os.environ.get(env_names.SHARES) or "perf"),
+        on_battery=os.environ.get(env_names.ON_BATTERY, "reduce"),
     )
 
 
