@@ -21,6 +21,7 @@ from meshtrain.blas import WARNED_MARKER
 from meshtrain.cli.agent_link import agent_alive, slow_blas_warning, use_uvloop
 from meshtrain.cli.parser import positive
 from meshtrain.errors import UserError
+from meshtrain.train.share_modes import DEFAULT_SHARE_MODE, SHARE_MODES
 
 if TYPE_CHECKING:  # the agent pulls in MLX: imported when the command runs, not to build the parser
     from meshtrain.agent.jobs import JobRequest, JobResult
@@ -97,8 +98,8 @@ def add_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--shares",
-        choices=("perf", "equal"),
-        default="perf",
+        choices=SHARE_MODES,
+        default=DEFAULT_SHARE_MODE,
         help="each node's share of the global batch: by measured speed (default) or equal",
     )
     run.add_argument(
@@ -155,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     options = checkpoint_options(args)  # flag mistakes first, before the script is even read
     _check_node_counts(args)
     _check_script_args(args.script_args)
-    options["shares"] = getattr(args, "shares", "perf")
+    options["shares"] = getattr(args, "shares", DEFAULT_SHARE_MODE)
     if getattr(args, "notify", None):
         from meshtrain.notify.targets import parse_targets
 

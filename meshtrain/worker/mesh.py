@@ -46,6 +46,7 @@ from meshtrain.mesh import Mesh, resolve_wire_dtype
 from meshtrain.train.recovery import MemberStatus, RecoveryPlan, Unrecoverable, decode_statuses, encode_status
 from meshtrain.train.recovery import plan_recovery as _plan
 from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
+from meshtrain.train.share_modes import DEFAULT_SHARE_MODE, PERF
 from meshtrain.train.step_sampler import StepSampler
 from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.step_timer import StepTimer, free_memory, mlx_peak_probe
@@ -129,7 +130,7 @@ class WorkerMesh(Mesh):
         joiner: bool = False,
         ledger_dir: str | None = None,
         checkpoints: Any = None,
-        share_mode: str = "perf",
+        share_mode: str = DEFAULT_SHARE_MODE,
         on_battery: str = "reduce",
     ) -> None:
         self.member = member
@@ -150,7 +151,7 @@ class WorkerMesh(Mesh):
         self._share_mode = share_mode
         self._on_battery = on_battery
         # perf shares time each step's compute and probe its memory (meshtrain.worker.step_timer)
-        self._timer = StepTimer(free_memory=free_memory) if share_mode == "perf" else None
+        self._timer = StepTimer(free_memory=free_memory) if share_mode == PERF else None
         self._rebalance_due = False
         self._share_reason = ""
         self._metrics: dict[str, float] = {}  # the last loss / test accuracy reported (checkpoints list them)
@@ -485,7 +486,7 @@ class WorkerMesh(Mesh):
                 self._rebalance_due = True  # an epoch ended: every member re-balances at this boundary
         self.committed += 1
         self._open.reduced = True
-        if self._share_mode == "perf":
+        if self._share_mode == PERF:
             from meshtrain.train.shares import rebalance_due
 
             # every CHECK_EVERY steps too (the flag travels in the state a joiner receives)
@@ -709,7 +710,7 @@ class WorkerMesh(Mesh):
         """At FIRST_CHECK, every CHECK_EVERY steps and at epoch ends, every member swaps (speed, power,
         memory cap) and applies the same new shares from the next step on."""
         self._rebalance_due = False
-        if self._share_mode != "perf" or self._ring is None or len(self._roster) < 2:
+        if self._share_mode != PERF or self._ring is None or len(self._roster) < 2:
             return
         from meshtrain import power
         from meshtrain.train.shares import drift_band, plan_shares

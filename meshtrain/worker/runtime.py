@@ -28,6 +28,7 @@ from typing import Any
 from meshtrain import env as env_names
 from meshtrain import mesh as mesh_module
 from meshtrain.errors import PeerLost
+from meshtrain.train.share_modes import DEFAULT_SHARE_MODE
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.views import ViewBoard
@@ -109,7 +110,7 @@ def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
         joiner=bool(spec.options.get("joiner")),
         ledger_dir=spec.options.get("ledger") or os.environ.get(LEDGER_ENV),
         checkpoints=checkpoints,
-        share_mode=str(spec.options.get("shares") or os.environ.get(env_names.SHARES) or "perf"),
+        share_mode=str(spec.options.get("shares") or os.environ.get(env_names.SHARES) or DEFAULT_SHARE_MODE),
         on_battery=os.environ.get(env_names.ON_BATTERY, "reduce"),
     )
 
