@@ -117,3 +117,17 @@ def test_checkpoints_of_a_sharded_job_are_refused_in_one_line(tmp_path: Path) ->
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode != 0
     assert "checkpoints of a sharded job are not yet built" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(600)
+def test_a_bfloat16_wire_stays_close_to_the_float32_run(tmp_path: Path) -> None:
+    """bf16 gradients on the wire: the replicas stay identical and near the exact run (no divergence)."""
+    finals = {}
+    for wire in ("float32", "bfloat16"):
+        proc = run(tmp_path, 2, tmp_path / wire, "--stage", "2", "--wire", wire, "--steps", "4")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        per_rank = results(tmp_path / wire, 2)
+        assert max_diff(per_rank[0][0], per_rank[1][0]) == 0.0, "replicas differ"
+        finals[wire] = per_rank[0][0]
+    diff = max_diff(finals["float32"], finals["bfloat16"])
+    assert 0.0 < diff < 0.05, diff  # different (16-bit sums) but the same training

@@ -28,6 +28,7 @@ parser.add_argument("--dim", type=int, default=32)
 parser.add_argument("--layers", type=int, default=3)
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor", "lion"])
 parser.add_argument("--clip", type=float, default=0.0, help="clip by global norm (0: no clipping)")
+parser.add_argument("--wire", default="float32", help="the gradients' wire dtype (parameters: float32)")
 parser.add_argument("--free-mb", default="", help="comma separated: this rank's free memory for the plan")
 args = parser.parse_args()
 
@@ -92,7 +93,7 @@ if args.stage:
     if args.free_mb:
         free["free_memory"] = int(args.free_mb.split(",")[mesh.rank]) << 20
     sharded = mesh.shard(
-        model, optimizer, stage=args.stage, max_grad_norm=args.clip or None, wire_dtype="float32", **free
+        model, optimizer, stage=args.stage, max_grad_norm=args.clip or None, wire_dtype=args.wire, **free
     )
     plan = sharded.plan
 else:
@@ -107,7 +108,7 @@ for epoch in range(-(-args.steps // (len(data) // args.batch))):
             sharded.update(model, grads, weight=len(idx))
             mx.eval(model.parameters(), sharded.state)
         else:
-            grads = mesh.allreduce(grads, weight=len(idx), wire_dtype="float32")
+            grads = mesh.allreduce(grads, weight=len(idx), wire_dtype=args.wire)
             if args.clip:
                 grads, _ = optim.clip_grad_norm(grads, args.clip)
             optimizer.update(model, grads)
