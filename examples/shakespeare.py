@@ -216,20 +216,27 @@ def windows(tokens: np.ndarray, starts: np.ndarray, block: int) -> tuple[mx.arra
     return mx.array(chunk[:, :-1]), mx.array(chunk[:, 1:])
 
 
-def evaluate(model: GPT, tokens: np.ndarray, block: int, batch: int, batches: int) -> float:
-    """Mean validation loss over up to `batches` evenly spaced batches of windows (dropout off)."""
+def evaluate(
+    mesh: meshtrain.Mesh, model: GPT, tokens: np.ndarray, block: int, batch: int, batches: int
+) -> float:
+    """Mean validation loss over up to `batches` evenly spaced batches of windows (dropout off),
+    spread over the workers by `mesh.evaluate` (each sums the loss over its share of the windows)."""
     n = (len(tokens) - 1) // block
     starts = np.arange(n) * block
     if batches * batch < n:
         starts = starts[np.linspace(0, n - 1, batches * batch).astype(np.int64)]
+
+    def sums(indices: np.ndarray) -> dict[str, float]:
+        total = 0.0
+        for i in range(0, len(indices), batch):
+            x, y = windows(tokens, starts[indices[i : i + batch]], block)
+            total += float(loss_fn(model, x, y)) * len(x)
+        return {"loss_sum": total, "count": float(len(indices))}
+
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch):
-        x, y = windows(tokens, starts[i : i + batch], block)
-        total += float(loss_fn(model, x, y)) * len(x)
-        count += len(x)
+    result = mesh.evaluate(len(starts), sums)
     model.train()
-    return total / max(count, 1)
+    return result["loss_sum"] / max(result["count"], 1.0)
 
 
 WIRE_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -325,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def validate(epoch: int) -> None:
         nonlocal val_loss, validated
         validated = int(optimizer.step.item())
-        val_loss = evaluate(model, val, block, args.batch_size, args.eval_batches)
+        val_loss = evaluate(mesh, model, val, block, args.batch_size, args.eval_batches)  # on every worker
+        if not mesh.is_main:
+            return
         mesh.report(epoch=epoch, epochs=epochs, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50.0)))
         print(
             f"step {optimizer.step.item()}/{total_steps}  validation loss {val_loss:.4f}  "
@@ -364,11 +373,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 grad_norm=grad_norm.item(),
                 tokens_per_s=args.batch_size * block / seconds,  # the global batch's, at this step's pace
             )
-            if mesh.is_main and (step % eval_every == 0 or step == total_steps):
+            if step % eval_every == 0 or step == total_steps:  # the same step on every worker
                 validate(epoch)
+    if validated != step:
+        validate(epochs - 1)
     if mesh.is_main:
-        if validated != step:
-            validate(epochs - 1)
         elapsed = time.perf_counter() - began
         print(f"final validation loss {val_loss:.4f} after {step} steps, {elapsed:.0f} s", flush=True)
         if args.save:
