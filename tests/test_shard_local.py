@@ -131,3 +131,16 @@ def test_a_bfloat16_wire_stays_close_to_the_float32_run(tmp_path: Path) -> None:
         finals[wire] = per_rank[0][0]
     diff = max_diff(finals["float32"], finals["bfloat16"])
     assert 0.0 < diff < 0.05, diff  # different (16-bit sums) but the same training
+
+
+@pytest.mark.timeout(600)
+def test_replicas_initialised_differently_agree_before_sharded_training(tmp_path: Path) -> None:
+    """mesh.shard makes the replicas' parameters equal first (the lowest rank's, on a tie), as
+    mesh.register does: the run then ends where the run seeded alike on every worker ends."""
+    common = ["--stage", "2", "--steps", "4"]
+    alike = run(tmp_path, 2, tmp_path / "alike", *common)
+    differ = run(tmp_path, 2, tmp_path / "differ", *common, "--seed-by-rank")
+    assert alike.returncode == 0 and differ.returncode == 0, differ.stderr[-3000:]
+    a, d = results(tmp_path / "alike", 2), results(tmp_path / "differ", 2)
+    assert max_diff(d[0][0], d[1][0]) == 0.0
+    assert max_diff(a[0][0], d[0][0]) <= 1e-6

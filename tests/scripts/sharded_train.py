@@ -28,6 +28,7 @@ parser.add_argument("--dim", type=int, default=32)
 parser.add_argument("--layers", type=int, default=3)
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adafactor", "lion"])
 parser.add_argument("--clip", type=float, default=0.0, help="clip by global norm (0: no clipping)")
+parser.add_argument("--seed-by-rank", action="store_true", help="each worker initialises differently")
 parser.add_argument("--wire", default="float32", help="the gradients' wire dtype (parameters: float32)")
 parser.add_argument("--free-mb", default="", help="comma separated: this rank's free memory for the plan")
 args = parser.parse_args()
@@ -73,7 +74,7 @@ def make_optimizer() -> optim.Optimizer:
 
 
 mesh = meshtrain.init()
-mx.random.seed(0)
+mx.random.seed(mesh.rank if args.seed_by_rank else 0)
 model = Tiny(args.dim, args.layers)
 mx.eval(model.parameters())
 rng = np.random.default_rng(1)
