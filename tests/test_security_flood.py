@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -499,3 +500,103 @@ def test_a_leftover_hello_from_an_earlier_attempt_is_not_taken_for_the_neighbour
     finally:
         for lst in listeners:
             lst.close()
+
+
+def ring_ports(pids: list[int]) -> set[int]:
+    """The ring listeners of the workers under these agents (the LISTEN sockets of meshtrain.worker)."""
+    found: set[int] = set()
+    for pid in pids:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                if "meshtrain.worker" not in " ".join(child.cmdline()):
+                    continue
+                conns = child.net_connections(kind="tcp4")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            found |= {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+class RingFlood:
+    """IdleFlood on every worker ring port of the agents, following workers as they come and go."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.floods: dict[int, IdleFlood] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RingFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for flood in self.floods.values():
+            flood.__exit__()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.3):
+            for port in ring_ports(self.pids) - set(self.floods):
+                self.floods[port] = IdleFlood(port, n=80).__enter__()
+
+
+@pytest.mark.timeout(400)
+def test_training_converges_after_an_idle_flood_of_the_ring_ports_with_a_worker_killed(
+    tmp_path: Path,
+) -> None:
+    """The issue's drill: ~80 idle connections on every ring port, one worker SIGKILLed during the
+    attack (its node's new worker must get into the ring through the flood), then the attack ends:
+    training goes on and the job finishes, with the refusals counted in `status`."""
+    from meshtrain.testing.agents import alive_names, cli, wait_for
+    from tests.test_elastic_agents import finished_digests, run_job, start_agent, worker_pids
+
+    ledger, out = tmp_path / "ledger", tmp_path / "out"
+    ledger.mkdir()
+    out.mkdir()
+    agents = [start_agent(tmp_path, "a", None, ledger)]
+    job = None
+    try:
+        for name in "bc":
+            agents.append(start_agent(tmp_path, name, agents[0].token, ledger))
+        wait_for(lambda: alive_names(agents[0].home) == set("abc"))
+        job = run_job(agents[0].home, out, "--epochs", "80", "--step-sleep", "0.05")
+        wait_for(lambda: (ledger / "ledger-c.jsonl").exists() and worker_pids(agents[2]) != [], timeout=90)
+        with RingFlood([a.proc.pid for a in agents]) as flood:
+            time.sleep(3)
+            for pid in worker_pids(agents[2]):
+                os.kill(pid, signal.SIGKILL)
+            killed = time.time()
+            time.sleep(20)
+            drops = [json.loads(cli(a.home, "status", "--json").stdout)["drops"] for a in agents]
+            ended = time.time()
+        assert len(flood.floods) >= 3, flood.floods  # a, b and c's first worker at least
+        stdout, stderr = job.communicate(timeout=200)
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.communicate()
+        for agent in agents:
+            agent.stop()
+    assert job.returncode == 0, stderr[-3000:]
+    rows = [json.loads(x) for x in (ledger / "ledger-a.jsonl").read_text().splitlines()]
+    during = [r for r in rows if killed < r["t"] < ended]
+    rejoined = [r for r in during if "c~1" in r["slices"]]
+    print(
+        f"\n[ring flood] {len(during)} steps during the attack, c~1 in the ring after "
+        f"{rejoined[0]['t'] - killed:.1f}s"
+        if rejoined
+        else "",
+        f"{len(rows) - len(during)} other steps",
+    )
+    assert during and rejoined, "the ring did not re-form with the killed worker's replacement under attack"
+    assert rows[-1]["t"] > ended or len(during) > 100, "training did not go on after the attack"
+    digests = finished_digests(out)
+    assert {"a", "b", "c~1"} <= set(digests) and len(set(digests.values())) == 1, digests
+    refused = sum(d.get("malformed", 0) + d.get("rate_limited", 0) for d in drops)
+    assert refused > 0, drops  # the ring ports' refusals reach `status`
