@@ -114,17 +114,25 @@ def train_functions(
     )
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean loss) on a split, dropout off."""
+def evaluate(
+    mesh: meshtrain.Mesh, model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000
+) -> tuple[float, float]:
+    """(accuracy, mean loss) on a split, dropout off; every worker evaluates its share (mesh.evaluate)."""
+
+    def sums(indices: np.ndarray) -> dict[str, float]:
+        correct, total = 0, 0.0
+        for start in range(0, len(indices), batch):
+            part = indices[start : start + batch]
+            xb, yb = mx.array(x[part]), mx.array(y[part])
+            logits = model(xb)
+            correct += int(mx.sum(mx.argmax(logits, axis=1) == yb))
+            total += float(nn.losses.cross_entropy(logits, yb, reduction="sum"))
+        return {"correct": float(correct), "loss_sum": total}
+
     model.eval()
-    correct, total = 0, 0.0
-    for start in range(0, len(y), batch):
-        xb, yb = mx.array(x[start : start + batch]), mx.array(y[start : start + batch])
-        logits = model(xb)
-        correct += int(mx.sum(mx.argmax(logits, axis=1) == yb))
-        total += float(nn.losses.cross_entropy(logits, yb, reduction="sum"))
+    result = mesh.evaluate(len(y), sums)
     model.train()
-    return correct / len(y), total / len(y)
+    return result["correct"] / len(y), result["loss_sum"] / len(y)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -181,6 +189,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
     accuracy, began = 0.0, time.perf_counter()
+
+    def show(epoch: int, fraction: float) -> None:
+        nonlocal accuracy
+        accuracy, test_loss = evaluate(mesh, model, x_test, y_test)
+        if mesh.is_main:
+            mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy, test_loss=test_loss)
+            print(
+                f"epoch {epoch + fraction:.2f}/{args.epochs}  test accuracy {accuracy * 100:.2f}%  "
+                f"test loss {test_loss:.4f}  {time.perf_counter() - began:.0f} s",
+                flush=True,
+            )
+
     for epoch in range(args.epochs):
         batches = mesh.batches(n_train, args.batch_size, epoch=epoch, seed=args.seed)
         for step, idx in enumerate(batches):
@@ -202,15 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 loss=loss.item(),
                 samples=len(idx),
             )
-            if mesh.is_main and ((step + 1) % eval_every == 0 or step + 1 == steps_per_epoch):
-                accuracy, test_loss = evaluate(model, x_test, y_test)
-                mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy, test_loss=test_loss)
-                print(
-                    f"epoch {epoch + (step + 1) / steps_per_epoch:.2f}/{args.epochs}  "
-                    f"test accuracy {accuracy * 100:.2f}%  test loss {test_loss:.4f}  "
-                    f"{time.perf_counter() - began:.0f} s",
-                    flush=True,
-                )
+            if (step + 1) % eval_every == 0 and step + 1 < steps_per_epoch:
+                show(epoch, (step + 1) / steps_per_epoch)  # mid-epoch
+        show(epoch, 1.0)  # every worker, each evaluating its share of the test set
     if mesh.is_main:
         print(
             f"final test accuracy: {accuracy * 100:.2f}% in {time.perf_counter() - began:.0f} s", flush=True
