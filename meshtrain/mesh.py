@@ -18,9 +18,13 @@ import numpy as np
 def resolve_wire_dtype(tree: Any, wire_dtype: str | None) -> str:
     """The wire dtype an all-reduce of `tree` uses ("auto" decides by what is reduced): see
     meshtrain.ring.codecs.resolve, where the codecs and this policy live."""
+    from meshtrain.errors import UserError
     from meshtrain.ring.codecs import resolve  # late: the ring package is heavier
 
-    return resolve(tree, wire_dtype)
+    name = resolve(tree, wire_dtype)
+    if name == "qint8":  # integers on an agreed grid: only local SGD's compressed sync makes them
+        raise UserError("wire_dtype 'qint8' is internal: use OuterOptimizer(..., compress='int8')")
+    return name
 
 
 class Mesh:

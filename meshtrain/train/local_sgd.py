@@ -48,6 +48,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh
+from meshtrain.train.compression import ErrorFeedback, parse_compress
 
 AUTO = "auto"
 AUTO_TARGET_OVERHEAD = 0.1  # comm / (H * compute) at most this
@@ -106,10 +107,15 @@ class OuterOptimizer:
         momentum: float = 0.9,
         nesterov: bool = True,
         wire_dtype: str | None = "auto",
+        compress: str | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if sync_every != AUTO and not (isinstance(sync_every, int) and sync_every >= 1):
             raise UserError(f"sync_every must be a positive integer or 'auto' (got {sync_every!r})")
+        try:
+            self.compress = parse_compress(compress)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         self.model = model
         self.mesh = mesh
         self.auto = sync_every == AUTO
@@ -119,7 +125,6 @@ class OuterOptimizer:
         self.nesterov = nesterov
         self.wire_dtype = wire_dtype
         self._clock = clock
-        self.active = mesh.size > 1
         self.syncs = 0
         self._steps_since = 0
         self._samples_since = 0
@@ -128,14 +133,22 @@ class OuterOptimizer:
         self._last_tick: float | None = None
         self._probe: list[tuple[float, float]] = []  # (compute per step, comm) per probe sync
         self.last_comm_s: float | None = None
+        self.bytes_sent = 0  # outer-sync bytes this worker sent (header + delta), all syncs
+        self.last_bytes = 0  # ... in the last sync
+        self.feedback = ErrorFeedback() if self.compress else None
         params = model.trainable_parameters()
         self._anchor: dict[str, mx.array] = dict(tree_flatten(tree_map(mx.array, params)))
         self._velocity: dict[str, mx.array] = {k: mx.zeros_like(v) for k, v in self._anchor.items()}
         mx.eval(self._anchor, self._velocity)
+        self.param_count = sum(int(v.size) for v in self._anchor.values())
+        attach = getattr(mesh, "local_sgd", None)  # a job's mesh: elastic syncs (worker/local_rounds.py)
+        self._rounds: Any = attach(self) if callable(attach) else None
+        self.active = self._rounds is not None or mesh.size > 1
 
     # --- the loop's calls ----------------------------------------------------------
     def step(self, samples: int) -> bool:
-        """Count one inner step of `samples` local samples; sync when H are done. True if it synced."""
+        """Count one inner step of `samples` local samples; sync when H are done, and at the step
+        that ends an epoch (so a lost node's slices stay in their epoch). True if it synced."""
         if not self.active:
             return False
         now = self._clock()
@@ -145,7 +158,8 @@ class OuterOptimizer:
         self._last_tick = now
         self._steps_since += 1
         self._samples_since += int(samples)
-        if self._steps_since < self.sync_every:
+        due = self._steps_since >= self.sync_every
+        if not due and not (self._rounds is not None and self._rounds.epoch_ends()):
             return False
         self.sync()
         return True
@@ -162,8 +176,28 @@ class OuterOptimizer:
         current = dict(tree_flatten(self.model.trainable_parameters()))
         delta = {k: self._anchor[k] - current[k] for k in self._anchor}
         mx.eval(delta)
+        per_step = self._compute_s / self._gaps if self._gaps else 0.0
         started = self._clock()
-        averaged = self.mesh.allreduce(delta, weight=float(self._samples_since), wire_dtype=self.wire_dtype)
+        recovered, sums = False, None
+        if self._rounds is None:
+            weight = float(self._samples_since)
+            averaged = self.mesh.allreduce(delta, weight=weight, wire_dtype=self.wire_dtype)
+        else:
+            from meshtrain.mesh import resolve_wire_dtype
+            from meshtrain.ring import tensors
+
+            flat, layout = tensors.flatten_tree(delta)
+            wire = "qint8" if self.compress == "int8" else resolve_wire_dtype(delta, self.wire_dtype)
+            timing = self._timing()
+            before = self._rounds.recoveries
+            got = self._rounds.sync(flat, float(self._samples_since), wire, self.feedback, timing)
+            if got is None:  # this worker took the holders' state (it joined, or fell behind)
+                return
+            mean, sums = got
+            averaged = tensors.unflatten_tree(delta, mean, layout)
+            recovered = self._rounds.recoveries != before
+            self.last_bytes = int(self._rounds.last_sent_bytes)
+            self.bytes_sent += self.last_bytes
         mx.eval(averaged)
         comm = self._clock() - started
         self.last_comm_s = comm
@@ -174,17 +208,38 @@ class OuterOptimizer:
         mx.eval(self._anchor, self._velocity)
         self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in self._anchor.items()]))
         mx.eval(self.model.parameters())
-        per_step = self._compute_s / self._gaps if self._gaps else 0.0
+        if self._rounds is not None:
+            self._rounds.finish()  # members that took no part receive this state now
         self.syncs += 1
+        self._restart()
+        if not self.auto or self.measured is not None:
+            return
+        if self._rounds is None:
+            if len(self._probe) < AUTO_PROBE_SYNCS:
+                self._probe.append((per_step, comm))
+                if len(self._probe) == AUTO_PROBE_SYNCS:
+                    self._choose()
+            return
+        assert sums is not None
+        if sums[2] > 0:  # the header carried timings: every member decides alike from the same sums
+            self.measured = (float(sums[3] / sums[2]), float(sums[4] / sums[2]))
+            self.sync_every = choose_sync_every(*self.measured)
+        elif not recovered:  # a sync that recovered timed the recovery, not the link
+            self._probe.append((per_step, comm))
+
+    def _restart(self) -> None:
         self._steps_since = 0
         self._samples_since = 0
         self._compute_s = 0.0
         self._gaps = 0
         self._last_tick = self._clock()
-        if self.auto and len(self._probe) < AUTO_PROBE_SYNCS:
-            self._probe.append((per_step, comm))
-            if len(self._probe) == AUTO_PROBE_SYNCS:
-                self._choose()
+
+    def _timing(self) -> tuple[float, float] | None:
+        """This worker's probe medians, sent in the header of the deciding sync (elastic auto H)."""
+        if not self.auto or self.measured is not None or self.syncs < AUTO_PROBE_SYNCS or not self._probe:
+            return None
+        timed = [p for p in self._probe[1:] if p[0] > 0] or self._probe  # the first sync warms up
+        return float(np.median([c for c, _ in timed])), float(np.median([m for _, m in timed]))
 
     def _choose(self) -> None:
         """Agree on H from the mesh-wide mean of the probe timings (same floats on every worker)."""
@@ -198,11 +253,32 @@ class OuterOptimizer:
 
     measured: tuple[float, float] | None = None  # (compute s/step, all-reduce s) behind an auto H
 
+    # --- what a worker that joins receives (meshtrain.worker.local_rounds) ----------------------
+    def shared_meta(self) -> dict[str, Any]:
+        return {"syncs": self.syncs, "sync_every": self.sync_every, "measured": self.measured}
+
+    def adopt(self, velocity: dict[str, mx.array], meta: dict[str, Any]) -> None:
+        """Take the job's outer state: the model (already loaded) is the anchor; momentum and H theirs."""
+        params = self.model.trainable_parameters()
+        self._anchor = dict(tree_flatten(tree_map(mx.array, params)))
+        self._velocity = {k: velocity[k] for k in self._anchor}
+        mx.eval(self._anchor, self._velocity)
+        self.syncs = int(meta["syncs"])
+        self.sync_every = int(meta["sync_every"])
+        measured = meta.get("measured")
+        self.measured = (float(measured[0]), float(measured[1])) if measured else None
+        self._probe = []
+        if self.feedback is not None:
+            self.feedback.reset()
+        self._restart()
+
     def describe(self) -> str:
         """One line for the log: the mode and, for auto, what it measured."""
         if not self.active:
             return "local SGD: world size 1, no-op"
         text = f"local SGD: sync every {self.sync_every} steps{' (auto)' if self.auto else ''}"
+        if self.compress:
+            text += f", {self.compress} deltas with error feedback"
         if self.measured is not None:
             compute, comm = self.measured
             text += f", compute {compute * 1e3:.2f} ms/step, all-reduce {comm * 1e3:.2f} ms"

@@ -174,6 +174,7 @@ class WorkerMesh(Mesh):
         self._verify_gen: int | None = None  # the generation whose first step reduction checks digests
         self.wire_dtype: str | None = None
         self.generation_changes = 0
+        self._outer: Any = None  # local SGD's rules (meshtrain.worker.local_rounds), once attached
         views.on_change(self._abort_if_stale)
 
     # --- what the script sees -----------------------------------------------------------------
@@ -203,6 +204,14 @@ class WorkerMesh(Mesh):
         """Whether the ring's frames are sealed (AES-GCM): a mesh made with --encrypt."""
         link = getattr(self._ring, "_link", None) if self._ring is not None else None
         return bool(getattr(link, "encrypted", False)) if self._ring is not None else None
+
+    def local_sgd(self, outer: Any) -> Any:
+        """Local SGD mode (meshtrain.train.local_sgd's OuterOptimizer calls it): the outer sync, not
+        every step, is where workers meet, recover and commit (meshtrain.worker.local_rounds)."""
+        from meshtrain.worker.local_rounds import LocalRounds
+
+        self._outer = LocalRounds(self, outer)
+        return self._outer
 
     def register(self, model: Any, optimizer: Any) -> None:
         """The training state: what a joining worker receives and a checkpoint stores.
@@ -325,8 +334,9 @@ class WorkerMesh(Mesh):
         """
         wire = resolve_wire_dtype(tree, wire_dtype)
         self.wire_dtype = wire
-        step_reduction = (
-            self._open is not None and not self._open.reduced and not isinstance(tree, np.ndarray)
+        step_reduction = (  # in local SGD mode the outer sync is the step's unit, not an all-reduce
+            self._outer is None
+            and self._open is not None and not self._open.reduced and not isinstance(tree, np.ndarray)
         )
         if not step_reduction:
             return self._free_allreduce(tree, weight, wire)
@@ -445,6 +455,9 @@ class WorkerMesh(Mesh):
 
     def _boundary(self) -> None:
         """Between steps: close a step that had no reduction, recover, admit, hand state over."""
+        if self._outer is not None:
+            self._outer.boundary()  # local SGD: meshtrain.worker.local_rounds
+            return
         if self._open is not None and not self._open.reduced:
             if self._timer is not None:
                 self._timer.local_step_done()  # a local step (local SGD) has no all-reduce: timed whole
@@ -849,7 +862,7 @@ class WorkerMesh(Mesh):
             self._history[view.version] = view.members
             self.generation_changes += 1
             try:
-                return self._follow_plan(held)
+                return self._follow_plan(held) if self._outer is None else self._outer.follow_plan(held)
             except RING_FAILURES:
                 newer_than, patience = view.version, RETRY_SAME_VIEW_S
                 continue

@@ -1,0 +1,344 @@
+"""Local SGD inside an elastic job: the interval between two outer syncs is the unit of commit.
+
+`OuterOptimizer` (meshtrain.train.local_sgd) attaches one `LocalRounds` to
+the job's `WorkerMesh`; from then on the mesh's step boundaries and its
+recovery follow the rules here instead of the per-step ones, because local
+SGD's members only meet at the outer sync:
+
+- a step boundary inside an interval talks to nobody: it records this
+  worker's slice (and everybody's, by the shares the interval was handed out
+  with) and moves the sampler on; no ring, no recovery, no ledger row yet;
+- the sync is where lost and joining workers are dealt with: a broken ring
+  or a newer view makes the members form the new ring there and follow
+  meshtrain.train.outer_recovery's plan (the survivors redo the sync among
+  themselves, everyone else adds zeros and then receives the state);
+- a sync that completes commits the interval: the ledger rows of its steps
+  name the members whose deltas were in it, and the slices of members that
+  are gone (or took no part) are carried to the next steps, so every sample
+  is still trained on exactly once, at the cost of the lost member's unsynced
+  steps only;
+- the sync is forced at the step that ends an epoch, so an interval never
+  spans two epochs and a carried slice stays in its epoch;
+- shares are re-planned and checkpoints offered only where an interval
+  starts (every member holds the same model there).
+
+The sync itself is two reductions with the step label of the interval's
+first step: a small float32 header (samples, the auto-H probe timings and,
+compressed, the per-chunk bounds; meshtrain.train.compression) and the delta
+(bf16/fp32, or qint8 integers on the agreed grid).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from meshtrain.errors import PeerLost, UserError, WireError
+from meshtrain.train import compression
+from meshtrain.train.digest import state_digest
+from meshtrain.train.outer_recovery import OuterPlan, plan_outer_sync
+from meshtrain.train.recovery import MemberStatus, Unrecoverable, decode_statuses, encode_status
+from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
+
+STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
+RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
+
+
+@dataclass
+class Pending:
+    """What `WorkerMesh._recover` hands to `follow_plan`: this worker is inside a sync."""
+
+    wire: str
+
+
+class LocalRounds:
+    """The local-SGD rules of one worker's mesh (see the module docstring)."""
+
+    def __init__(self, mesh: Any, outer: Any) -> None:
+        self.mesh = mesh  # the WorkerMesh (its internals are this module's to drive)
+        self.outer = outer  # the OuterOptimizer: anchor, velocity, what a joiner must receive
+        self.start = mesh.committed  # the interval's first step
+        self.interval_gen = mesh._gen
+        self.steps: list[tuple[int, int, dict[str, np.ndarray]]] = []  # (step, epoch, slices) so far
+        self.plan: OuterPlan | None = None  # the plan of the sync in progress, if it needed one
+        self.checked = False  # the first sync compares the outer states
+        self.recoveries = 0
+        self.last_sent_bytes = 0  # what this worker sent in the last sync (header + delta)
+
+    # --- the step boundary (WorkerMesh._boundary delegates here) -------------------------------
+    def boundary(self) -> None:
+        m = self.mesh
+        opened = m._open
+        if opened is not None and not opened.reduced:
+            if m._timer is not None:
+                m._timer.local_step_done()
+            self._record_step()
+            self._advance(())
+        elif opened is not None and m._timer is not None:
+            m._timer.boundary()
+        m._open = None
+        while not m._has_state:
+            m._recover(None)  # a joiner: it enters at the holders' next sync (follow_plan)
+        m._report_ring_drops()
+        if self.steps:
+            return  # inside an interval: nobody to meet
+        if m._rebalance_due and m._ring is not None and not m._stale_view():
+            m._rebalance()
+        if m._checkpoints is not None and m._sampler is not None:
+            m._checkpoints.at_boundary(m.committed, m._state_tree, m._meta())
+
+    def epoch_ends(self) -> bool:
+        """Whether the open step is its epoch's last (the sync must come now)."""
+        m = self.mesh
+        s, opened = m._sampler, m._open
+        if s is None or opened is None or opened.reduced:
+            return False
+        take, fresh = s._parts()
+        return s.cursor + fresh >= s.dataset_size and len(s.carry) - take == 0
+
+    def _record_step(self) -> None:
+        m = self.mesh
+        opened, sampler = m._open, m._sampler
+        if opened is None or sampler is None or opened.reduced:
+            return
+        assignment = sampler.assignment(opened.weights)
+        if not self.steps:
+            self.interval_gen = opened.generation
+        self.steps.append((m.committed, sampler.epoch, {k: assignment[k] for k in opened.members}))
+
+    def _advance(self, orphans: Any) -> None:
+        """Commit the open step in the sampler (carrying `orphans`), as WorkerMesh._commit does."""
+        m = self.mesh
+        opened, sampler = m._open, m._sampler
+        if opened is None or sampler is None or opened.reduced:
+            if sampler is not None and len(orphans):  # a flush after the step was committed
+                sampler.carry = np.concatenate([sampler.carry, np.asarray(orphans, np.int64)])
+            return
+        if sampler.commit(orphans):
+            m._rebalance_due = True
+        m.committed += 1
+        opened.reduced = True
+        if m._timer is not None:  # perf shares
+            from meshtrain.train.shares import rebalance_due
+
+            m._rebalance_due = rebalance_due(m.committed, m._rebalance_due)
+
+    # --- the sync --------------------------------------------------------------------------------
+    def sync(
+        self,
+        delta: np.ndarray,
+        samples: float,
+        wire: str,
+        feedback: compression.ErrorFeedback | None,
+        timing: tuple[float, float] | None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the weighted mean of the holders' deltas, the header sums), the interval committed; None
+        when this worker was not a holder and took the holders' state instead (nothing to apply)."""
+        m = self.mesh
+        self.plan = None
+        m.wire_dtype = wire
+        if m._timer is not None:
+            m._timer.gradients_ready()
+        need_plan = m._ring is None or m._stale_view()
+        if not self.checked and not need_plan:
+            try:  # the first sync compares the outer states on the ring it has
+                self.follow_plan(Pending(wire))
+            except RING_FAILURES:
+                m._mark_broken()
+                need_plan = True
+        while True:
+            if need_plan:
+                self.recoveries += 1
+                m._recover(Pending(wire))
+                need_plan = False
+            plan = self.plan
+            if plan is not None and m.member not in plan.holders:
+                self.checked = True
+                return None  # follow_plan took part with zeros and adopted the holders' state
+            if plan is not None and plan.diverged and not self.checked:
+                raise UserError(
+                    f"the replicas' models differ at the first outer sync ({', '.join(plan.diverged)} "
+                    "unlike the others): create OuterOptimizer after mesh.register(model, optimizer), "
+                    "and change the model alike on every worker"
+                )
+            self.checked = True
+            try:
+                out = self._reduce(delta, samples, wire, feedback, timing)
+            except RING_FAILURES:
+                m._mark_broken()
+                need_plan = True
+                continue
+            break
+        contributors = self.plan.holders if self.plan is not None else m._roster
+        self._commit_interval(set(contributors))
+        if m._timer is not None:
+            m._timer.reduced()
+        return out
+
+    def finish(self) -> None:
+        """After the outer step: the members the plan left out receive the state now."""
+        plan, self.plan = self.plan, None
+        if plan is None or plan.state_now or not plan.zero or self.mesh._ring is None:
+            return
+        try:
+            self._hand_over(plan)
+        except RING_FAILURES:
+            self.mesh._mark_broken()  # they stay without state and enter at the next sync
+
+    def _header(self, samples: float, timing: tuple[float, float] | None, bounds: Any) -> np.ndarray:
+        fixed = [1.0, float(samples), 1.0 if timing else 0.0, *(timing or (0.0, 0.0))]
+        return np.concatenate([np.array(fixed, np.float32), np.asarray(bounds, np.float32)])
+
+    def _reduce(
+        self,
+        delta: np.ndarray,
+        samples: float,
+        wire: str,
+        feedback: compression.ErrorFeedback | None,
+        timing: tuple[float, float] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = self.mesh
+        ring, size, label = m._ring, len(m._roster), self.start
+        if ring is None:
+            raise PeerLost(m.member, m._gen, "the ring broke before the outer sync")
+        quantized = wire == "qint8"
+        u = feedback.corrected(delta) if (quantized and feedback is not None) else delta
+        bounds = np.float32(samples) * compression.chunk_bounds(u) if quantized else ()
+        header = self._header(samples, timing, bounds)
+        sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
+        sent = _sent(size, header.nbytes)
+        total = float(np.rint(sums[1]))
+        if not total > 0:  # nobody trained on a sample this interval: nothing moved
+            self.last_sent_bytes = sent
+            return np.zeros(delta.size, np.float32), sums
+        if quantized:
+            grid = compression.Grid.from_sums(sums[compression.HEADER_FIXED :], total, size)
+            q = grid.quantize(u, samples)
+            q_sum = np.empty_like(q)
+            ring.reduce_into(q, q_sum, step=label, weight=samples / total, wire_dtype="qint8")
+            mean = grid.mean(q_sum)
+            if feedback is not None:
+                feedback.keep(u, grid.sent(q, samples), contributed=samples > 0)
+            sent += _sent(size, q.size)
+        else:
+            mean = ring.allreduce(delta, step=label, weight=float(samples), wire_dtype=wire)
+            sent += _sent(size, delta.size * np.dtype(_storage(wire)).itemsize)
+        self.last_sent_bytes = sent
+        m._note_stats()
+        return mean, sums
+
+    def _reduce_zeros(self, plan: OuterPlan) -> None:
+        """The holders' two reductions with zeros at weight 0 (this worker's delta is not in them)."""
+        m = self.mesh
+        ring, size, label = m._ring, len(m._roster), plan.target
+        count = self.outer.param_count
+        quantized = plan.wire == "qint8"
+        header = self._header(0.0, None, np.zeros(compression.n_chunks(count) if quantized else 0))
+        header[0] = 0.0
+        sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
+        if not float(np.rint(sums[1])) > 0:
+            return
+        zeros = np.zeros(count, np.float32)
+        if quantized:
+            ring.reduce_into(zeros, np.empty_like(zeros), step=label, weight=0.0, wire_dtype="qint8")
+        else:
+            ring.allreduce(zeros, step=label, weight=0.0, wire_dtype=plan.wire or "float32")
+
+    def _commit_interval(self, contributors: set[str]) -> None:
+        """The interval's steps are done: ledger rows of the contributors, orphans carried."""
+        m = self.mesh
+        self._record_step()
+        orphans = [v for _, _, slices in self.steps for k, v in slices.items() if k not in contributors]
+        self._advance(np.concatenate(orphans) if orphans else np.empty(0, np.int64))
+        if m._ledger is not None and self.steps:
+            now = time.time()
+            with m._ledger.open("a") as f:
+                for step, epoch, slices in self.steps:
+                    row = {
+                        "epoch": epoch,
+                        "step": step,
+                        "gen": m._gen,
+                        "t": now,
+                        "slices": {k: v.tolist() for k, v in slices.items() if k in contributors},
+                    }
+                    f.write(_json(row) + "\n")
+        self.steps = []
+        self.start = m.committed
+        self.interval_gen = m._gen
+
+    # --- recovery (WorkerMesh._recover calls this on every new ring) ---------------------------
+    def digest(self) -> str:
+        """The shared outer state: the anchor and the momentum at the interval's first step."""
+        return state_digest({"anchor": self.outer._anchor, "velocity": self.outer._velocity}, self.start)
+
+    def follow_plan(self, held: Any) -> None:
+        m = self.mesh
+        has = m._has_state
+        pending = isinstance(held, Pending) and has
+        status = MemberStatus(
+            member=m.member,
+            committed=self.start if has else 0,
+            digest=self.digest() if has else "",
+            pending=pending,
+            slice_gen=self.interval_gen if pending else -1,
+            wire=held.wire if pending else "",
+        )
+        size = len(m._roster)
+        vec = encode_status(size, m._roster.index(m.member), status)
+        summed = m._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
+        try:
+            plan = plan_outer_sync(decode_statuses(m._roster, summed))
+        except Unrecoverable as exc:
+            raise PeerLost(m.member, m._gen, f"cannot rejoin the job's state: {exc}") from exc
+        self.plan = plan
+        if plan.state_now:
+            self.plan = None
+            if plan.zero:
+                self._hand_over(plan)
+            return
+        if m.member in plan.holders:
+            return
+        m._has_state = False  # what this worker holds is not the job's state any more
+        self._reduce_zeros(plan)
+        self._hand_over(plan)
+
+    def _hand_over(self, plan: OuterPlan) -> None:
+        """The source's state after the outer step (model, inner optimizer, sampler, outer momentum and
+        settings) to the plan's `zero` members; every member of the ring takes part."""
+        m = self.mesh
+        source = m.member == plan.source
+        tree, meta = m._broadcast_state(source)
+        velocity = broadcast_tree(m._ring, dict(self.outer._velocity), source)
+        blob = broadcast_bytes(m._ring, msgpack.packb(self.outer.shared_meta()) if source else None, source)
+        if m.member not in plan.zero:
+            return
+        m._adopt(tree, meta)
+        m._joined_gen = m._gen
+        self.outer.adopt(velocity, msgpack.unpackb(blob, strict_map_key=False))
+        if m._open is not None:
+            m._open.reduced = True  # its step is in the state just taken
+        self.checked = True  # the holders compared outer states already; its first sync is theirs
+        self.steps = []
+        self.start = m.committed
+        self.interval_gen = m._gen
+
+
+def _sent(size: int, nbytes: int) -> int:
+    """Bytes one member sends in a ring all-reduce of `nbytes` (reduce-scatter and all-gather)."""
+    return 0 if size < 2 else int(2 * (size - 1) / size * nbytes)
+
+
+def _storage(wire: str) -> Any:
+    from meshtrain.ring import codecs
+
+    return codecs.codec(wire).storage
+
+
+def _json(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row)
