@@ -19,3 +19,12 @@ __version__ = "0.1.0"
 PROTOCOL_VERSION = 1
 
 __all__ = ["Mesh", "MeshtrainError", "PeerLost", "UserError", "init", "__version__", "PROTOCOL_VERSION"]
+
+
+def __getattr__(name: str) -> object:
+    """`meshtrain.shard` after a plain `import meshtrain` (imported on first use; the agent never does)."""
+    if name == "shard":
+        import importlib
+
+        return importlib.import_module("meshtrain.shard")
+    raise AttributeError(f"module 'meshtrain' has no attribute {name!r}")
