@@ -468,15 +468,12 @@ class Agent:
         for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
             runner.add_event(event)  # the view opens on how the mesh got here
         self.runners[runner.job] = runner
-        recorder = self._record(runner)  # experiment tracking: the run's record (meshtrain.tracking)
         from meshtrain.notify.hook import watch_job
 
         notify_end = watch_job(runner)  # --notify targets: follows runner.state, sends in the background
         try:
             result = await runner.run(sink)
             notify_end(result)
-            if recorder is not None:
-                await recorder.end(result)
             return result
         finally:
             self.runners.pop(runner.job, None)
@@ -486,18 +483,6 @@ class Agent:
         """Full snapshots of the jobs this node coordinates, then of those that ended here (the dashboard)."""
         now = time.time()
         return [r.state.snapshot(now) for r in self.runners.values()] + list(self.finished_jobs)
-
-    def _record(self, runner: JobRunner) -> Any:
-        """The job's RunRecorder (meshtrain.tracking), or None when this node cannot keep records."""
-        try:
-            if self.tracking is None:
-                from meshtrain.tracking.recorder import Tracking
-
-                self.tracking = Tracking(self)
-            return self.tracking.recorder(runner)
-        except Exception as exc:  # noqa: BLE001 - a job runs even where its record cannot be kept
-            self._event("tracking", self.name, f"run not recorded: {exc}")
-            return None
 
     def _on_hosted(self, hosted: HostedWorker, started: bool) -> None:
         key = f"{hosted.job}/{hosted.member or hosted.rank}"

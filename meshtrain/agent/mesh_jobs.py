@@ -380,6 +380,9 @@ class MeshJobs:
         self._run_runner(replica, runner, runner.follow())
 
     def _run_runner(self, replica: JobReplica, runner: JobRunner, body: Awaitable[JobResult | None]) -> None:
+        from meshtrain.tracking.recorder import follow_runner  # experiment tracking: the run's record
+
+        body = follow_runner(self.agent, runner, body)  # recorded here while this node coordinates
         replica.runner = runner
         runners = getattr(self.agent, "runners", {})
         registered = (

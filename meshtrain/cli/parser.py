@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "doctor",
     "runs",
     "tag",
+    "sweep",
     "dashboard",
 )
 COMMANDS += ("attach", "jobs", "cancel", "logs")  # a job of the mesh, watched and steered from any node

@@ -70,7 +70,7 @@ def git_info(script: str | Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status), "branch": git("rev-parse", "--abbrev-ref", "HEAD") or ""}
 
 
-def _scalar(text: str) -> Any:
+def scalar(text: str) -> Any:
     """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, anything else stays text."""
     low = text.lower()
     if low in ("true", "false"):
@@ -93,9 +93,9 @@ def params_from_args(args: Sequence[str]) -> dict[str, Any]:
             name, eq, value = token[2:].partition("=")
             key = name.replace("-", "_")
             if eq:
-                params[key] = _scalar(value)
+                params[key] = scalar(value)
             elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
-                params[key] = _scalar(args[i + 1])
+                params[key] = scalar(args[i + 1])
                 i += 1
             else:
                 params[key] = True

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,13 @@ class RunRecorder:
         )
         self._argparse: dict[str, Any] = {}
         self._config: dict[str, Any] = {}
-        self._folder = MetricFolder()
+        existing = self.store.get(self.run.id)
+        if existing is not None:  # a successor coordinator: carry on from the record this node holds
+            self.run.started, self.run.state = existing.started, existing.state
+            self.run.mesh, self.run.checkpoints = existing.mesh, existing.checkpoints
+            self._argparse = dict(existing.params)
+            self.run.params = clean_params({**self.run.params, **existing.params})
+        self._folder = MetricFolder(seq=int(clock() * 1000) << 20)
         self._pushed: dict[str, int] = {}  # peer -> highest metric seq it acknowledged
         self._follower: asyncio.Task[None] | None = None
         self._closed = False
@@ -242,6 +248,14 @@ class RunRecorder:
             self.run.mesh["mlx"] = versions
             self._save()
 
+    def detach(self) -> None:
+        """Coordination moved to another node: its recorder carries the record on from here."""
+        self._closed = True
+        if self._follower is not None and self._follower is not asyncio.current_task():
+            self._follower.cancel()
+        if getattr(self.runner, "on_metrics", None) == self.metrics:
+            self.runner.on_metrics = None
+
     async def end(self, result: Any) -> None:
         """The job's result: close the record now (before a --local mesh is torn down) and push it."""
         if self._follower is not None and self._follower is not asyncio.current_task():
@@ -250,6 +264,10 @@ class RunRecorder:
 
     async def _close(self, state: str, message: str | None) -> None:
         if self._closed:
+            return
+        stepped_down = getattr(self.runner, "coordinating", True) is False and self.runner.result is None
+        if stepped_down:  # a mirror of a job coordinated elsewhere
+            self.detach()
             return
         self._closed = True
         state_obj = getattr(self.runner, "state", None)
@@ -303,7 +321,8 @@ class RunRecorder:
     def _peers(self) -> list[str]:
         me = getattr(self.agent, "name", None)
         alive = [c.name for c in self.agent.candidates() if c.state == "alive" and c.protocol is not None]
-        peers = [n for n in self.run.mesh.get("nodes") or [] if n != me and n in alive]
+        wanted = [*(self.run.mesh.get("nodes") or []), str(getattr(self.runner, "origin", "") or "")]
+        peers = list(dict.fromkeys(n for n in wanted if n and n != me and n in alive))
         if not peers:
             peers = [n for n in alive if n != me][:1]  # a one-node job still gets a second copy
         return peers
@@ -348,3 +367,27 @@ async def _request(
     finally:
         await conn.close()
     return dict(header)
+
+
+async def follow_runner(agent: Any, runner: Any, body: Awaitable[Any]) -> Any:
+    """Drive `body` (a runner's coordination) with the run recorded while this node coordinates.
+
+    The hook of meshtrain.agent.mesh_jobs: every runner an agent drives (the origin's, a successor's)
+    passes through here, so the record follows whoever coordinates. A result closes the record at once
+    (and pushes it); None (coordination moved away) hands the record on. Tracking never fails a job.
+    """
+    recorder: RunRecorder | None = None
+    try:
+        if getattr(agent, "tracking", None) is None:
+            agent.tracking = Tracking(agent)
+        recorder = agent.tracking.recorder(runner)
+    except Exception:  # noqa: BLE001 - a job runs even where its record cannot be kept
+        recorder = None
+    result = await body
+    if recorder is not None:
+        with contextlib.suppress(Exception):
+            if result is None:
+                recorder.detach()
+            else:
+                await recorder.end(result)
+    return result

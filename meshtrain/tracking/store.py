@@ -11,9 +11,11 @@ Three tables:
   checkpoints) as JSON text. ``updated`` orders the writers: a replica only
   takes a row newer than the one it holds, so copies converge whatever order
   the pushes arrive in.
-- ``metrics``: one row per reported value, ``(run, seq)`` unique: ``seq`` is
-  the coordinator's running number, so a replica inserting the same rows twice
-  (a push retried) keeps one copy.
+- ``metrics``: one row per reported value, unique by (run, worker, the
+  worker's timestamp of the report, metric), so a value that arrives twice (a
+  push retried, a report resent to a new coordinator) is kept once; ``seq``
+  (a recorder's running number, starting from its start time in ms << 20, so a
+  later coordinator's rows sort after an earlier one's) orders pushes.
 - ``tags``: model versions, ``NAME -> (checkpoint run, step)``.
 """
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshtrain import env as env_names
 from meshtrain.errors import UserError
 
 DB_NAME = "runs.sqlite"
@@ -63,9 +66,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     t REAL NOT NULL,
     key TEXT NOT NULL,
     value REAL NOT NULL,
-    PRIMARY KEY (run, seq)
+    PRIMARY KEY (run, member, t, key)
 );
 CREATE INDEX IF NOT EXISTS metrics_key ON metrics(run, key, step);
+CREATE INDEX IF NOT EXISTS metrics_seq ON metrics(run, seq);
 CREATE TABLE IF NOT EXISTS tags (
     name TEXT PRIMARY KEY,
     run TEXT NOT NULL,
@@ -100,7 +104,7 @@ COLUMNS = (
 def runs_db_path(home: Path | None = None) -> Path:
     """``$MESHTRAIN_HOME/runs.sqlite`` (or ``~/.local/state/meshtrain/runs.sqlite``)."""
     if home is None:
-        env = os.environ.get("MESHTRAIN_HOME")
+        env = os.environ.get(env_names.HOME)
         home = Path(env) if env else Path.home() / ".local" / "state" / "meshtrain"
     return home / DB_NAME
 
@@ -207,7 +211,7 @@ class RunStore:
         return cur.rowcount > 0
 
     def add_metrics(self, run: str, rows: Iterable[MetricRow]) -> int:
-        """Insert metric rows (duplicates by seq are ignored); how many were new."""
+        """Insert metric rows (a value already held is ignored); how many were new."""
         data = [(run, r.seq, r.member, r.step, r.t, r.key, r.value) for r in rows]
         if not data:
             return 0

@@ -1,0 +1,194 @@
+"""Where a sweep's trials run: an in-process ``--local N`` mesh, or the mesh of this machine's agent.
+
+Both start each trial as an ordinary job pinned to named nodes (``--nodes a,b``) and read its
+metrics back from the run store the coordinating agent writes (meshtrain.tracking).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from meshtrain.errors import UserError, WireError
+from meshtrain.tracking.store import RunStore
+
+NODE_WAIT_S = 30.0
+
+
+class _QuietSink:
+    """A trial's output is kept, not printed (the sweep prints one line per trial event)."""
+
+    def __init__(self) -> None:
+        self.tail: list[str] = []
+
+    async def log(self, node: str, rank: int, stream: str, line: str) -> None:
+        self.tail = (self.tail + [f"[{node}] {line}"])[-20:]
+
+    async def snapshot(self, snap: dict[str, Any]) -> None:
+        pass
+
+
+class _LocalTrial:
+    def __init__(self, runner: Any, task: asyncio.Task[Any]) -> None:
+        self.runner, self.task = runner, task
+
+    @property
+    def run_id(self) -> str | None:
+        return str(self.runner.job)
+
+    def cancel(self, reason: str) -> None:
+        self.runner.cancel(reason)
+
+    async def wait(self) -> tuple[str, str | None]:
+        result = await self.task
+        return str(result.state), result.message
+
+
+class LocalLauncher:
+    """An embedded mesh of N agents (like `run --local N`), every trial coordinated by the first."""
+
+    def __init__(self, n: int, script: str, bundle: bytes) -> None:
+        self.n, self.script, self.bundle = n, script, bundle
+        self.agents: list[Any] = []
+        self.nodes: list[str] = []
+        self._store: RunStore | None = None
+
+    async def __aenter__(self) -> LocalLauncher:
+        from meshtrain.launcher import start_local_mesh
+
+        self.agents = await start_local_mesh(self.n)
+        self.nodes = [a.name for a in self.agents]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        from meshtrain.launcher import stop_local_mesh
+
+        await stop_local_mesh(self.agents)
+
+    async def start(self, args: list[str], nodes: list[str], options: dict[str, Any]) -> _LocalTrial:
+        from meshtrain.agent.jobs import JobRequest, JobRunner
+
+        coordinator = self.agents[0]
+        request = JobRequest(
+            script=self.script,
+            args=args,
+            bundle=self.bundle,
+            nodes=",".join(nodes),
+            wait=NODE_WAIT_S,
+            options=options,
+        )
+        runner = JobRunner(request=request, membership=coordinator, protocol=coordinator.protocol)
+        task = asyncio.ensure_future(coordinator.submit(request, _QuietSink(), runner))
+        return _LocalTrial(runner, task)
+
+    def _runs(self) -> RunStore | None:
+        if self._store is None:
+            tracking = getattr(self.agents[0], "tracking", None)
+            self._store = getattr(tracking, "store", None)
+        return self._store
+
+    def metrics(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+        store = self._runs()
+        return store.series(run_id, key) if store is not None else []
+
+    def metric_keys(self, run_id: str) -> list[str]:
+        store = self._runs()
+        return store.metric_keys(run_id) if store is not None else []
+
+
+class _AgentTrial:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.job: str | None = None
+        self._done: asyncio.Future[tuple[str, str | None]] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def run_id(self) -> str | None:
+        return self.job
+
+    def cancel(self, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.ensure_future(self.conn.send("request", {"op": "cancel"}))
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                header, _ = await self.conn.recv()
+                kind = header.get("kind")
+                snap = header.get("snapshot")
+                if kind == "event" and isinstance(snap, dict) and snap.get("job"):
+                    self.job = str(snap["job"])
+                elif kind == "reply":
+                    self.job = self.job or header.get("job")
+                    state = str(header.get("state") or ("failed" if not header.get("ok") else "done"))
+                    self._done.set_result((state, header.get("message")))
+                    return
+        except Exception as exc:  # noqa: BLE001 - the agent went away: this trial failed
+            if not self._done.done():
+                self._done.set_result(("failed", f"lost the agent: {exc.__class__.__name__}"))
+        finally:
+            await self.conn.close()
+
+    async def wait(self) -> tuple[str, str | None]:
+        return await self._done
+
+
+class AgentLauncher:
+    """The mesh of this machine's agent: trials go to it like `meshtrain run --nodes NAME` would."""
+
+    def __init__(self, socket: Path, script: str, bundle: bytes, db: Path) -> None:
+        self.socket, self.script, self.bundle, self.db = socket, script, bundle, db
+        self.nodes: list[str] = []
+        self._store: RunStore | None = None
+
+    async def __aenter__(self) -> AgentLauncher:
+        from meshtrain.agent.control import call
+
+        try:
+            reply = await asyncio.wait_for(call(self.socket, "status"), 10.0)
+        except (OSError, asyncio.TimeoutError, WireError):
+            raise UserError(
+                "no agent is running on this machine: `meshtrain join`, or sweep --local N"
+            ) from None
+        nodes = (reply.get("snapshot") or {}).get("nodes") or []
+        self.nodes = sorted(
+            str(n["name"]) for n in nodes if n.get("state") == "alive" and n.get("role") != "viewer"
+        )
+        if not self.nodes:
+            raise UserError("the mesh has no live node to run trials on")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def start(self, args: list[str], nodes: list[str], options: dict[str, Any]) -> _AgentTrial:
+        from meshtrain.agent.control import open_request
+
+        conn = await open_request(
+            self.socket,
+            "run",
+            self.bundle,
+            script=self.script,
+            args=args,
+            nodes=",".join(nodes),
+            min_nodes=None,
+            wait=NODE_WAIT_S,
+            options=options,
+        )
+        return _AgentTrial(conn)
+
+    def _runs(self) -> RunStore | None:
+        if self._store is None and self.db.exists():
+            self._store = RunStore(self.db)
+        return self._store
+
+    def metrics(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+        store = self._runs()
+        return store.series(run_id, key) if store is not None else []
+
+    def metric_keys(self, run_id: str) -> list[str]:
+        store = self._runs()
+        return store.metric_keys(run_id) if store is not None else []
