@@ -199,12 +199,13 @@ def make_optimizer(
     return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=weight_decay)
 
 
-def load_tokens(tokenizer_name: str) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(tokenizer, train ids, validation ids) of the Shakespeare corpus, as int32 arrays."""
+def load_tokens(tokenizer_name: str, text: str | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(tokenizer, train ids, validation ids) of the Shakespeare corpus (or of the text files at
+    `text`: a file or a directory of .txt files), as int32 arrays."""
     from meshtrain import tokenizers
-    from meshtrain.datasets import shakespeare
+    from meshtrain.datasets import shakespeare, text_files
 
-    corpus = shakespeare()
+    corpus = text_files(text) if text else shakespeare()
     tokenizer = tokenizers.get(tokenizer_name, corpus.text)
     return tokenizer, tokenizer.encode_array(corpus.train), tokenizer.encode_array(corpus.validation)
 
@@ -246,6 +247,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="~1M, ~10M or ~85M parameters")
     parser.add_argument("--tokenizer", choices=("char", "gpt2"), default="char")
+    parser.add_argument("--text", metavar="PATH", help="your own text (a file or a directory of .txt files)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument(
@@ -285,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("epochs", "batch_size", "evals_per_epoch", "eval_batches"):
         if getattr(args, name) < 1:
             raise SystemExit(f"shakespeare.py: --{name.replace('_', '-')} must be at least 1")
-    tokenizer, train, val = load_tokens(args.tokenizer)
+    tokenizer, train, val = load_tokens(args.tokenizer, args.text)
     if args.train_limit is not None:
         train = train[: args.train_limit]
     config = dataclasses.replace(

