@@ -207,6 +207,20 @@ def mlx_step(
     return step
 
 
+def val_loss(args: argparse.Namespace, s: Setup, model: Any) -> float:
+    """Mean loss over `--eval-batches` evenly spaced validation batches: the torch port's `evaluate`."""
+    block, batch = s.config.block_size, args.batch_size
+    n = (len(s.val) - 1) // block
+    starts = np.arange(n) * block
+    if args.eval_batches * batch < n:
+        starts = starts[np.linspace(0, n - 1, args.eval_batches * batch).astype(np.int64)]
+    total = 0.0
+    for i in range(0, len(starts), batch):
+        x, y = s.lm.windows(s.val, starts[i : i + batch], block)
+        total += float(s.lm.loss_fn(model, x, y)) * len(x)
+    return total / max(len(starts), 1)
+
+
 def worker_meshtrain(args: argparse.Namespace) -> None:
     import meshtrain
 
@@ -248,7 +262,7 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
         outer.flush()
         out["mode"] = outer.describe()
     if mesh.is_main:
-        out["val_loss"] = s.lm.evaluate(model, s.val, s.config.block_size, args.batch_size, args.eval_batches)
+        out["val_loss"] = val_loss(args, s, model)
     print("RESULT " + json.dumps(out), flush=True)
     mesh.close()
 
@@ -294,7 +308,7 @@ def worker_mlx(args: argparse.Namespace) -> None:
         args, step, global_batches(s.n_windows, args.batch_size, args.seed, args.rank, args.world), args.rank
     )
     if args.rank == 0:
-        out["val_loss"] = s.lm.evaluate(model, s.val, s.config.block_size, args.batch_size, args.eval_batches)
+        out["val_loss"] = val_loss(args, s, model)
     if group is not None:  # nobody leaves the ring while rank 0 evaluates
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     print("RESULT " + json.dumps(out), flush=True)
@@ -449,17 +463,19 @@ def run_peers(
         outs[i] = procs[i].communicate()[0]
 
     readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(n)]
-    for t in readers:
-        t.start()
-    for t in readers:
-        t.join(max(1.0, args.max_run_s - (time.monotonic() - start)))
-    timed_out = any(p.poll() is None for p in procs)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for t in readers:
-        t.join(5)
-    os.unlink(hostfile.name)
+    try:
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(max(1.0, args.max_run_s - (time.monotonic() - start)))
+        timed_out = any(p.poll() is None for p in procs)
+    finally:  # a cut run, or the whole bench interrupted: no worker outlives it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for t in readers:
+            t.join(5)
+        os.unlink(hostfile.name)
     return collect(f"{kind}-{wire}", "\n".join(outs), time.monotonic() - start, timed_out, args, n)
 
 
@@ -504,8 +520,14 @@ def run_meshtrain(
     try:
         output = proc.communicate(timeout=args.max_run_s)[0]
         timed_out = False
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
         proc.send_signal(signal.SIGINT)  # the first Ctrl-C cancels the job on every node
+        if isinstance(exc, KeyboardInterrupt):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+            if proc.poll() is None:
+                proc.kill()
+            raise
         try:
             output = proc.communicate(timeout=20)[0]
         except subprocess.TimeoutExpired:
@@ -582,6 +604,10 @@ def cell_hosts(
         yield hosts, home, secret, None if loopback else PREFIX, how
 
 
+class OutOfTime(Exception):
+    """--budget-s is spent: no new run starts, the tables show what was measured."""
+
+
 def run_cell(
     link: str, n: int, modes: list[str], args: argparse.Namespace, flags: list[str], cells: list[Cell]
 ) -> None:
@@ -591,6 +617,8 @@ def run_cell(
         cell.note = how
         for round_ in range(args.rounds):
             for mode in modes:
+                if args.deadline and time.monotonic() > args.deadline:
+                    raise OutOfTime
                 print(f"[{link}] N={n} {mode} (round {round_ + 1})", flush=True)
                 if FAMILY[mode] == "meshtrain":
                     out = run_meshtrain(mode, n, hosts, home, secret, ns_prefix, args, flags)
@@ -784,6 +812,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--torch-path", default="", help="extra PYTHONPATH holding torch (for the DDP modes)")
     p.add_argument("--max-run-s", type=float, default=180.0, help="cut a run after this many seconds")
+    p.add_argument(
+        "--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: none)"
+    )
     # worker side (set by the driver)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--root", default=str(HERE.parent), help=argparse.SUPPRESS)
@@ -845,23 +876,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.block = args.block_size or lm.SIZES[args.size].block_size
     print(describe_setup(args), flush=True)
     flags = common_flags(args, tokens_dir)
+    families = list(dict.fromkeys(FAMILY[m] for m in args.modes))
     cells: list[Cell] = []
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a background start ignored it
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    args.deadline = time.monotonic() + args.budget_s if args.budget_s > 0 else 0.0
+    # nothing crosses a wire at N=1: one run per framework stands for every link and wire
+    plan = [(args.links[0], 1, [next(m for m in args.modes if FAMILY[m] == f) for f in families])]
+    plan = plan if 1 in args.nodes else []
+    plan += [(link, n, list(args.modes)) for link in args.links for n in sorted(args.nodes) if n > 1]
     try:
-        for n in sorted(args.nodes):
-            if n == 1:  # nothing crosses a wire: one run per framework stands for every link and wire
-                one = [
-                    next(m for m in args.modes if FAMILY[m] == f)
-                    for f in dict.fromkeys(FAMILY[m] for m in args.modes)
-                ]
-                run_cell(args.links[0], 1, one, args, flags, cells)
-                continue
-            for link in args.links:
-                try:
-                    run_cell(link, n, list(args.modes), args, flags, cells)
-                except (subprocess.CalledProcessError, SystemExit) as exc:
-                    print(f"  !! [{link}] N={n} failed: {exc}", flush=True)
+        for link, n, modes in plan:  # link by link, so a cut bench has every N of its first links
+            try:
+                run_cell(link, n, modes, args, flags, cells)
+            except (subprocess.CalledProcessError, SystemExit) as exc:
+                print(f"  !! [{link}] N={n} failed: {exc}", flush=True)
     except KeyboardInterrupt:  # `timeout -s INT`: still print what was measured
         print("\ninterrupted: the tables have the runs measured so far", flush=True)
+    except OutOfTime:
+        print(f"\n--budget-s {args.budget_s:.0f} spent: the tables have the runs measured so far", flush=True)
     finally:
         import shutil
 
