@@ -4,11 +4,13 @@
 # NS=1,2 or NS=4 (one call each fits the 10-minute limit); DIM/LAYERS/STEPS as bench/sharded.py's.
 W=.venv/zero-whl
 PY=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-mkdir -p /tmp/site
-for f in $W/*.whl; do
+WHEELS=()
+for f in $W/*.whl; do  # the wheels for this Python (and the version-free ones), in one install
   case "$f" in *-cp3*-cp3*) [[ "$f" == *"-$PY-$PY-"* ]] || continue;; esac
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$f" || exit 1
+  WHEELS+=("$f")
 done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "${WHEELS[@]}" 2>&1 | grep -v "Running pip as the 'root'" || true
 for f in $W/*.deb; do dpkg -x "$f" /tmp/ob; done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MESHTRAIN_OFFLINE=1
 export MESHTRAIN_BLAS=/tmp/ob/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
