@@ -29,7 +29,9 @@ def add_parser(sub: Any) -> None:
         "sweep", help="search hyper-parameters: trials as concurrent jobs on the mesh (Optuna)"
     )
     sw.add_argument("script", metavar="SCRIPT")
-    sw.add_argument("script_args", nargs="*", metavar="ARG", help="the script's own arguments (after --)")
+    sw.add_argument(
+        "--args", default="", metavar="'ARGS'", help="the script's own arguments, quoted: --args '--epochs 5'"
+    )
     sw.add_argument(
         "--param",
         action="append",
@@ -73,7 +75,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(
         name=name,
-        script_args=list(args.script_args),
+        script_args=_split(args.args),
         params=params,
         metric=metric,
         direction=direction,
@@ -96,6 +98,15 @@ def sweep_command(args: argparse.Namespace) -> int:
     values = ", ".join(f"{k}={v}" for k, v in b.params.items())
     print(f"best: trial {b.number} ({b.run_id}) {metric} {b.value:.6g} with {values}")
     return 0
+
+
+def _split(text: str) -> list[str]:
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UserError(f"--args {text!r}: {exc}") from None
 
 
 def _tracking_options(script: str) -> dict[str, Any]:
