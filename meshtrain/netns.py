@@ -122,6 +122,9 @@ class Cluster:
 
     def down(self) -> None:
         for i in range(self.n):
+            # the bridge-side end too: the kernel frees a deleted namespace's veths lazily (seconds
+            # under load), and a cluster brought up again at once could not add them meanwhile
+            _run("ip", "link", "del", f"{self.prefix}b{i}", check=False)
             _run("ip", "netns", "del", self.ns(i), check=False)
         _run("ip", "link", "del", self.bridge, check=False)
 
