@@ -9,7 +9,8 @@ Communication modes: `--wire bf16` (the default) sends gradients as bfloat16,
 half the bytes of `--wire fp32`; `--sync-every H` (or `auto`) trains in the
 DiLoCo style, H local steps and then one all-reduce of the parameter delta
 with an outer Nesterov step (meshtrain.train.local_sgd); H = 1 is per-step
-gradient averaging.
+gradient averaging. `--compress int8` sends local SGD's deltas as int8 with
+error feedback (half the bytes of bf16; meshtrain.train.compression).
 
 Models: `cnn` (conv32-conv64-maxpool-fc128-fc10, the default on Metal and
 CUDA) and `mlp` (784-512-512-10, the default on a Linux CPU, where MLX's
@@ -169,6 +170,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="H local steps between syncs (DiLoCo local SGD), or 'auto'; 1 = per-step gradient sync",
     )
     parser.add_argument(
+        "--compress",
+        choices=["none", "int8"],
+        default="none",
+        help="local SGD: send the outer deltas as int8 with error feedback (default none)",
+    )
+    parser.add_argument(
         "--evals-per-epoch",
         type=int,
         default=1,
@@ -192,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.evals_per_epoch < 1:
         raise SystemExit("mnist.py: --evals-per-epoch must be at least 1")
     sync_every = parse_sync_every(args.sync_every)
+    if args.compress != "none" and sync_every == 1:
+        raise SystemExit("mnist.py: --compress compresses local SGD's deltas: add --sync-every H (or auto)")
     wire = WIRE_DTYPES[args.wire]
     model_name = args.model or default_model()
 
@@ -220,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             outer_lr=args.outer_lr,
             momentum=args.outer_momentum,
             wire_dtype=wire,
+            compress=args.compress,
         )
 
     if mesh.is_main:
@@ -274,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             outer.flush()  # every worker, so the evaluated (and saved) model is the shared one
             if epoch == 0 and mesh.is_main and outer.auto:
                 print(outer.describe(), flush=True)
+            if mesh.is_main and outer.syncs:
+                print(
+                    f"local SGD: {outer.syncs} syncs, {outer.bytes_sent / 1e6:.2f} MB sent by this worker "
+                    f"({outer.bytes_sent / max(outer.syncs, 1) / 1e3:.1f} kB a sync)",
+                    flush=True,
+                )
         accuracy = timed_evaluate()
         if mesh.is_main:
             mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
