@@ -35,6 +35,7 @@ of waiting out its timeout for a member that is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import secrets
 import select
 import socket
@@ -494,7 +495,7 @@ def _connect(
     sock.setblocking(False)
     try:
         code = sock.connect_ex(addr)
-        if code not in (0, 115, 36, 10035):  # EINPROGRESS (Linux, macOS), WSAEWOULDBLOCK
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             raise OSError(code, "connect failed")
         if code != 0:
             if not _wait(
