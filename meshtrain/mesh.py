@@ -88,13 +88,28 @@ class Mesh:
         return tree
 
     def batches(
-        self, n_samples: int, batch_size: int, *, epoch: int = 0, seed: int = 0, drop_last: bool = False
+        self,
+        n_samples: int,
+        batch_size: int,
+        *,
+        epoch: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        accumulate: int = 1,
     ) -> Iterator[np.ndarray]:
         """Index arrays of this worker's slice of each global batch of one epoch.
 
         The permutation depends only on (seed, epoch), so every worker agrees on
-        it; the global batch is `batch_size`, split between workers.
+        it; the global batch is `batch_size`, split between workers. With
+        `accumulate=K` each slice comes as K micro-batches, one optimizer step
+        (and one all-reduce) per K (meshtrain.train.accumulate shows the loop).
         """
+        if accumulate != 1:
+            from meshtrain.train.accumulate import check_accumulate, micro_batches
+
+            whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
+            yield from micro_batches(whole, check_accumulate(accumulate))
+            return
         perm = np.random.default_rng([seed, epoch]).permutation(n_samples)
         stop = n_samples - (n_samples % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):

@@ -282,13 +282,27 @@ class WorkerMesh(Mesh):
             )
 
     def batches(
-        self, n_samples: int, batch_size: int, *, epoch: int = 0, seed: int = 0, drop_last: bool = False
+        self,
+        n_samples: int,
+        batch_size: int,
+        *,
+        epoch: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        accumulate: int = 1,
     ) -> Iterator[np.ndarray]:
         """This worker's slice of every remaining global batch of `epoch` (nothing for an epoch done).
 
         `drop_last` is not supported by the exactly-once sampler (every index is
-        trained on once per epoch); a short last batch is normal.
+        trained on once per epoch); a short last batch is normal. `accumulate=K`
+        yields each slice as K micro-batches (meshtrain.train.accumulate).
         """
+        if accumulate != 1:
+            from meshtrain.train.accumulate import check_accumulate, micro_batches
+
+            whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
+            yield from micro_batches(whole, check_accumulate(accumulate))
+            return
         if self._sampler is None:
             self._sampler = StepSampler(n_samples, batch_size, seed)
         elif (self._sampler.dataset_size, self._sampler.global_batch, self._sampler.seed) != (
