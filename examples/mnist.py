@@ -246,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         eval_s += time.perf_counter() - began
         return result
 
+    evaluated: int | None = None  # the last block of eval_every global steps evaluated (None: none yet)
     for epoch in range(args.epochs):
-        start, loss_sum, seen, evaluated = time.perf_counter(), 0.0, 0, 0
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0
         batches = mesh.batches(n_train, args.batch_size, epoch=epoch, seed=args.seed)
         for step, idx in enumerate(batches):
             if len(idx) == 0:  # more workers than samples in this batch: still take part
@@ -261,8 +262,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 apply_update(grads)
             mx.eval(model.parameters(), optimizer.state, loss)
             synced = outer is None or outer.step(samples=len(idx)) or not outer.active
-            if (step + 1) // eval_every > evaluated and synced and step + 1 < steps_per_epoch:
-                evaluated = (step + 1) // eval_every  # mid-epoch: the shared model, right after a sync
+            # mid-epoch: the shared model, right after a sync. Keyed on the global step, which every
+            # worker agrees on (a joiner's own loop counter starts at 0), so all evaluate together
+            block = mesh.step // eval_every
+            if evaluated is None:
+                evaluated = block
+            if args.evals_per_epoch > 1 and block > evaluated and synced:
+                evaluated = block
                 accuracy = timed_evaluate()  # every worker: each evaluates its slice
                 if mesh.is_main:
                     print(
@@ -291,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     flush=True,
                 )
         accuracy = timed_evaluate()
+        evaluated = mesh.step // eval_every  # the epoch's end was evaluated: no mid-epoch one right after
         if mesh.is_main:
             mesh.report(epoch=epoch, epochs=args.epochs, test_accuracy=accuracy)
             elapsed = time.perf_counter() - start

@@ -67,7 +67,9 @@ class Mesh:
         `{"correct": 931, "loss_sum": 210.4, "count": 1000}`) and every worker gets the sums over all
         `n_samples`, each index counted once. Call it on every worker at the same point of the loop
         (at the same `mesh.step`). If a worker is lost meanwhile, the survivors evaluate the whole set
-        themselves: slower once, never wrong. Sums travel as float32 (counts exact below 2**24)."""
+        themselves: slower once, never wrong. For an epoch that ended before this worker took part (a
+        joiner's loop passing the epochs already done) the sums are NaN: nobody evaluates it with us.
+        Sums travel as float32 (counts exact below 2**24)."""
         return {k: float(v) for k, v in fn(np.arange(n_samples, dtype=np.int64)).items()}
 
     def register(self, model: Any, optimizer: Any) -> None:

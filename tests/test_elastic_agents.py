@@ -93,7 +93,7 @@ def test_kill_mid_allreduce_and_mid_forward_then_a_node_joins(
     job = run_job(
         agents[0].home,
         out,
-        *("--epochs", str(epochs), "--step-sleep", "0.05", "--hidden", "512"),
+        *("--epochs", str(epochs), "--step-sleep", "0.05", "--hidden", "512", "--evaluate"),
         *("--die", "c:6:allreduce", "--die", "d:16:forward"),
     )
     try:
@@ -111,6 +111,12 @@ def test_kill_mid_allreduce_and_mid_forward_then_a_node_joins(
     assert check_ledger(ledger, epochs) >= epochs * (N // BATCH)
     rows = [json.loads(x) for x in (ledger / "ledger-e.jsonl").read_text().splitlines()]
     assert rows and rows[0]["epoch"] >= 0  # the joiner trained on its share after receiving state
+    # mesh.evaluate on every worker at each epoch's end: the whole set counted once by those who were
+    # there (a, present throughout), NaN for the epochs a joiner's loop passed before it took part
+    evals = {m: json.loads((out / f"result-{m}.json").read_text())["evals"] for m in digests}
+    assert evals["a"] == [float(N)] * epochs, evals
+    first = next(i for i, v in enumerate(evals["e"]) if v == v)  # the first epoch e evaluated
+    assert all(v != v for v in evals["e"][:first]) and evals["e"][first:] == [float(N)] * (epochs - first)
 
 
 @pytest.mark.timeout(150)

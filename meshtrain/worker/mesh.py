@@ -28,6 +28,7 @@ raises PeerLost, and the next step boundary recovers the ring.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -171,6 +172,7 @@ class WorkerMesh(Mesh):
         if self._ledger is not None:
             self._ledger.parent.mkdir(parents=True, exist_ok=True)
         self._checkpoints = checkpoints
+        self._missed_epoch = False  # the last `batches` call's epoch ended before this worker took part
         self._verify_gen: int | None = None  # the generation whose first step reduction checks digests
         self.wire_dtype: str | None = None
         self.generation_changes = 0
@@ -316,10 +318,13 @@ class WorkerMesh(Mesh):
         sampler = self._sampler
         if epoch > sampler.epoch and sampler.cursor == 0 and len(sampler.carry) == 0:
             sampler.epoch = epoch  # the script skipped epochs (a resumed loop, say)
+        yielded = False
         while True:
             self._boundary()
             if sampler.epoch != epoch:
-                return  # this epoch is done (or was, before this worker joined)
+                # this epoch is done (or was, before this worker joined: then its evaluation is not ours)
+                self._missed_epoch = not yielded and epoch < sampler.epoch
+                return
             if self._verify_gen is not None and self._verify_gen == self._gen:
                 # before any local update: local SGD's first reduction comes H updates later
                 self._verify_gen = None
@@ -337,6 +342,7 @@ class WorkerMesh(Mesh):
             if self._timer is not None:
                 self._timer.handed_out(count)
             _inject_fault(self.member, self.committed, "forward")
+            yielded, self._missed_epoch = True, False
             yield mine if mine is not None else np.empty(0, np.int64)
 
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
@@ -428,6 +434,11 @@ class WorkerMesh(Mesh):
         node joining) makes every worker evaluate the whole set locally instead:
         the same sums, no hang, and the next step boundary forms the new ring.
         """
+        if self._missed_epoch:
+            # the script's loop passed an epoch that ended before this worker took part (a joiner, a
+            # resumed run): the others evaluated it long ago, so there is nobody to evaluate with and
+            # nothing of ours to measure. NaN says so (shown as "—"), at no cost and with no stall.
+            return {k: math.nan for k in _sums(fn(np.empty(0, np.int64)))}
         if self._ring is None or self._stale_view() or len(self._roster) < 2 or not self._has_state:
             return _sums(fn(np.arange(n_samples, dtype=np.int64)))
         size, rank = len(self._roster), self._roster.index(self.member)

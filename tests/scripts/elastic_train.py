@@ -47,6 +47,7 @@ parser.add_argument(
     help="change the main worker's model after mesh.register (the first reduction must refuse)",
 )
 parser.add_argument("--checksum-out", action="store_true", help="also write the initial parameter sum")
+parser.add_argument("--evaluate", action="store_true", help="mesh.evaluate on every worker at each epoch end")
 args = parser.parse_args()
 
 
@@ -122,6 +123,7 @@ if args.perturb_main and mesh.is_main:
         model.layers[-1].bias = model.layers[-1].bias + 1.0
 loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
 zeros = None
+evals: list[float] = []  # each epoch's evaluated sample count (NaN: an epoch that ended before we joined)
 for epoch in range(args.epochs):
     for step, idx in enumerate(mesh.batches(args.n, args.batch, epoch=epoch, seed=7)):
         if len(idx):
@@ -138,12 +140,19 @@ for epoch in range(args.epochs):
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         mesh.report(epoch=epoch, epochs=args.epochs, step=step, loss=float(loss), samples=len(idx))
+    if args.evaluate:
+        def count(ix: np.ndarray) -> dict[str, float]:
+            logits = model(mx.array(x_all[ix])) if len(ix) else mx.zeros((0, 4))
+            hits = mx.sum(mx.argmax(logits, axis=1) == mx.array(y_all[ix])).item() if len(ix) else 0
+            return {"count": len(ix), "correct": hits}
+
+        evals.append(mesh.evaluate(args.n, count)["count"])
     if mesh.is_main:
         print(f"epoch {epoch + 1} done", flush=True)
 member = me
 tree = {"params": model.parameters(), "opt": optimizer.state}
 committed = getattr(mesh, "committed", 0)
-result = {"digest": state_digest(tree, committed), "committed": committed}
+result = {"digest": state_digest(tree, committed), "committed": committed, "evals": evals}
 with open(os.path.join(args.out, f"result-{member}.json"), "w") as f:
     json.dump(result, f)
 mesh.close()
