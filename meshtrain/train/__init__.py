@@ -8,6 +8,9 @@
     ring_broadcast.py  exact broadcasts (bytes, MLX trees) over the ring's all-reduce
     shares.py          batch shares from measured speed, power state and free memory
     local_sgd.py       OuterOptimizer: H local steps, then an outer Nesterov step (DiLoCo style)
+    outer_recovery.py  what local SGD's members do at a sync after a loss or a join (pure)
+    compression.py     int8 outer deltas on an agreed grid, with error feedback
+    accumulate.py      K micro-batches per step (mesh.batches(..., accumulate=K)), Accumulation
 
-The shell that drives them is meshtrain/worker/mesh.py.
+The shell that drives them is meshtrain/worker/mesh.py (local SGD's: meshtrain/worker/local_rounds.py).
 """
