@@ -468,7 +468,8 @@ def test_idle_connections_on_the_ring_port_do_not_hold_up_the_ring() -> None:
             results = _ring_members(listeners, gen=4, timeout=15)
             took = time.monotonic() - start
         assert results == [1.0, 1.0, 1.0], results
-        assert took < 8, took  # one at a time, 2 s per idle connection, it did not form within 15 s
+        print(f"\n[idle flood] the ring formed in {took:.2f}s through {flood.opened} idle connections")
+        assert took < 10, took  # one at a time, 2 s per idle connection, it did not form within 15 s
         counted = listeners[1].drops.snapshot()
         assert flood.opened > 100 and counted["malformed"] + counted["rate_limited"] > 0, (
             flood.opened,
