@@ -103,3 +103,15 @@ def test_a_full_checkpoint_disk_fails_the_round_and_training_goes_on(
         p.name for p in (small_disk / "wide").iterdir() if p.is_dir() and int(p.name) not in committed
     ]
     assert leftovers == [], leftovers  # the failed rounds' partial parts were removed
+
+
+def test_the_resume_hint_needs_a_committed_checkpoint_here(tmp_path: Path) -> None:
+    import mlx.core as mx
+
+    from meshtrain.cli.run import _has_checkpoint
+
+    assert not _has_checkpoint("wide", str(tmp_path))  # nothing committed: no --resume hint
+    CheckpointStore(tmp_path / "nodes" / "node2").save("wide", 4, {"w": mx.zeros(3)})
+    assert _has_checkpoint("wide", str(tmp_path))  # a --local node's store counts too
+    CheckpointStore(tmp_path).write_part("other", 2, {"w": mx.zeros(3)})  # written, never committed
+    assert not _has_checkpoint("other", str(tmp_path))
