@@ -115,3 +115,26 @@ def test_the_resume_hint_needs_a_committed_checkpoint_here(tmp_path: Path) -> No
     assert _has_checkpoint("wide", str(tmp_path))  # a --local node's store counts too
     CheckpointStore(tmp_path).write_part("other", 2, {"w": mx.zeros(3)})  # written, never committed
     assert not _has_checkpoint("other", str(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_dir_is_refused_in_one_line_against_a_running_agent(tmp_path: Path) -> None:
+    from meshtrain.testing.agents import AgentProcess
+
+    agent = AgentProcess(tmp_path / "home", "solo-ckdir")
+    try:
+        script = tmp_path / "s.py"
+        script.write_text("print('never runs')\n")
+        env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
+        out = subprocess.run(
+            [sys.executable, "-m", "meshtrain", "run", "--checkpoint-dir", str(tmp_path / "ck"), str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        agent.stop()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "--checkpoint-dir" in lines[0], out.stderr
+    assert "MESHTRAIN_HOME" in lines[0] and "never runs" not in out.stdout
