@@ -118,6 +118,16 @@ def add_parser(sub: Any) -> None:
     run.add_argument(
         "--detach", action="store_true", help="print the job's id once it runs and return (see `attach`)"
     )
+    run.add_argument(  # experiment tracking (meshtrain.tracking.reporters)
+        "--report-to",
+        action="append",
+        default=[],
+        metavar="LIB",
+        help="also log the metrics with tensorboard, mlflow, wandb or trackio (local/offline; repeatable)",
+    )
+    run.add_argument(
+        "--report-dir", metavar="DIR", help="where --report-to writes (default $MESHTRAIN_HOME/reports)"
+    )
     run.set_defaults(handler=main)
 
 
@@ -157,6 +167,9 @@ def main(args: argparse.Namespace) -> int:
     _check_node_counts(args)
     _check_script_args(args.script_args)
     options["shares"] = getattr(args, "shares", DEFAULT_SHARE_MODE)
+    from meshtrain.tracking.options import tracking_options  # the run's record: git commit, --report-to
+
+    options["tracking"] = tracking_options(args.script, args.report_to, args.report_dir)
     if getattr(args, "notify", None):
         from meshtrain.notify.targets import parse_targets
 

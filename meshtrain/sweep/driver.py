@@ -2,8 +2,11 @@
 
 Why the driver is this shape:
 
-- search and early stopping are Optuna's (a TPE sampler and a median pruner,
-  through its ask/tell interface), never hand-written;
+- search and early stopping are Optuna's (a TPE sampler and the asynchronous
+  successive-halving pruner, through its ask/tell interface), never
+  hand-written; ASHA because it judges a trial against whatever others have
+  reached the same step, so it prunes from the first wave of concurrent
+  trials on and the last trials of a sweep do not hold the mesh alone;
 - a trial is an ordinary recorded job (``meshtrain runs --sweep NAME`` lists
   them), pinned to its own group of ``--nodes-per-trial`` nodes, so the
   trials run concurrently and a node that finishes one gets the next at once;
@@ -114,7 +117,7 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         startup = max(2, min(5, self.trials // 3))
         sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=startup)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=1)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
         return optuna.create_study(
             study_name=self.name,
             storage=self.storage,

@@ -176,7 +176,9 @@ class RunRecorder:
         if report_to:
             from meshtrain.tracking.reporters import open_reporters
 
-            self._reporters = open_reporters(report_to, self.run, (tracking_opts or {}).get("report_dir"))
+            report_dir = (tracking_opts or {}).get("report_dir")
+            self._reporters = open_reporters(report_to, self.run, report_dir, self.store.path.parent)
+            self._reporters.params(self.run.params)
         self._save()
 
     # ----------------------------------------------------------------- hooks
