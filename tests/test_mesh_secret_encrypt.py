@@ -71,14 +71,23 @@ def test_an_encrypted_mesh_of_two_agents_trains_and_a_plain_node_is_kept_out(tmp
         agents.append(b)
         assert "encrypt" in (tmp_path / "b" / "secret").read_text().split()  # kept for the next start
         plain_secret = Keyring(Keyring.from_text((tmp_path / "a" / "secret").read_text(), "a").keys)
-        plain = Joined(
-            tmp_path / "p",
-            "plain",
-            "--seed",
-            f"127.0.0.1:{a.port}",
-            env={"MESHTRAIN_SECRET": plain_secret.to_text()},  # the right key, without --encrypt
+        (tmp_path / "p").mkdir()
+        plain = subprocess.run(  # the right key, without --encrypt: the seed refuses it, and it says so
+            meshtrain_cmd(
+                *("join", "--name", "plain", "--profile", "local", "--host", "127.0.0.1", "--port", "0"),
+                *("--no-discovery", "--seed", f"127.0.0.1:{a.port}"),
+            ),
+            env={
+                **os.environ,
+                "MESHTRAIN_HOME": str(tmp_path / "p"),
+                "MESHTRAIN_SECRET": plain_secret.to_text(),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        agents.append(plain)
+        assert plain.returncode != 0, plain.stdout[-1000:]
+        assert "its --encrypt setting differs from the mesh's" in plain.stdout + plain.stderr
         wait_for(lambda: alive_names(a.home) == {"a", "b"})
 
         out = cli(a.home, "run", "--nodes", "2", str(script), "x")
@@ -93,7 +102,6 @@ def test_an_encrypted_mesh_of_two_agents_trains_and_a_plain_node_is_kept_out(tmp
 
         wait_for(lambda: mismatches() >= 1)
         assert alive_names(a.home) == {"a", "b"}  # the plain node was never a member
-        assert alive_names(plain.home) == {"plain"}
     finally:
         for agent in reversed(agents):
             agent.stop()
