@@ -3,6 +3,7 @@
 # pycparser, msgpack, psutil, rich wheels for the machine's Python; Debian's OpenBLAS .debs).
 # NS=1,2 or NS=4 (one call each fits the 10-minute limit); DIM/LAYERS/STEPS as bench/sharded.py's.
 W=.venv/zero-whl
+NS=${NS:-1,2}
 PY=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 WHEELS=()
 for f in $W/*.whl; do  # the wheels for this Python (and the version-free ones), in one install
@@ -16,5 +17,5 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MESHTRAIN_OFFLINE=1
 export MESHTRAIN_BLAS=/tmp/ob/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 ldconfig -p | grep -q 'libgfortran.so.5 ' || export LD_LIBRARY_PATH=/tmp/ob/usr/lib/x86_64-linux-gnu
 python3 -c 'import mlx.core as mx, numpy; print("mlx", mx.__version__, "numpy", numpy.__version__)' || exit 1
-python3 bench/sharded.py --ns "${NS:-1,2}" --dim "${DIM:-1024}" --layers "${LAYERS:-24}" \
-  --steps "${STEPS:-2}" | tee "$OUT/sharded_${NS:-1,2}.txt"
+python3 bench/sharded.py --ns "$NS" --dim "${DIM:-1024}" --layers "${LAYERS:-24}" \
+  --steps "${STEPS:-2}" | tee "$OUT/sharded_n${NS//,/_}.txt"
