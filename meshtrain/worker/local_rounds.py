@@ -272,8 +272,24 @@ class LocalRounds:
 
     # --- recovery (WorkerMesh._recover calls this on every new ring) ---------------------------
     def digest(self) -> str:
-        """The shared outer state: the anchor and the momentum at the interval's first step."""
-        return state_digest({"anchor": self.outer._anchor, "velocity": self.outer._velocity}, self.start)
+        """The shared outer state -- the anchor and the momentum at the interval's first step -- and
+        the slices every member of the interval was handed (by the shares it was handed out with):
+        a member whose shares differ (a re-plan of shares that completed on some members only) is
+        outvoted, and the holders' ledger rows agree."""
+        import hashlib
+
+        outer = state_digest({"anchor": self.outer._anchor, "velocity": self.outer._velocity}, self.start)
+        h = hashlib.blake2b(bytes.fromhex(outer), digest_size=16)
+        m = self.mesh
+        steps = list(self.steps)
+        if m._open is not None and not m._open.reduced and m._sampler is not None:
+            assignment = m._sampler.assignment(m._open.weights)
+            steps.append((m.committed, m._sampler.epoch, {k: assignment[k] for k in m._open.members}))
+        for step, epoch, slices in steps:
+            h.update(np.array([step, epoch], np.int64).tobytes())
+            for member, indices in slices.items():
+                h.update(member.encode() + b"\0" + np.asarray(indices, np.int64).tobytes())
+        return h.hexdigest()
 
     def follow_plan(self, held: Any) -> None:
         m = self.mesh
