@@ -30,8 +30,19 @@ worker picks the same H = `choose_sync_every(compute, comm)`: the smallest H
 whose communication is at most `AUTO_TARGET_OVERHEAD` (10%) of the compute
 of H steps, capped at `AUTO_MAX_SYNC_EVERY`. H is then fixed for the run.
 
-At world size 1 `OuterOptimizer` is a no-op wrapper: `step` and `flush`
-leave the model exactly as the inner optimizer made it.
+Run plainly (`python script.py`, world size 1) `OuterOptimizer` is a no-op
+wrapper: `step` and `flush` leave the model exactly as the inner optimizer
+made it. Inside a job it syncs whatever the job's size, since workers may
+join: a job of one worker runs DiLoCo with one replica.
+
+Inside a job the syncs are elastic (meshtrain.worker.local_rounds): a lost
+worker costs its unsynced steps (its slices are trained again), a joiner
+enters at the next sync, and the sync is forced at each epoch's last step.
+In that mode the sampling, recovery and `sync_every="auto"` agreement ride
+the sync itself: the probe medians travel in its header (the 5th sync
+decides), and the probes time the sync as configured, so `compress="int8"`
+(meshtrain.train.compression) measures less communication and picks a
+smaller H.
 """
 
 from __future__ import annotations
