@@ -41,6 +41,7 @@ PUSH_INTERVAL_S = 2.0
 POLL_S = 0.5
 FINAL_STATES = ("done", "failed", "cancelled")
 PUSH_TIMEOUT_S = 10.0
+FINAL_PUSH_WAIT_S = 2.0
 PUSH_CHUNK = 20_000  # metric rows per runs.put request
 OP_PUT = "runs.put"
 OP_TAG = "runs.tag"
@@ -68,6 +69,7 @@ class Tracking:
     def __init__(self, agent: Any, path: Path | None = None) -> None:
         self.agent = agent
         self.store = RunStore(path or db_path_for(agent))
+        self.background: set[asyncio.Future[Any]] = set()  # final pushes still under way
 
     def recorder(self, runner: Any) -> RunRecorder:
         """Start recording `runner`'s job (see RunRecorder.attach); `end(result)` closes it early."""
@@ -283,8 +285,13 @@ class RunRecorder:
         if self._reporters is not None:
             with contextlib.suppress(Exception):
                 self._reporters.close(self.store.final_metrics(self.run.id), self.run.state)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.push(), PUSH_TIMEOUT_S * 2)
+        # the final push: waited for briefly (a --local mesh is torn down right after), then left to
+        # finish in the background, so an unreachable peer never holds up the job's end
+        push = asyncio.ensure_future(self.push())
+        self.tracking.background.add(push)
+        push.add_done_callback(self.tracking.background.discard)
+        push.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.wait({push}, timeout=FINAL_PUSH_WAIT_S)
 
     # ----------------------------------------------------------------- parts
     def _is_main(self, member: str) -> bool:
