@@ -158,3 +158,23 @@ def test_bad_sweep_input_is_one_line(work: Path) -> None:
         out = mt(work / "home3", *args, cwd=work, timeout=120)
         one_line = out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
         assert out.returncode == 2 and one_line, (args, out.stderr)
+
+
+def test_a_sweep_on_real_agents(work: Path) -> None:
+    """Without --local the trials go to this machine's agent, pinned to the mesh's nodes."""
+    from meshtrain.testing.agents import AgentProcess, alive_names, cli, wait_for
+
+    a = AgentProcess(work / "ag-a", "a")
+    b = AgentProcess(work / "ag-b", "b", token=a.token)
+    try:
+        wait_for(lambda: alive_names(a.home) == {"a", "b"})
+        args = ["sweep", str(work / "train.py"), "--param", "lr=loguniform:1e-3:1", "--trials", "4"]
+        out = cli(a.home, *args, "--args", "--epochs 4", "--name", "onagents", timeout=240)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert " on a: " in out.stdout and " on b: " in out.stdout  # both nodes ran trials
+        assert "failed" not in out.stdout, out.stdout
+        runs = json.loads(cli(a.home, "runs", "--sweep", "onagents", "--json").stdout)
+        assert len(runs) == 4 and all(r["args"][:2] == ["--epochs", "4"] for r in runs)
+    finally:
+        b.stop()
+        a.stop()

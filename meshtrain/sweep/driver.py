@@ -66,6 +66,10 @@ class Launcher(Protocol):
 
     def metric_keys(self, run_id: str) -> list[str]: ...
 
+    async def settled(self, run_id: str) -> None:
+        """Return once the trial's closed record is readable here (or after a short wait)."""
+        ...
+
 
 @dataclass
 class TrialRecord:
@@ -182,6 +186,8 @@ class Sweep:
                     rec.ended = self.clock()
                     rec.run_id = rec.run_id or job.run_id
                     free.append(rec.nodes)
+                    if rec.run_id and rec.state != "pruned":
+                        await launcher.settled(rec.run_id)
                     keys = launcher.metric_keys(rec.run_id) if rec.run_id else []
                     if rec.state == "pruned":
                         study.tell(trial, state=TrialState.PRUNED)

@@ -15,6 +15,7 @@ from meshtrain.errors import UserError, WireError
 from meshtrain.tracking.store import RunStore
 
 NODE_WAIT_S = 30.0
+SETTLE_S = 5.0
 
 
 class _QuietSink:
@@ -83,19 +84,19 @@ class LocalLauncher:
         task = asyncio.ensure_future(coordinator.submit(request, _QuietSink(), runner))
         return _LocalTrial(runner, task)
 
-    def _runs(self) -> RunStore | None:
-        if self._store is None:
-            tracking = getattr(self.agents[0], "tracking", None)
-            self._store = getattr(tracking, "store", None)
-        return self._store
+    def _stores(self) -> list[RunStore]:
+        """Every node's store: a trial is recorded by whichever node coordinates it (its own)."""
+        stores = [getattr(getattr(a, "tracking", None), "store", None) for a in self.agents]
+        return [s for s in stores if s is not None]
 
     def metrics(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
-        store = self._runs()
-        return store.series(run_id, key) if store is not None else []
+        return max((s.series(run_id, key) for s in self._stores()), key=len, default=[])
 
     def metric_keys(self, run_id: str) -> list[str]:
-        store = self._runs()
-        return store.metric_keys(run_id) if store is not None else []
+        return sorted({k for s in self._stores() for k in s.metric_keys(run_id)})
+
+    async def settled(self, run_id: str) -> None:
+        await _settled(self._stores, run_id)
 
 
 class _AgentTrial:
@@ -192,3 +193,18 @@ class AgentLauncher:
     def metric_keys(self, run_id: str) -> list[str]:
         store = self._runs()
         return store.metric_keys(run_id) if store is not None else []
+
+    async def settled(self, run_id: str) -> None:
+        await _settled(lambda: [s for s in [self._runs()] if s is not None], run_id)
+
+
+async def _settled(stores: Any, run_id: str, timeout: float = SETTLE_S) -> None:
+    """Wait (briefly) until a store holds the trial's closed record: a trial coordinated by another
+    node reaches this one by that node's push, which may land just after the job's end does."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for store in stores():
+            run = store.get(run_id)
+            if run is not None and run.ended is not None:
+                return
+        await asyncio.sleep(0.1)

@@ -37,7 +37,7 @@ from meshtrain.tracking.record import (
 )
 from meshtrain.tracking.store import MetricRow, Run, RunStore
 
-PUSH_INTERVAL_S = 2.0
+PUSH_INTERVAL_S = 1.0
 POLL_S = 0.5
 FINAL_STATES = ("done", "failed", "cancelled")
 PUSH_TIMEOUT_S = 10.0
