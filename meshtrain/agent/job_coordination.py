@@ -14,16 +14,24 @@ gossip view, with no election and no messages:
   when the coordinator is lost (gossip declares its node dead) every member
   names the same successor within the gossip detection time.
 - **quorum**: a new view may be issued only by a coordinator that can reach
-  a strict majority of the previous view's workers, not counting workers
-  known to have ended (their own agent reported the exit); exactly half is
-  enough only for the side holding the lowest-ranked of them. Two sides of a
-  partition evaluate this over the same previous view, so at most one side
-  can form a new ring and commit steps; the other waits, paused, until the
-  partition heals and the record with the newer view wins.
+  a strict majority of the *formed* view's workers (the newest view a ring
+  was formed for: every member of it connected, so it is the one view all
+  of them share), not counting workers known to have ended (their own agent
+  reported the exit); exactly half is enough only for the side holding the
+  lowest-ranked of them. Counting against the newest *issued* view instead
+  lets the minority side of a partition shrink step by step: an isolated
+  submitter whose gossip declares its three peers dead one at a time would
+  issue 3 of 4, then 2 of 3, then (a tie it holds the lowest rank of) 1 of
+  2, and train alone -- views its peers never saw. A view that never forms
+  moves nothing: the base stays the last formed view, so the two sides of a
+  partition evaluate the rule over the same view, and at most one side can
+  form a new ring and commit steps; the other waits, paused, until the
+  partition heals and the record that made progress wins.
 - **order of records**: `record_key` orders two copies of a record (final
-  first, then the newer view, then the coordinator's term, then its
-  sequence), so a node coming back from a partition adopts the copy that
-  made progress rather than its own stale one.
+  first, then the newer formed view, then the newer issued view, then the
+  coordinator's term, then its sequence), so a node coming back from a
+  partition adopts the copy that made progress rather than its own stale
+  one, however many views it issued alone.
 
 `Succession` adds the clock: a node that has just taken over waits until it
 heard from every live participant (or `settle` seconds passed) before it
@@ -107,11 +115,26 @@ def has_quorum(previous: Sequence[str], reachable: Collection[str], ended: Colle
     return 2 * have > len(voters) or (2 * have == len(voters) and voters[0] in reachable)
 
 
-def record_key(record: Mapping[str, Any]) -> tuple[int, int, int, int]:
+def record_key(record: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
     """Which of two copies of a job record is newer (the larger key)."""
     final = 1 if record.get("result") else 0
     view = record.get("view") or {}
-    return (final, int(view.get("version") or 0), int(record.get("term") or 0), int(record.get("seq") or 0))
+    formed = record.get("formed") or {}
+    return (
+        final,
+        int(formed.get("version") or 0),
+        int(view.get("version") or 0),
+        int(record.get("term") or 0),
+        int(record.get("seq") or 0),
+    )
+
+
+def base_members(formed: Mapping[str, Any] | None, issued: Mapping[str, Any] | None) -> list[str] | None:
+    """The members (rank order) a new view's quorum counts: the formed view's, else the first issued."""
+    view = formed if formed else issued
+    if not view:
+        return None
+    return [str(m[0]) if isinstance(m, (list, tuple)) else str(m) for m in view.get("members") or []]
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from meshtrain import PROTOCOL_VERSION
 from meshtrain.agent.control import open_request
-from meshtrain.agent.job_coordination import FINAL_STATES, Succession, has_quorum
+from meshtrain.agent.job_coordination import FINAL_STATES, Succession, base_members, has_quorum
 from meshtrain.agent.jobstate import JobState
 from meshtrain.agent.placement import Candidate, Decision, Request, place
 from meshtrain.errors import WireError
@@ -236,6 +236,7 @@ class JobRunner:
         self._failures: list[_Failure] = []
         self._view_version = 0
         self._view: dict[str, Any] | None = None
+        self._formed: dict[str, Any] | None = None  # the newest view a ring formed for: the quorum's base
         self._view_dirty = False
         self._joining: set[str] = set()
         self._cursors: dict[str, int] = {}
@@ -268,6 +269,7 @@ class JobRunner:
             "spec": self.request.spec(),
             "parts": [p.to_record() for p in self._parts],
             "view": self._view,
+            "formed": self._formed,
             "cursors": dict(self._cursors),
             "failures": [[f.order, f.primary, f.message, f.traceback] for f in self._failures],
             "cancel": self._cancel_reason if self._cancel.is_set() else None,
@@ -310,6 +312,8 @@ class JobRunner:
         view = record.get("view")
         runner._view = view if isinstance(view, dict) else None
         runner._view_version = int((runner._view or {}).get("version") or 0)
+        formed = record.get("formed")
+        runner._formed = formed if isinstance(formed, dict) else None
         runner._cursors = {str(k): int(v) for k, v in (record.get("cursors") or {}).items()}
         runner._failures = [
             _Failure(int(o), bool(pr), str(m), t) for o, pr, m, t in record.get("failures") or []
@@ -549,8 +553,8 @@ class JobRunner:
     def _send_view(self) -> bool:
         """Number the current workers as the next view and send it to each of them, if a quorum allows."""
         members = sorted((p for p in self._parts if p.in_view and not p.lost), key=lambda p: p.rank)
-        if self._view is not None:
-            previous = [str(m[0]) for m in self._view.get("members") or []]
+        previous = base_members(self._formed, self._view)
+        if previous is not None:
             ended = {p.member or p.name for p in self._parts if p.exit_code is not None}
             if not has_quorum(previous, {p.member or p.name for p in members}, ended):
                 return False
@@ -564,7 +568,9 @@ class JobRunner:
         self.state.generation = self._view_version
         for p in members:
             if p.exit_code is None and self.links is not None:
-                self.links.tell(p.name, "job.view", job=self.job, member=p.member or p.name, view=view)
+                self.links.tell(
+                    p.name, "job.view", job=self.job, member=p.member or p.name, view=view, by=self.me
+                )
         self._view_dirty = False
         return True
 
@@ -585,7 +591,7 @@ class JobRunner:
         self.state.remove_worker(p.rank)
         self.add_event({"t": self.clock(), "kind": "lost", "node": p.name, "detail": why})
         if self.links is not None and not p.left_mesh:
-            self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name)
+            self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name, by=self.me)
         if not any(not q.lost and q.exit_code is None for q in self._parts) and not self._finished_any():
             self._fail(False, f"every worker was lost; the last, {p.name} (rank {p.rank}): {why}", None)
 
@@ -593,8 +599,8 @@ class JobRunner:
         """Drop workers whose node is gone (given a quorum); start workers on nodes that joined."""
         alive = self._live_nodes()
         gone = [p for p in self._parts if not p.lost and p.exit_code is None and p.name not in alive]
-        if gone and self._view is not None:
-            previous = [str(m[0]) for m in self._view.get("members") or []]
+        previous = base_members(self._formed, self._view)
+        if gone and previous is not None:
             reachable = {p.member or p.name for p in self._parts if p.name in alive}
             ended = {p.member or p.name for p in self._parts if p.exit_code is not None}
             if not has_quorum(previous, reachable, ended):
@@ -651,7 +657,7 @@ class JobRunner:
             error = await self._prepare_one(p, joiner=True)
             if error is not None or self._finished_any() or self._stepped_down or self._cancelling:
                 if error is None and self.links is not None:
-                    self.links.tell(name, "job.kill", job=self.job, member=member)
+                    self.links.tell(name, "job.kill", job=self.job, member=member, by=self.me)
                 return
             self._parts.append(p)
             self.state.add_worker(p.rank, name)
@@ -673,6 +679,9 @@ class JobRunner:
                 p.in_view = True
                 self._view_dirty = True
             return False
+        if kind == "event" and header.get("type") == "formed":
+            self._saw_formed(header.get("generation"), header.get("members"))
+            return False
         if kind == "log":
             line = str(header.get("line", ""))
             self.state.add_log(p.name, line)
@@ -680,6 +689,7 @@ class JobRunner:
         elif kind == "event" and header.get("type") == "metrics":
             for item in header.get("batch") or []:
                 if isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict):
+                    self._saw_formed(item[1].get("generation"), None)  # a step in it: it formed
                     self.state.report(p.rank, float(item[0]), item[1])
                     if self.on_metrics is not None:
                         self.on_metrics(p.member, float(item[0]), item[1])
@@ -709,6 +719,17 @@ class JobRunner:
             return True
         return False
 
+    def _saw_formed(self, version: Any, members: Any) -> None:
+        """A worker formed the ring of view `version` (every member connected): the quorum's new base."""
+        if not isinstance(version, int) or version <= int((self._formed or {}).get("version") or 0):
+            return
+        if not isinstance(members, (list, tuple)):
+            if self._view is None or self._view.get("version") != version:
+                return  # a view this coordinator never saw, named without its members: wait for its report
+            members = [m[0] for m in self._view.get("members") or []]
+        self._formed = {"version": version, "members": [str(m) for m in members]}
+        self._view_version = max(self._view_version, version)
+
     def _fail(self, primary: bool, message: str, traceback: str | None) -> None:
         self._failures.append(_Failure(len(self._failures), primary, message, traceback))
 
@@ -717,7 +738,7 @@ class JobRunner:
             if p.exit_code is None and not p.lost:
                 p.killed = True
                 if self.links is not None:
-                    self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name)
+                    self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name, by=self.me)
 
     def _verdict(self) -> JobResult:
         if self._failures:

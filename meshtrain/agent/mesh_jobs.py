@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ FINISHED_KEPT = 50
 SYNC_LINES = 1000
 STREAM_INTERVAL_S = 0.5
 FINAL_HOLDERS = 2
+FINAL_RETRIES = 20  # a final record's sync is retried this many times (every 0.5 s) to a live holder
+ORPHAN_S = 5.0  # a job not yet started whose origin is gone this long is given up by every node holding it
 
 LogEntry = tuple[int, str, int, str, str]  # (seq, node, rank, stream, line)
 
@@ -122,6 +125,8 @@ class JobReplica:
     runner_task: asyncio.Task[JobResult | None] | None = None
     cancel_pending: str | None = None
     reporting: bool = False
+    orphaned_since: float | None = None  # when this node first saw the origin of a job still placing gone
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # the worker hosts, by member
     version: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -273,12 +278,17 @@ class MeshJobs:
 
     async def _send_syncs(self, key: tuple[str, str]) -> None:
         job, node = key
+        retries = FINAL_RETRIES
         while (record := self._outgoing.pop(key, None)) is not None:
             replica = self.replicas.get(job)
             lines = replica.lines_since(self._sent_log.get(key, 0), SYNC_LINES) if replica else []
             reply = await self._call(node, "job.sync", record=record, lines=[list(e) for e in lines])
             if reply is not None and isinstance(reply.get("log_seq"), int):
                 self._sent_log[key] = int(reply["log_seq"])
+            elif is_final(record) and retries > 0 and node in self.live():
+                retries -= 1  # the end is published once: a holder that missed it would wait forever
+                self._outgoing.setdefault(key, record)
+                await asyncio.sleep(STREAM_INTERVAL_S)
         self._senders.pop(key, None)
 
     # replicas
@@ -357,6 +367,8 @@ class MeshJobs:
                 continue
             coordinator = record_coordinator(replica.record, live)
             started = str((replica.record.get("state") or {}).get("state")) in STARTED_STATES
+            if not started and self._orphaned(replica, live):
+                continue
             if coordinator == self.me and replica.runner is None and started and replica.record.get("parts"):
                 self._take_over(replica)
             elif coordinator != self.me and replica.runner is not None and started:
@@ -365,6 +377,46 @@ class MeshJobs:
                 if any(replica.outbox.values()) or replica.cancel_pending:
                     replica.reporting = True
                     self._spawn(self._report(replica, coordinator))
+
+    def _orphaned(self, replica: JobReplica, live: set[str]) -> bool:
+        """A job still being placed whose origin is gone: give it up here after ORPHAN_S (True once given up).
+
+        Until the first view only the origin knows every worker's ring port
+        and whether every `job.prepare` succeeded, so no other node can start
+        the job; without this rule its workers would wait for a view forever.
+        Every node holding the job's record evaluates it alike: the origin gone
+        (dead or left in gossip) for ORPHAN_S seconds, the job not started.
+        A record that says started (the origin's last publish) supersedes it:
+        then the job has a successor.
+        """
+        origin = str(replica.record.get("origin") or "")
+        if not origin or origin == self.me or origin in live or not replica.record.get("parts"):
+            replica.orphaned_since = None
+            return False
+        now = time.monotonic()
+        if replica.orphaned_since is None:
+            replica.orphaned_since = now
+        if now - replica.orphaned_since < ORPHAN_S:
+            return False
+        message = (
+            f"{origin}, the node job {replica.job} was submitted from, was lost while placing it: "
+            "the job never started (run it again)"
+        )
+        record = dict(replica.record)
+        state = JobState.from_record(record["state"]) if isinstance(record.get("state"), dict) else None
+        if state is not None:
+            state.set_state("failed", message, time.time())
+            record["state"], record["snapshot"] = state.to_record(), state.snapshot(time.time())
+        record["result"] = JobResult("failed", message).to_record()
+        replica.record = record
+        hosted = sorted(replica.tasks)
+        for member in hosted:
+            replica.tasks.pop(member).cancel()  # its host kills the worker, ready or still starting
+        replica.links.clear()
+        replica.touch()
+        stopped = f"; stopped its worker here ({', '.join(hosted)})" if hosted else ""
+        self.agent._event("job", self.me, message + stopped)  # the agent's log line (and `status` events)
+        return True
 
     def _take_over(self, replica: JobReplica) -> None:
         runner = JobRunner.from_record(
@@ -640,6 +692,9 @@ class MeshJobs:
         link = replica.links.get(str(fields.get("member")))
         if link is None:
             return
+        sender = fields.get("by")
+        if isinstance(sender, str) and sender != record_coordinator(replica.record, self.live() | {self.me}):
+            return  # a coordinator this node's record says was replaced (the far side of a healed partition)
         if op == "job.view" and isinstance(fields.get("view"), dict):
             link.push_view(fields["view"])
         elif op == "job.kill":
@@ -695,6 +750,17 @@ class MeshJobs:
         record = header.get("record")
         replica = self.replicas.get(job)
         fresh = replica is None
+        if replica is not None and (
+            replica.final or (isinstance(record, dict) and record_key(record) < record_key(replica.record))
+        ):
+            sender = record.get("coordinator") if isinstance(record, dict) else None
+            await conn.reply(
+                False,
+                error="prepare",
+                message=f"{self.me} holds a newer record of job {job}: {sender or 'the sender'} no longer "
+                "coordinates it",
+            )
+            return
         if replica is None:
             replica = JobReplica(job=job, record=record if isinstance(record, dict) else {"job": job})
         elif isinstance(record, dict):
@@ -723,7 +789,11 @@ class MeshJobs:
             old.shut()
         replica.links[member] = link
 
+        replica.tasks[member] = task
+
         def finished(_: asyncio.Future[None]) -> None:
+            if replica.tasks.get(member) is task:
+                replica.tasks.pop(member, None)
             link.done = True
             if replica.links.get(member) is link:
                 replica.links.pop(member, None)
@@ -798,15 +868,30 @@ class MeshJobs:
                 await conn.reply(True, job=job, state=result.get("state"), message=result.get("message"))
                 return
         cancel_reason = "cancelled by the user (Ctrl-C in meshtrain run)"
+        said: list[str] = []
 
         async def watch_client() -> None:
             try:
                 while True:
                     frame, _ = await conn.recv()
                     if frame.get("op") == "cancel" and op == "run":
-                        self.cancel_local(str(job), cancel_reason)
+                        why = frame.get("why")
+                        if isinstance(why, str) and why and not said:
+                            said.append(why)  # a client stopped by a signal says which: one line here
+                            self.agent._event(
+                                "run", self.me, f"job {job}: {why}: cancelling it on every node"
+                            )
+                        self.cancel_local(
+                            str(job), f"cancelled: {why}" if isinstance(why, str) else cancel_reason
+                        )
             except (WireError, ConnectionError, asyncio.IncompleteReadError):
-                return  # the client went away (detached, or its machine is gone): the job goes on
+                if (
+                    op == "run" and not said
+                ):  # gone without a word (killed, its terminal lost): the job goes on
+                    self.agent._event(
+                        "run", self.me, f"job {job}: its `meshtrain run` client went away; it goes on"
+                    )
+                return
 
         watcher = asyncio.create_task(watch_client())
         try:

@@ -250,6 +250,9 @@ async def _serve(
                     hosted.ring_drops = {str(k): int(v) for k, v in drops.items() if isinstance(v, int)}
                 if "authenticated" in message:
                     hosted.ring_authenticated = bool(message["authenticated"])
+            elif message.get("k") == "formed":  # the ring of a view formed: the job's quorum counts it
+                formed = {k: message.get(k) for k in ("generation", "members")}
+                await conn.send("event", {"type": "formed", **formed})
             elif message.get("k") == "joinable":
                 await conn.send("event", {"type": "joinable", "rank": hosted.rank, "member": hosted.member})
             elif message.get("k") == "ckpt" and on_report is not None:

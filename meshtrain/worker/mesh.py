@@ -885,6 +885,7 @@ class WorkerMesh(Mesh):
             with self._ring_lock:
                 self._ring, self._gen, self._roster = ring, view.version, view.members
             self._history[view.version] = view.members
+            self._reporter.send({"k": "formed", "generation": view.version, "members": list(view.members)})
             self.generation_changes += 1
             try:
                 return self._follow_plan(held) if self._outer is None else self._outer.follow_plan(held)
