@@ -96,14 +96,20 @@ async def drive(
     leader: CheckpointLeader,
     start: int,
     stop: int,
+    settle: bool = True,
 ) -> None:
-    """Train steps start+1..stop; after each: boundaries, deliver, ack, progress (the agents' job)."""
+    """Train steps start+1..stop; after each: boundaries, deliver, ack, progress (the agents' job).
+    With `settle`, each boundary waits for the background writes it started (their acks are then
+    in the outbox, as a synchronous write's were); without, training runs on while they write."""
     for step in range(start + 1, stop + 1):
         train_step(list(replicas.values()), step)
         for r in replicas.values():
             r.ck.at_boundary(
                 step, r.state, {"epoch": 0, "cursor": step * 32, "carry": [], "metrics": {"loss": 0.5}}
             )
+        if settle:
+            for r in replicas.values():
+                assert r.ck.wait(60)
         for _ in range(3):
             await asyncio.sleep(0)  # the leader's send tasks run
         while outbox:
@@ -221,6 +227,7 @@ def test_a_new_leaders_abort_removes_a_written_uncommitted_part(tmp_path: Path) 
     r = Replica("a", store, outbox)
     r.ck.on_message(to_wire(Prepare(RUN, 1, LEADER, 4, ("a",))))
     r.ck.at_boundary(4, r.state, {"cursor": 1})
+    assert r.ck.wait(60)  # the part is written in the background; its ack follows
     assert outbox[-1][1]["msg"]["type"] == "written"
     assert (tmp_path / "a" / RUN / "4" / "part.json").exists()
     assert store.checkpoints(RUN) == []  # written is not committed

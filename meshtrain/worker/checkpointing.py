@@ -1,10 +1,9 @@
 """A worker's checkpoint duties: the protocol participant wired to this node's store.
 
-The mesh calls three things, always from the training thread except `on_message`:
+The mesh calls these, from the training thread except `on_message`:
 
 - `on_message(msg)`: a protocol message from the leader (the agent wrote ``{"ckpt": msg}`` to our
-  stdin; the mesh's stdin thread hands it over). It is only queued: the training thread owns the
-  state machine, the store and MLX's arrays, so nothing here needs a lock beyond the deque.
+  stdin; the mesh's stdin thread hands it over). It is only queued (deque appends are atomic).
 - `at_boundary(step, state, meta)`: after every step. It first tells the participant the step is
   done (a Prepare already waiting for this step writes now), then applies the queued messages (a
   Prepare naming this very step also writes now; one naming a step we passed is answered "too
@@ -12,12 +11,29 @@ The mesh calls three things, always from the training thread except `on_message`
   written, so a boundary with nothing due costs a deque check.
 - `resume()`: the newest complete checkpoint in this node's store (the agent fetched the mesh's
   newest here before starting us), as (state tree, meta, step).
+- `close()`: the job is over. A write in flight is finished and acknowledged, then the leader's
+  verdict (Commit or Abort) is awaited a few seconds so the job's last checkpoint can complete.
 
-Acks go to the leader through `report({"k": "ckpt", "to": leader_node, "msg": wire})`; the agent
-forwards them. Progress too: twice a second the member with the lowest id reports
-``{"k": "ckpt", "progress": step, "members": [...]}``, which the agent hands to the leader.
-Writing is synchronous on the training thread: the snapshot is then exactly the state after
-`step`, at the cost of pausing training for the write (see bench/checkpoint.py).
+Writes are asynchronous. At the boundary a Prepare named, the training thread only freezes the
+state (snapshot.py: new array objects sharing the arrays' memory, the RNG key, a copy of the meta;
+no copy of the arrays and no wait on the disk) and returns to training; a `BackgroundWriter`
+thread writes the part (background_writer.py: safetensors, state.json, part.json, fsync; no MLX
+call) and acknowledges to the leader as soon as it is durable, even while the training thread is
+inside a long step or a local-SGD interval. The protocol is unchanged: the leader commits only a
+checkpoint whose every part was acknowledged. A write that fails (a full disk: MLX would raise
+RuntimeError, our writer OSError ENOSPC) fails that round only, as before.
+
+At most one write is in flight, so memory holds at most one extra copy of the state (the frozen
+one, as training replaces the live arrays). A second WritePart while one is writing can only follow
+an aborted round (a leader runs one round at a time and needs our ack before its next Prepare), and
+the abort cancelled that write, which stops within one 8 MiB block. The new one then waits for it
+at its own boundary, queued, rather than being refused "too late": the wait is that short, while a
+refusal would fail a healthy round and make the leader double its lead for the rest of the job.
+
+Threads: `_lock` guards the participant, the store's parts and `_in_flight`; the training thread
+holds it while applying messages, the writer thread while turning its outcome into acks. Reports
+may come from either thread (the worker's Reporter is thread-safe). A Discard for the part being
+written cancels the write instead of deleting under it; the writer removes its own files.
 
 What a part holds besides params and optimizer state: ``state.json`` keeps ``meta`` as given (epoch,
 cursor, carry, generation, members, metrics), MLX's RNG key at the boundary (``rng``), and the term.
@@ -31,6 +47,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -53,6 +70,8 @@ from meshtrain.leader.checkpoint import (
     message_from_wire,
     to_wire,
 )
+from meshtrain.worker.background_writer import BackgroundWriter, WriteCancelled, write_part
+from meshtrain.worker.snapshot import Snapshot, freeze
 
 __all__ = ["ENV_CHECKPOINTS", "WorkerCheckpoints"]
 
@@ -61,6 +80,8 @@ ENV_CHECKPOINTS = env_names.CHECKPOINTS
 
 PROGRESS_PERIOD_S = 0.5
 LOW_SPACE_BYTES = 4 * 1024 * 1024  # a write that failed with less free than this failed for want of space
+CLOSE_VERDICT_S = 5.0  # at job end, how long an acknowledged part waits for its Commit (or Abort)
+JOB_ENDED = "the job ended before that step"
 Report = Callable[[dict[str, Any]], None]
 State = Callable[[], dict[str, Any]]
 
@@ -88,7 +109,11 @@ class WorkerCheckpoints:
         self.written: list[int] = []
         self.committed: list[int] = []
         self.failures: list[str] = []
+        self.pauses: list[float] = []  # seconds each part held the training thread (freeze + hand-off)
         self._progress_sent = -PROGRESS_PERIOD_S
+        self._lock = threading.RLock()
+        self._writer = BackgroundWriter(f"meshtrain-checkpoint-{member}")
+        self._in_flight: tuple[int, int] | None = None  # (term, step) of the part being written
 
     @classmethod
     def create(
@@ -113,20 +138,16 @@ class WorkerCheckpoints:
     # ------------------------------------------------------------ the training thread
 
     def at_boundary(self, step: int, state: State, meta: dict[str, Any]) -> None:
-        """After `step` steps: write this member's part if a Prepare names this step."""
+        """After `step` steps: start writing this member's part if a Prepare names this step."""
         self._maybe_report_progress(step, meta)
-        if not self.inbox and not self.participant.parts:
-            self.participant.step = step  # nothing owed, nothing asked: the common, cheap case
-            return
-        self._execute(self.participant.step_done(step), state, meta)
-        while self.inbox:
-            raw = self.inbox.popleft()
-            try:
-                message = message_from_wire(dict(raw))
-            except (TypeError, ValueError):
-                continue  # a malformed line is the sender's bug, not a reason to stop training
-            self._execute(self.participant.on_message(message), state, meta)
-            self._sweep_if_new_leader(message)
+        with self._lock:
+            if not self.inbox and not self.participant.parts:
+                self.participant.step = step  # nothing owed, nothing asked: the common, cheap case
+                return
+            due = self._execute(self.participant.step_done(step))
+            due += self._apply_inbox()
+        for a in due:
+            self._start_write(a, state, meta)
 
     def resume(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
         """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here.
@@ -150,6 +171,33 @@ class WorkerCheckpoints:
         self.participant.step = checkpoint.step
         return tree, meta, checkpoint.step
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no part is being written (tests, benches); True when none is."""
+        return self._writer.wait(timeout)
+
+    @property
+    def writing(self) -> int | None:
+        """The step whose part is being written in the background, if any."""
+        in_flight = self._in_flight
+        return in_flight[1] if in_flight is not None else None
+
+    def close(self, verdict_s: float = CLOSE_VERDICT_S) -> None:
+        """The job is over: finish the write in flight (it acknowledges itself), then give the leader
+        up to `verdict_s` seconds to commit or abort the parts we acknowledged, applying its answer,
+        so the job's last checkpoint can complete. Nothing is left half-written either way."""
+        self._writer.wait()
+        deadline = time.monotonic() + verdict_s
+        while True:
+            with self._lock:
+                self._apply_inbox()
+                for step, part in list(self.participant.parts.items()):
+                    if part.state != "written":  # owed, never to be written: the leader aborts at once
+                        self._execute(self.participant.part_failed(part.term, step, JOB_ENDED))
+                awaiting = any(p.state == "written" for p in self.participant.parts.values())
+            if not awaiting or time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
+
     def _maybe_report_progress(self, step: int, meta: Mapping[str, Any]) -> None:
         """Twice a second, one member (the lowest id) tells the leader how far the job is: the exact
         committed step and who takes part, straight from the training loop (via our agent)."""
@@ -166,41 +214,97 @@ class WorkerCheckpoints:
 
     # ------------------------------------------------------------ carrying out the participant's actions
 
-    def _execute(self, actions: list[ParticipantAction], state: State, meta: Mapping[str, Any]) -> None:
+    def _apply_inbox(self) -> list[WritePart]:
+        """Hand the queued messages to the participant (lock held); the parts now due to be written."""
+        due: list[WritePart] = []
+        while self.inbox:
+            raw = self.inbox.popleft()
+            try:
+                message = message_from_wire(dict(raw))
+            except (TypeError, ValueError):
+                continue  # a malformed line is the sender's bug, not a reason to stop training
+            due += self._execute(self.participant.on_message(message))
+            self._sweep_if_new_leader(message)
+        return due
+
+    def _execute(self, actions: list[ParticipantAction]) -> list[WritePart]:
+        """Carry out `actions` (lock held) but the writes, which are returned: they need the training
+        thread's state and may wait for the writer, which must not happen under the lock."""
+        due: list[WritePart] = []
         for a in actions:
             if isinstance(a, Send):
                 for to in a.to:
                     self.report({"k": "ckpt", "to": to, "msg": to_wire(a.message)})
             elif isinstance(a, WritePart):
-                self._execute(self._write(a, state, meta), state, meta)
+                due.append(a)
             elif isinstance(a, CommitPart):
                 self._commit(a)
             elif isinstance(a, Discard):
-                self.store.discard(self.run, a.step)
+                if self._in_flight is not None and self._in_flight[1] == a.step:
+                    self._writer.cancel()  # not under its feet: the writer removes its files as it stops
+                else:
+                    self.store.discard(self.run, a.step)
+        return due
 
-    def _write(self, a: WritePart, state: State, meta: Mapping[str, Any]) -> list[ParticipantAction]:
+    def _start_write(self, a: WritePart, state: State, meta: Mapping[str, Any]) -> None:
+        """Freeze the state as of this boundary and have the writer thread write and ack it."""
+        start = time.perf_counter()
+        self._writer.wait()  # at most one in flight: an older, aborted (so cancelled) write ends first
+        with self._lock:
+            part = self.participant.parts.get(a.step)
+            if part is None or part.term != a.term or part.state != "writing":
+                return  # aborted before it began (a newer term's Prepare for the same step, say)
+            try:
+                snapshot = freeze(state(), meta, a.step)
+            except (RuntimeError, ValueError, KeyError, TypeError, UserError) as exc:
+                self._execute(self._part_failed(a, self._write_failed(a.step, exc)))
+                return
+            self._in_flight = (a.term, a.step)
+            held = [snapshot]  # the writer takes it out, so its memory goes back as soon as it is written
+            del snapshot
+            self._writer.start(lambda cancel: self._write_in_background(a, held, cancel))
+        self.pauses.append(time.perf_counter() - start)
+
+    def _write_in_background(self, a: WritePart, held: list[Snapshot], cancel: threading.Event) -> None:
+        """The writer thread: write the part, then (lock held) turn the outcome into the ack."""
+        snapshot = held.pop()
+        record: dict[str, Any] | None = None
+        error: BaseException | None = None
         try:
-            tree = state()
-            record = self.store.write_part(
+            record = write_part(
+                self.store,
                 self.run,
-                a.step,
-                tree["params"],
-                tree.get("opt"),
-                cursor=meta.get("cursor"),
-                generation=int(meta.get("generation") or 0),
-                metrics=dict(meta.get("metrics") or {}),
-                extra={"term": a.term, "meta": dict(meta), "member": self.member},
+                snapshot,
+                extra={"term": a.term, "meta": snapshot.meta, "member": self.member},
+                cancel=cancel,
             )
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, UserError) as exc:
-            # a full disk fails this round only: MLX reports a failed write as RuntimeError ("[write]
-            # Unable to write N bytes to file."), not OSError; older checkpoints stay as they are
-            reason = self._write_failed(a.step, exc)
-            return self.participant.part_failed(a.term, a.step, reason)
-        self.written.append(a.step)
-        return self.participant.part_written(a.term, a.step, int(record["bytes"]))
+        except WriteCancelled:
+            pass
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, it fails this round only
+            error = exc
+        del snapshot  # the frozen arrays' memory goes back now, before the ack
+        with self._lock:
+            self._in_flight = None
+            if record is not None:
+                self.written.append(a.step)
+                actions = self.participant.part_written(a.term, a.step, int(record["bytes"]))
+            elif error is not None:
+                actions = self._part_failed(a, self._write_failed(a.step, error))
+            else:  # cancelled: its round was aborted and the participant dropped the part already
+                actions = [Discard(self.run, a.step)]
+            self._execute(actions)
+
+    def _part_failed(self, a: WritePart, reason: str) -> list[ParticipantAction]:
+        part = self.participant.parts.get(a.step)
+        if part is None or part.term != a.term:  # aborted meanwhile: no round of ours to fail
+            return [Discard(self.run, a.step)]
+        return self.participant.part_failed(a.term, a.step, reason)
 
     def _write_failed(self, step: int, exc: BaseException) -> str:
-        """Remove the partial part, count the failure, say it in one line on stderr; the reason."""
+        """Remove the partial part, count the failure, say it in one line on stderr; the reason.
+
+        A full disk fails this round only: MLX reports a failed write as RuntimeError ("[write]
+        Unable to write N bytes to file."), our writer as OSError ENOSPC; older checkpoints stay."""
         directory = self.store.step_dir(self.run, step)
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         if not full:  # before the partial files are removed: they filled the disk
@@ -237,4 +341,5 @@ class WorkerCheckpoints:
             and message.step is None
             and message.term >= self.participant.highest_term
         ):
-            self.store.clean(self.run, keep_steps=list(self.participant.parts), incoming=False)
+            keep = [*self.participant.parts, *([self._in_flight[1]] if self._in_flight else [])]
+            self.store.clean(self.run, keep_steps=keep, incoming=False)

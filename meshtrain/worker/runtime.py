@@ -167,6 +167,11 @@ def run(spec: JobSpec) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
+            if mesh._checkpoints is not None:  # a part being written finishes, is acked, maybe committed
+                mesh._checkpoints.close()
+        except Exception:  # noqa: BLE001 - a checkpoint's trouble must not mask the script's status
+            pass
+        try:
             _ring_report(mesh, reporter)
             mesh.close()
         except Exception:  # noqa: BLE001 - closing a broken ring must not mask the script's status
