@@ -8,7 +8,11 @@ train examples/mnist.py (MLP, bf16 wire, seed 0) four times:
 - undisturbed;
 - allreduce: host2's worker SIGKILLed 2 ms into the all-reduce of step 40 (MESHTRAIN_FAULT hook);
 - forward:   host3's worker SIGKILLed 2 ms after its batch of step 60 is handed out;
-- leader:    the checkpoint leader's node (its agent and worker) SIGKILLed at once, mid-training.
+- leader:    the checkpoint leader's node (its agent and worker) SIGKILLed at once, mid-training;
+- submitter: the node the job was submitted from -- its agent, its worker (rank 0, so the job's
+             coordinator too) and the `meshtrain run` client -- SIGKILLed at once, mid-training;
+             the job's output and its final accuracy are then read with `meshtrain attach JOB`
+             on another node, which shows the history from step 0 and follows the job to its end.
 
 Each run must exit 0; the sample ledger (MESHTRAIN_LEDGER_DIR) must show every training index
 exactly once per epoch; the table gives the final test accuracy and its distance from the
@@ -63,6 +67,33 @@ def status(home: Path) -> dict:
     return json.loads(out.stdout) if out.returncode == 0 else {"nodes": []}
 
 
+def running_job(home: Path) -> str | None:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshtrain", "jobs", "--json"],
+        env={**os.environ, "MESHTRAIN_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+    rows = json.loads(out.stdout) if out.returncode == 0 else []
+    return next((str(r["job"]) for r in rows if r.get("state") == "running"), None)
+
+
+def kill_node(proc: subprocess.Popen[str], *more: int) -> None:
+    """SIGKILL an agent, every process under it (its worker) and `more` pids, at once."""
+    kids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in [proc.pid, *kids, *more]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_steps(ledger: Path, member: str, steps: int) -> None:
+    path = ledger / f"ledger-{member}.jsonl"
+    while not path.exists() or len(path.read_text().splitlines()) < steps:
+        time.sleep(0.1)
+
+
 def exactly_once(ledger: Path, n: int) -> str:
     problem = ledger_problem(ledger, n)
     return "exactly once" if problem is None else f"VIOLATED: {problem}"
@@ -97,16 +128,27 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        killed = leader if name == "leader" else env.get("MESHTRAIN_FAULT", "-")
         if name == "leader" and leader is not None:
-            while (
-                not (ledger / f"ledger-{leader}.jsonl").exists()
-                or len((ledger / f"ledger-{leader}.jsonl").read_text().splitlines()) < 50
-            ):
-                time.sleep(0.1)
-            victim = procs[leader]
-            kids = [p.pid for p in psutil.Process(victim.pid).children(recursive=True)]
-            for pid in [victim.pid, *kids]:
-                os.kill(pid, signal.SIGKILL)
+            wait_steps(ledger, leader, 50)
+            kill_node(procs[leader])
+        if name == "submitter":
+            watcher = next(n for n in NAMES if n not in (submitter, leader))
+            job_id = None
+            while job_id is None:
+                job_id = running_job(home / watcher)
+                time.sleep(0.2)
+            wait_steps(ledger, submitter, 50)
+            kill_node(procs[submitter], job.pid)
+            job.communicate(timeout=30)
+            killed = f"{submitter} (agent + rank-0 worker + run client); watched with attach on {watcher}"
+            job = subprocess.Popen(  # its history from step 0, then the rest, from a node that never ran it
+                [sys.executable, "-m", "meshtrain", "attach", job_id],
+                env={**env, "MESHTRAIN_HOME": str(home / watcher)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         output, _ = job.communicate(timeout=args.timeout)
         final = [ln for ln in output.splitlines() if "final test accuracy" in ln]
         return {
@@ -115,7 +157,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
             "accuracy": float(final[-1].split(": ")[-1].rstrip("%")) if final else None,
             "seconds": round(time.monotonic() - started, 1),
             "ledger": exactly_once(ledger, args.train_limit),
-            "killed": leader if name == "leader" else env.get("MESHTRAIN_FAULT", "-"),
+            "killed": killed,
             "tail": "" if final else output[-500:],
         }
     finally:
@@ -131,7 +173,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="undisturbed,allreduce,forward,leader")
+    parser.add_argument("--runs", default="undisturbed,allreduce,forward,leader,submitter")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-limit", type=int, default=30000)
     parser.add_argument("--timeout", type=float, default=900)

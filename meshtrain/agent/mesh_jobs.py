@@ -534,8 +534,21 @@ class MeshJobs:
         return True
 
     async def cancel(self, job: str, reason: str) -> str:
-        """Cancel from any node; the one line `meshtrain cancel` prints."""
-        record = await self.find(job)
+        """Cancel from any node; the one line `meshtrain cancel` prints.
+
+        One round of questions, not two: the newest record and the nodes
+        holding the job come from the same `job.get` to every live node, and the
+        cancel goes to every holder at once (the coordinator acts on it; the
+        others pass it on), so it takes effect within one more hop.
+        """
+        replica = self.replicas.get(job)
+        holders: list[str] = []
+        if replica is not None and (replica.final or replica.record.get("parts")):
+            record: dict[str, Any] | None = replica.record
+        else:
+            found = await self._records_of(job)
+            holders = [node for _, node, _ in found]
+            record = found[0][2] if found else (replica.record if replica is not None else None)
         if record is None:
             raise UserError(f"no job {job} in the mesh (`meshtrain jobs` lists them)")
         if is_final(record):
@@ -544,7 +557,6 @@ class MeshJobs:
         if record.get("cancel"):
             return f"job {job} is already being cancelled"
         if not self.cancel_local(job, reason):
-            holders = await self._holders_of(job)
             for node in holders:
                 self._spawn(self._call(node, "job.cancel", job=job, reason=reason))
         return f"cancelling job {job}"
@@ -555,19 +567,22 @@ class MeshJobs:
         if replica is not None and (replica.final or replica.record.get("parts")):
             return replica.record
         best: dict[str, Any] | None = replica.record if replica is not None else None
-        for _, reply in await self._ask_all("job.get", job=job, since=1 << 60):
-            record = reply.get("record")
-            if isinstance(record, dict) and (best is None or record_key(record) > record_key(best)):
-                best = record
+        found = await self._records_of(job)
+        if found and (best is None or record_key(found[0][2]) > record_key(best)):
+            best = found[0][2]
         return best
 
-    async def _holders_of(self, job: str) -> list[str]:
+    async def _records_of(self, job: str) -> list[tuple[tuple[int, ...], str, dict[str, Any]]]:
+        """(key, node, record) of every live node holding `job`, newest first: one question to each."""
         found = []
         for node, reply in await self._ask_all("job.get", job=job, since=1 << 60):
             record = reply.get("record")
             if isinstance(record, dict):
-                found.append((record_key(record), node))
-        return [node for _, node in sorted(found, reverse=True)]
+                found.append((record_key(record), node, record))
+        return sorted(found, key=lambda f: (f[0], f[1]), reverse=True)
+
+    async def _holders_of(self, job: str) -> list[str]:
+        return [node for _, node, _ in await self._records_of(job)]
 
     async def _ask_all(self, op: str, **fields: Any) -> list[tuple[str, dict[str, Any]]]:
         others = sorted(self.live() - {self.me})
