@@ -143,6 +143,28 @@ def make_leader(
     return leader, committed
 
 
+async def resume_and_train(stores: dict[str, CheckpointStore], newest: int) -> dict[str, bytes]:
+    """Both replicas resume from the newest complete checkpoint (step `newest`) and train to 23."""
+    outbox: list[tuple[str, dict[str, Any]]] = []
+    replicas = {n: Replica(n, stores[n], outbox, resume=True) for n in NODES}
+    mx.random.seed(999)  # a different key: only the checkpoint's RNG may make this match
+    step = 0
+    for r in replicas.values():
+        found = r.ck.resume()
+        assert found is not None
+        tree, meta, step = found
+        assert step == newest and meta["cursor"] == newest * 32 and meta["metrics"] == {"loss": 0.5}
+        # as the worker does: leaf by leaf into its own trees (meshtrain.train.leaves)
+        r.model.update(assign_leaves(r.model.parameters(), tree["params"]))
+        r.opt.init(r.model.trainable_parameters())
+        assign_leaves(r.opt.state, tree["opt"])
+        restore_rng(meta["rng"])
+    leader, _ = make_leader(replicas, term=2, last_step=step)
+    await drive(replicas, outbox, leader, step, 23)
+    await leader.close()
+    return bits(replicas["b"].model)
+
+
 def test_two_workers_checkpoint_and_a_resume_is_bitwise_equal(tmp_path: Path) -> None:
     stores = {n: CheckpointStore(tmp_path / n) for n in NODES}
 
@@ -167,27 +189,36 @@ def test_two_workers_checkpoint_and_a_resume_is_bitwise_equal(tmp_path: Path) ->
     )
     assert fresh.resume() is None and joiner.resume() is None  # only --resume, and never a joiner
 
-    async def resumed() -> dict[str, bytes]:
-        outbox: list[tuple[str, dict[str, Any]]] = []
-        replicas = {n: Replica(n, stores[n], outbox, resume=True) for n in NODES}
-        mx.random.seed(999)  # a different key: only the checkpoint's RNG may make this match
-        step = 0
-        for r in replicas.values():
-            found = r.ck.resume()
-            assert found is not None
-            tree, meta, step = found
-            assert step == newest and meta["cursor"] == newest * 32 and meta["metrics"] == {"loss": 0.5}
-            # as the worker does: leaf by leaf into its own trees (meshtrain.train.leaves)
-            r.model.update(assign_leaves(r.model.parameters(), tree["params"]))
-            r.opt.init(r.model.trainable_parameters())
-            assign_leaves(r.opt.state, tree["opt"])
-            restore_rng(meta["rng"])
-        leader, _ = make_leader(replicas, term=2, last_step=step)
-        await drive(replicas, outbox, leader, step, 23)
-        await leader.close()
-        return bits(replicas["b"].model)
+    assert asyncio.run(resume_and_train(stores, newest)) == final
 
-    assert asyncio.run(resumed()) == final
+
+def test_a_resume_is_bitwise_equal_when_training_ran_on_while_the_parts_were_written(tmp_path: Path) -> None:
+    """The same run with the writes in the background (no boundary waits for them): each checkpoint
+    holds its boundary's state although the replicas trained on meanwhile, so resuming matches."""
+    stores = {n: CheckpointStore(tmp_path / n) for n in NODES}
+
+    async def uninterrupted() -> tuple[dict[str, bytes], list[int]]:
+        outbox: list[tuple[str, dict[str, Any]]] = []
+        replicas = {n: Replica(n, stores[n], outbox) for n in NODES}
+        mx.random.seed(123)
+        leader, committed = make_leader(replicas)
+        await drive(replicas, outbox, leader, 0, 23, settle=False)
+        for r in replicas.values():  # the job ends: a part still being written is finished ...
+            assert await asyncio.to_thread(r.ck.wait, 60)
+        while outbox:  # ... and acknowledged; the leader commits; close applies the Commit
+            leader.on_message(outbox.pop(0)[1]["msg"])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for r in replicas.values():
+            await asyncio.to_thread(r.ck.close, 5.0)
+        await leader.close()
+        return bits(replicas["a"].model), committed
+
+    final, committed = asyncio.run(uninterrupted())
+    assert committed, "no checkpoint completed"
+    for n in NODES:
+        assert [i.step for i in stores[n].checkpoints(RUN)][-1] == committed[-1]
+    assert asyncio.run(resume_and_train(stores, committed[-1])) == final
 
 
 def test_no_checkpointing_unless_asked_and_the_agents_store_is_used(
