@@ -310,3 +310,14 @@ def test_real_differences_beyond_the_noise_still_move_shares() -> None:
     assert mixed.shares["a"] != mixed.shares["b"]  # the band is for meshes of equals only
     with pytest.raises(ValueError):
         plan_shares({"a": 1.0}, None, noise=-0.1)
+
+
+def test_the_why_column_never_contradicts_the_split() -> None:
+    """Issue 16 #13: "slowest" twice, or "slowest" at 50/50, contradicted the shares shown."""
+    even = plan_shares({"a": 100.0, "b": 108.0}, {"a": 0.5, "b": 0.5}, drift=0.15)
+    assert even.shares == pytest.approx({"a": 0.5, "b": 0.5})
+    assert "slowest" not in " ".join(even.reasons.values()), even.reasons
+    uneven = plan_shares({"a": 100.0, "b": 100.0, "c": 300.0}, None)
+    slowest = [m for m, r in uneven.reasons.items() if r.startswith("slowest")]
+    assert all(uneven.shares[m] == pytest.approx(min(uneven.shares.values())) for m in slowest)
+    assert uneven.reasons["c"].endswith("x faster")

@@ -450,15 +450,27 @@ def _reason(
         return power_reason or "leaving"
     slowest = min(speed[a] for a in active)
     ratio = speed[m] / slowest
-    if ratio >= 1 + SAME_SPEED:
+    smallest = min(shares[a] for a in active)
+    even = max(shares[a] for a in active) - smallest < 1e-9
+    # the words follow the split actually applied, so the column never contradicts itself: "slowest"
+    # only for a member that got the smallest share of an uneven split, never at 50/50
+    capped = m in cap_share and shares[m] >= upper[m] - 1e-12
+    if even:
+        if ratio >= 1 + SAME_SPEED:  # faster, yet an even split: its memory cap, or inside the drift band
+            parts = [f"{ratio:.1f}x faster" + ("" if capped else ", within drift")]
+        elif any(speed[a] >= slowest * (1 + SAME_SPEED) for a in active):
+            parts = ["even split"]
+        else:
+            parts = ["same speed"]
+    elif ratio >= 1 + SAME_SPEED and shares[m] > smallest + 1e-12:
         parts = [f"{ratio:.1f}x faster"]
-    elif any(speed[a] >= slowest * (1 + SAME_SPEED) for a in active):
+    elif shares[m] <= smallest + 1e-12:
         parts = ["slowest"]
     else:
         parts = ["same speed"]
     if factor[m] != 1.0 and power_reason:
         parts.append(power_reason)
-    if m in cap_share and shares[m] >= upper[m] - 1e-12:
+    if capped:
         parts.append(f"memory cap {caps[m]}")
     elif shares[m] <= lower[m] + 1e-12 and lower[m] > 0 and len(active) > 1:
         parts.append("minimum share")
