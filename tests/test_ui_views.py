@@ -451,3 +451,14 @@ def test_narrow_terminal_keeps_state_address_and_load() -> None:
     assert "10.77.0.3:7946" in out and "✖ dead" in out and "91%" in out
     job = render(JobView(samples.running_job()), 60)
     assert all(len(line) <= 60 for line in lines_of(job)) and "5,120" in job
+
+
+def test_the_up_column_reads_the_incarnation_as_a_start_time() -> None:
+    from meshtrain.ui.mesh_view import uptime_cell
+
+    started_ms = 1_764_000_000_000  # a 13-digit incarnation: the agent's start in ms
+    assert uptime_cell(started_ms, now=started_ms / 1000 + 125) == uptime_cell(
+        started_ms + 3, now=1_764_000_125.003
+    )
+    assert "13" not in uptime_cell(started_ms, now=started_ms / 1000 + 125)
+    assert uptime_cell(7) == "7"

@@ -10,6 +10,7 @@ arrive.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,7 +129,7 @@ def node_table(mesh: Mapping[str, Any], width: int) -> Table:
     table.add_column("load", no_wrap=True, min_width=4 if narrow else 10)
     if wide:
         table.add_column("battery", no_wrap=True)
-        table.add_column("inc", justify="right", no_wrap=True, style="dim")
+        table.add_column("up", justify="right", no_wrap=True, style="dim")
     table.add_column("job", no_wrap=True, overflow="ellipsis", min_width=7)  # a job id is 7 chars
 
     for node in items(mesh, "nodes"):
@@ -165,10 +166,19 @@ def node_table(mesh: Mapping[str, Any], width: int) -> Table:
         row.append(Text("", style="dim") if dead else load_cell(number(node, "load"), compact=narrow))
         if wide:
             row.append(battery_cell(node.get("battery")))
-            row.append(str(integer(node, "incarnation")))
+            row.append(uptime_cell(integer(node, "incarnation")))
         row.append(job_cell)
         table.add_row(*row)
     return table
+
+
+def uptime_cell(incarnation: int, now: float | None = None) -> str:
+    """How long the node's agent has run: its first incarnation is its start time in milliseconds
+    (meshtrain.gossip.node), so the raw 13-digit number says nothing a person can read."""
+    if incarnation < 10**12:  # a small incarnation (an old agent, a test): show it as it is
+        return str(incarnation)
+    seconds = (time.time() if now is None else now) - incarnation / 1000
+    return fmt.duration(max(0.0, seconds))
 
 
 def job_lines(mesh: Mapping[str, Any]) -> list[Text]:
