@@ -110,8 +110,10 @@ class Job:
             agent.send_to_worker = self._deliver_for(agent)  # type: ignore[method-assign,assignment]
 
     def _reporter(self, agent: Agent, member: str) -> Callable[[dict[str, Any]], None]:
-        def report(msg: dict[str, Any]) -> None:
-            agent.on_worker_report(self.job, member, msg)
+        loop = asyncio.get_running_loop()
+
+        def report(msg: dict[str, Any]) -> None:  # acks come from the checkpoint writer's thread too:
+            loop.call_soon_threadsafe(agent.on_worker_report, self.job, member, msg)  # like the pipe
 
         return report
 
