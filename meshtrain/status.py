@@ -52,7 +52,8 @@ class MeshSnapshot(TypedDict, total=False):
 
 class Worker(TypedDict, total=False):
     node: str
-    rank: int
+    rank: int  # its rank in the current ring: 0..size-1
+    slot: int  # its placement slot (stable for the job; a rejoined worker gets a new, higher one)
     samples_per_s: float
     step: int
     loss: float | None

@@ -200,3 +200,13 @@ def test_a_silent_non_zero_exit_and_a_lost_agent_are_failures_too() -> None:
     done = JobRunner(request=JobRequest(script="x.py", args=[], bundle=b""), membership=None)  # type: ignore[arg-type]
     assert done._handle(a, {"kind": "event", "type": "exit", "code": 0}, [])
     assert done._verdict().state == "done" and done._verdict().exit_code == 0
+
+
+def test_a_rejoined_worker_shows_its_rank_in_the_ring_not_its_slot() -> None:
+    """Issue 16 #13: a worker re-admitted after a loss showed rank 3 in a 3-worker job."""
+    state = JobState(job="j", script="s.py", started=0.0)
+    state.assign(["a", "b", "c"])
+    state.remove_worker(2)  # c's worker was lost...
+    state.add_worker(3, "c~1")  # ...and its node re-admitted as a new slot
+    ranks = {w["node"]: (w["rank"], w["slot"]) for w in state.snapshot(2.0)["workers"]}
+    assert ranks == {"a": (0, 0), "b": (1, 1), "c~1": (2, 3)}

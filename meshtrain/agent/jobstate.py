@@ -310,7 +310,10 @@ class JobState:
         workers = [
             {
                 "node": w.node,
-                "rank": rank,
+                # its rank in the ring now: the position among the live workers (placement slots are
+                # never reused, so a rejoined worker's slot can exceed the job's size)
+                "rank": position,
+                "slot": rank,
                 "samples_per_s": rates[rank],
                 "step": w.step,
                 "loss": w.loss,
@@ -319,7 +322,7 @@ class JobState:
                 else ((w.samples_total / seen) if seen else (1.0 / len(self.workers))),
                 "why": w.share_why,
             }
-            for rank, w in sorted(self.workers.items())
+            for position, (rank, w) in enumerate(sorted(self.workers.items()))
         ]
         end = self.finished if self.finished is not None else now
         average, train_s = self.average_rate()
