@@ -85,6 +85,7 @@ class JobSnapshot(TypedDict, total=False):
     metric_history: dict[str, list[float | None]]  # their recent values, oldest first
     evaluated: dict[str, float | None]  # the latest report without a step (an evaluation)
     evaluations: int  # how many such reports so far (the plain log writes a line for each)
+    evaluated_epoch: int  # the 1-based epoch that evaluation named (0: none)
 
 
 FINISHED_JOB_STATES = frozenset({"done", "failed", "cancelled"})

@@ -210,3 +210,19 @@ def test_a_rejoined_worker_shows_its_rank_in_the_ring_not_its_slot() -> None:
     state.add_worker(3, "c~1")  # ...and its node re-admitted as a new slot
     ranks = {w["node"]: (w["rank"], w["slot"]) for w in state.snapshot(2.0)["workers"]}
     assert ranks == {"a": (0, 0), "b": (1, 1), "c~1": (2, 3)}
+
+
+def test_an_evaluation_keeps_its_own_epoch_when_the_job_has_moved_on() -> None:
+    """Issue 16 #13: the plain log labelled epoch 4's evaluation "(epoch 5/5)"."""
+    from meshtrain.ui.plain import JobLog
+
+    state = JobState(job="j", script="s.py", started=0.0)
+    state.assign(["a"])
+    step = {"epochs": 5, "steps_per_epoch": 10, "loss": 0.5, "samples": 4}
+    state.report(0, 1.0, {"epoch": 3, "step": 9, **step})
+    state.report(0, 1.1, {"epoch": 3, "epochs": 5, "test_accuracy": 0.9})  # epoch 4's evaluation...
+    state.report(0, 1.2, {"epoch": 4, "step": 0, **step})
+    snap = state.snapshot(1.3)  # ...read after epoch 5 began
+    assert snap["evaluated_epoch"] == 4
+    lines = [ln for ln in JobLog().feed({**snap, "state": "running"}) if ln.startswith("evaluated")]
+    assert lines and lines[0].startswith("evaluated (epoch 4/5)"), lines

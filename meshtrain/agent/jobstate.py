@@ -116,6 +116,7 @@ class JobState:
     metric_history: dict[str, deque[float | None]] = field(default_factory=dict)
     evaluated: dict[str, float | None] = field(default_factory=dict)
     evaluations: int = 0
+    evaluated_epoch: int = 0  # the 1-based epoch the latest evaluation reported (0: it named none)
     _metric_rank: dict[str, int] = field(default_factory=dict)  # whose value each name shows
     _global_steps: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -220,6 +221,10 @@ class JobState:
                 evaluation["test_accuracy"] = float(acc)
             if evaluation:
                 self.evaluated, self.evaluations = evaluation, self.evaluations + 1
+                epoch = metrics.get("epoch")  # its own epoch: the job may have moved on by the time a
+                # view reads the snapshot, and then labelled epoch 4's evaluation "(epoch 5/5)"
+                if isinstance(epoch, int) and not isinstance(epoch, bool):
+                    self.evaluated_epoch = epoch + 1
 
     def _global_step(self) -> int:
         return max(0, self.epoch - 1) * self.steps_per_epoch + self.step if self.epoch else self.step
@@ -261,6 +266,7 @@ class JobState:
         "finished",
         "main",
         "generation",
+        "evaluated_epoch",
     )
 
     def to_record(self) -> dict[str, Any]:
@@ -352,6 +358,7 @@ class JobState:
             "metric_history": {k: list(v) for k, v in self.metric_history.items()},
             "evaluated": dict(self.evaluated),
             "evaluations": self.evaluations,
+            "evaluated_epoch": self.evaluated_epoch,
             "avg_samples_per_s": average,
             "train_s": train_s,
         }

@@ -291,7 +291,8 @@ class JobLog:
         evaluations = integer(job, "evaluations", -1)  # -1: an agent that does not count them
         if evaluations > self._evaluations:
             self._evaluations, self._accuracy = evaluations, accuracy
-            lines.append(evaluated_line(job, epoch, scalars(job, "evaluated")))
+            own_epoch = integer(job, "evaluated_epoch") or epoch  # the evaluation's, not the job's now
+            lines.append(evaluated_line(job, own_epoch, scalars(job, "evaluated")))
         elif evaluations < 0 and accuracy is not None and accuracy != self._accuracy:
             self._accuracy = accuracy
             lines.append(evaluated_line(job, epoch, {"test_accuracy": accuracy}))
