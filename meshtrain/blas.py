@@ -242,3 +242,17 @@ def describe() -> str:
     if openblas is not None:  # this process (an agent, a REPL) is not training; its workers get it
         return f"OpenBLAS (preloaded into training processes from {openblas})"
     return f"reference BLAS (slow): {INSTALL_HINT}"
+
+
+def slow_warning() -> str | None:
+    """The line `doctor` gives when MLX would train on its slow reference BLAS here (else None).
+
+    `join` and `run` say it too, before training starts: a machine without
+    OpenBLAS trains ~30x slower, which no throughput figure explains by itself.
+    Not said when the user chose the reference BLAS (MESHTRAIN_BLAS=reference).
+    """
+    if os.environ.get(CHOICE_ENV) == "reference" or not mlx_links_reference_blas():
+        return None
+    if find_openblas() is not None:
+        return None
+    return f"meshtrain: MLX uses the slow reference BLAS; for ~30x faster training: {INSTALL_HINT}"

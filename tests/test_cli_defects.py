@@ -197,6 +197,9 @@ def test_run_join_and_doctor_warn_of_the_reference_blas(tmp_path: Path) -> None:
     joined = meshtrain(home, "join", "--detach", *FLAGS, **nothing)
     try:
         assert joined.returncode == 0 and SLOW in joined.stderr.splitlines(), joined.stderr
+        status = meshtrain(home, "status", "--json")  # and every view: the node's device says so
+        devices = [n.get("device") for n in json.loads(status.stdout)["nodes"]]
+        assert devices == ["CPU, slow BLAS"], devices
     finally:
         meshtrain(home, "leave")
     doctor = meshtrain(tmp_path, "doctor", **nothing)

@@ -72,6 +72,11 @@ def node_facts() -> dict[str, Any]:
         return facts
     backend = str(known.get("mlx_backend") or known.get("mlx_device") or "").lower()
     facts["device"] = "Metal" if "metal" in backend else "CUDA" if "cuda" in backend else "CPU"
+    if facts["device"] == "CPU":
+        from meshtrain import blas
+
+        if blas.slow_warning() is not None:  # every view shows it: a node training ~30x slower
+            facts["device"] = "CPU, slow BLAS"
     for key in ("cores", "memory_gb", "battery"):
         if known.get(key) is not None:
             facts[key] = known[key]

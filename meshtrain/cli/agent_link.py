@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +49,8 @@ async def fetch_status(path: Path) -> dict[str, Any]:
 
 
 def slow_blas_warning() -> str | None:
-    """The line `doctor` gives when MLX would train on its slow reference BLAS here (else None).
-
-    `join` and `run` say it too, before training starts: a machine without
-    OpenBLAS trains ~30x slower, which no throughput figure explains by itself.
-    Not said when the user chose the reference BLAS (MESHTRAIN_BLAS=reference).
-    """
+    """The line `doctor` gives when MLX would train on its slow reference BLAS here (else None);
+    `join` and `run` say it before training starts (meshtrain.blas.slow_warning)."""
     from meshtrain import blas
 
-    if os.environ.get(blas.CHOICE_ENV) == "reference" or not blas.mlx_links_reference_blas():
-        return None
-    if blas.find_openblas() is not None:
-        return None
-    return f"meshtrain: MLX uses the slow reference BLAS; for ~30x faster training: {blas.INSTALL_HINT}"
+    return blas.slow_warning()
