@@ -202,20 +202,27 @@ def mlx_step(
 
     loss_and_grad, apply_update = s.lm.train_functions(model, optimizer)
     block = s.config.block_size
+    phases: dict[str, list[float]] = {"compute": [], "update": []}  # gradients; clip + AdamW
 
     def step(idx: np.ndarray, i: int) -> float:
         x, y = s.lm.windows(s.train, s.offset + idx * block, block)
+        began = time.perf_counter()
         loss, grads = loss_and_grad(x, y)
         if reduce is not None:
             mx.eval(grads)
-            began = time.perf_counter()
+            reduced = time.perf_counter()
+            phases["compute"].append(reduced - began)
             grads = reduce(grads, len(idx))
             mx.eval(grads)
-            comm_s.append(time.perf_counter() - began)
+            comm_s.append(time.perf_counter() - reduced)
+        updating = time.perf_counter()
         grads, _ = optim.clip_grad_norm(grads, args.clip)
         apply_update(grads)
         mx.eval(model.parameters(), optimizer.state, loss)
+        phases["update"].append(time.perf_counter() - updating)
         return float(loss)
+
+    step.phases = phases  # type: ignore[attr-defined]
 
     return step
 
@@ -232,6 +239,15 @@ def val_loss(args: argparse.Namespace, s: Setup, model: Any) -> float:
         x, y = s.lm.windows(s.val, starts[i : i + batch], block)
         total += float(s.lm.loss_fn(model, x, y)) * len(x)
     return total / max(len(starts), 1)
+
+
+def phase_ms(step: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Median ms of the step's parts outside the reduction (timed steps): gradients, and clip + update."""
+    return {
+        f"{name}_ms": statistics.median(times[args.warmup_steps :]) * 1e3
+        for name, times in step.phases.items()
+        if len(times) > args.warmup_steps
+    }
 
 
 def worker_meshtrain(args: argparse.Namespace) -> None:
@@ -273,6 +289,7 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
 
     out = loop(args, step, batches(), mesh.rank)
     out["comm_ms"] = [c * 1e3 for c in comm_s[args.warmup_steps :]]
+    out.update(phase_ms(inner, args))
     if outer is not None:
         outer.flush()
         out["mode"] = outer.describe()
@@ -324,6 +341,7 @@ def worker_mlx(args: argparse.Namespace) -> None:
         args, step, global_batches(s.n_windows, args.batch_size, args.seed, args.rank, args.world), args.rank
     )
     out["comm_ms"] = [c * 1e3 for c in comm_s[args.warmup_steps :]]
+    out.update(phase_ms(step, args))
     if args.rank == 0:
         out["val_loss"] = val_loss(args, s, model)
     if group is not None:  # nobody leaves the ring while rank 0 evaluates
@@ -657,6 +675,8 @@ def describe_run(out: Outcome, n: int, args: argparse.Namespace) -> str:
     extra = f"; {out.main['mode']}" if out.main.get("mode") else ""
     if out.main.get("comm_ms"):
         extra += f"; reduction {statistics.median(out.main['comm_ms']):.1f} ms (median, tree in to tree out)"
+    if out.main.get("compute_ms") is not None and out.main.get("update_ms") is not None:
+        extra += f"; gradients {out.main['compute_ms']:.1f} ms, clip + update {out.main['update_ms']:.1f} ms"
     return (
         f"{tps:,.0f} tokens/s, step {out.step_ms(args.warmup_steps):.1f} ms (median), local batches "
         f"{out.shares(args.warmup_steps)}, val loss {out.main.get('val_loss', float('nan')):.4f}, "
