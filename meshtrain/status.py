@@ -86,6 +86,7 @@ class JobSnapshot(TypedDict, total=False):
     evaluated: dict[str, float | None]  # the latest report without a step (an evaluation)
     evaluations: int  # how many such reports so far (the plain log writes a line for each)
     evaluated_epoch: int  # the 1-based epoch that evaluation named (0: none)
+    recent_evaluations: list[dict[str, Any]]  # the last few: {n, epoch, values}, so a view writes each
 
 
 FINISHED_JOB_STATES = frozenset({"done", "failed", "cancelled"})

@@ -224,12 +224,13 @@ def test_shakespeare_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     home = {"MESHTRAIN_HOME": str(tmp_path / "home")}
     common = ["run", "--local", "2", "--checkpoint-every", "4", "--name", "shk"]
     quick = [a for a in QUICK if a not in ("--max-steps", "4")] + ["--sample", "0"]
-    first = meshtrain(*common, str(SHAKESPEARE), *quick, "--max-steps", "10", env=home)
+    # long enough that the leader's checkpoints (a few steps ahead of the reported progress) land
+    first = meshtrain(*common, str(SHAKESPEARE), *quick, "--max-steps", "40", env=home)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     saved = [int(n) for n in re.findall(r"shk@(\d+) committed", first.stdout)]  # the leader picks steps
     assert saved and saved[-1] > 4, first.stdout[-2000:]
-    again = meshtrain(*common, "--resume", str(SHAKESPEARE), *quick, "--max-steps", "12", env=home)
+    again = meshtrain(*common, "--resume", str(SHAKESPEARE), *quick, "--max-steps", "44", env=home)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resume of shk: step {saved[-1]}" in again.stdout, again.stdout[-2000:]
-    assert "final validation loss" in again.stdout and "after 12 steps" in again.stdout
-    assert "step 4/12" not in again.stdout  # the steps before the checkpoint are not trained again
+    assert "final validation loss" in again.stdout and "after 44 steps" in again.stdout
+    assert "step 4/44" not in again.stdout  # the steps before the checkpoint are not trained again

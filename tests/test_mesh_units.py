@@ -226,3 +226,18 @@ def test_an_evaluation_keeps_its_own_epoch_when_the_job_has_moved_on() -> None:
     assert snap["evaluated_epoch"] == 4
     lines = [ln for ln in JobLog().feed({**snap, "state": "running"}) if ln.startswith("evaluated")]
     assert lines and lines[0].startswith("evaluated (epoch 4/5)"), lines
+
+
+def test_two_evaluations_between_two_snapshots_are_two_lines() -> None:
+    from meshtrain.ui.plain import JobLog
+
+    state = JobState(job="j", script="s.py", started=0.0)
+    state.assign(["a"])
+    log = JobLog()
+    log.feed({**state.snapshot(0.5), "state": "running"})
+    state.report(0, 1.0, {"epoch": 0, "epochs": 1, "val_loss": 2.0})
+    state.report(0, 1.1, {"epoch": 0, "epochs": 1, "val_loss": 1.5})  # before the view polls again
+    lines = [ln for ln in log.feed({**state.snapshot(1.2), "state": "running"}) if ln.startswith("evaluated")]
+    assert [("val_loss 2" in ln, "val_loss 1.5" in ln) for ln in lines] == [(True, False), (False, True)], (
+        lines
+    )

@@ -117,6 +117,8 @@ class JobState:
     evaluated: dict[str, float | None] = field(default_factory=dict)
     evaluations: int = 0
     evaluated_epoch: int = 0  # the 1-based epoch the latest evaluation reported (0: it named none)
+    # the last few evaluations, numbered: a view that polls less often than they come writes each one
+    recent_evaluations: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=8))
     _metric_rank: dict[str, int] = field(default_factory=dict)  # whose value each name shows
     _global_steps: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -225,6 +227,9 @@ class JobState:
                 # view reads the snapshot, and then labelled epoch 4's evaluation "(epoch 5/5)"
                 if isinstance(epoch, int) and not isinstance(epoch, bool):
                     self.evaluated_epoch = epoch + 1
+                self.recent_evaluations.append(
+                    {"n": self.evaluations, "epoch": self.evaluated_epoch, "values": dict(evaluation)}
+                )
 
     def _global_step(self) -> int:
         return max(0, self.epoch - 1) * self.steps_per_epoch + self.step if self.epoch else self.step
@@ -359,6 +364,7 @@ class JobState:
             "evaluated": dict(self.evaluated),
             "evaluations": self.evaluations,
             "evaluated_epoch": self.evaluated_epoch,
+            "recent_evaluations": [dict(e) for e in self.recent_evaluations],
             "avg_samples_per_s": average,
             "train_s": train_s,
         }

@@ -290,9 +290,14 @@ class JobLog:
         accuracy = number(job, "test_accuracy")
         evaluations = integer(job, "evaluations", -1)  # -1: an agent that does not count them
         if evaluations > self._evaluations:
+            recent = [e for e in items(job, "recent_evaluations") if integer(e, "n") > self._evaluations]
+            if not recent:  # an agent that keeps no list: the latest one
+                own_epoch = integer(job, "evaluated_epoch") or epoch  # the evaluation's, not the job's now
+                recent = [{"epoch": own_epoch, "values": job.get("evaluated")}]
+            for e in recent:  # each evaluation since the last snapshot, with its own epoch
+                values = e.get("values") if isinstance(e.get("values"), Mapping) else {}
+                lines.append(evaluated_line(job, integer(e, "epoch") or epoch, scalars({"v": values}, "v")))
             self._evaluations, self._accuracy = evaluations, accuracy
-            own_epoch = integer(job, "evaluated_epoch") or epoch  # the evaluation's, not the job's now
-            lines.append(evaluated_line(job, own_epoch, scalars(job, "evaluated")))
         elif evaluations < 0 and accuracy is not None and accuracy != self._accuracy:
             self._accuracy = accuracy
             lines.append(evaluated_line(job, epoch, {"test_accuracy": accuracy}))
