@@ -117,14 +117,14 @@ def _file_list(info: CheckpointInfo) -> dict[str, int]:
 async def _send_files(
     writer: asyncio.StreamWriter, directory: Path, files: dict[str, int], link: Link
 ) -> None:
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
     for name in files:
         with open(directory / name, "rb") as f:
             offset = 0
-            while n := f.readinto(buffer):
-                await link.write(writer, {"kind": "ckpt.data", "name": name, "offset": offset}, view[:n])
-                offset += n
+            # a fresh buffer per chunk: from Python 3.12 the transport keeps (does not copy) what it has
+            # not sent yet, and drain() returns below its high-water mark, so a reused one is overwritten
+            while chunk := f.read(CHUNK_BYTES):
+                await link.write(writer, {"kind": "ckpt.data", "name": name, "offset": offset}, chunk)
+                offset += len(chunk)
     await link.write(writer, {"kind": "ckpt.end"})
 
 
