@@ -272,6 +272,9 @@ class JobState:
         "main",
         "generation",
         "evaluated_epoch",
+        "metrics",  # every named scalar too: a node that carries the job on (or mirrors it) shows them
+        "evaluated",
+        "evaluations",
     )
 
     def to_record(self) -> dict[str, Any]:
@@ -283,6 +286,8 @@ class JobState:
         record["log"] = list(self.log)
         record["loss_history"] = list(self.loss_history)
         record["global_steps"] = [list(x) for x in self._global_steps]
+        record["metric_history"] = {k: list(v) for k, v in self.metric_history.items()}
+        record["recent_evaluations"] = [dict(e) for e in self.recent_evaluations]
         return record
 
     @staticmethod
@@ -297,6 +302,13 @@ class JobState:
         state.log.extend(str(line) for line in data.get("log") or [])
         state.loss_history.extend(float(x) for x in data.get("loss_history") or [])
         state._global_steps.extend((float(t), int(s)) for t, s in data.get("global_steps") or [])
+        state.metrics = dict(state.metrics or {})
+        state.evaluated = dict(state.evaluated or {})
+        for key, values in (data.get("metric_history") or {}).items():
+            state.metric_history[str(key)] = deque(values, maxlen=LOSS_HISTORY)
+        state.recent_evaluations.extend(
+            e for e in data.get("recent_evaluations") or [] if isinstance(e, dict)
+        )
         return state
 
     def summary(self) -> dict[str, Any]:
