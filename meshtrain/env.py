@@ -22,6 +22,7 @@ JOB_SPEC = "MESHTRAIN_JOB_SPEC"  # this worker's part of the job, JSON (meshtrai
 CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"  # the agent's checkpoint store, for the worker's own writes
 ON_BATTERY = "MESHTRAIN_ON_BATTERY"  # join --on-battery: continue | reduce | leave
 SHARES = "MESHTRAIN_SHARES"  # perf | equal, when the job's options do not say
+DATA_PATH = "MESHTRAIN_DATA_PATH"  # where `run --data PATH` put the data for this worker (mesh.data_path)
 
 # --- debugging and tests -----------------------------------------------------------------------
 LEDGER_DIR = "MESHTRAIN_LEDGER_DIR"  # every worker logs the slices of each committed step there

@@ -62,6 +62,18 @@ class Mesh:
         names at the end (relative paths land in a temporary copy of the script's directory)."""
         return Path.cwd()
 
+    @property
+    def data_path(self) -> Path | None:
+        """Where `meshtrain run --data PATH` put PATH for this worker (a file or a directory, the same
+        bytes on every node, at PATH's relative path in the worker's working directory), or None
+        when the job was given no data (and when run plainly)."""
+        import os
+
+        from meshtrain.env import DATA_PATH
+
+        where = os.environ.get(DATA_PATH)
+        return Path(where) if where else None
+
     def evaluate(self, n_samples: int, fn: Callable[[np.ndarray], Mapping[str, float]]) -> dict[str, float]:
         """Evaluation spread over the workers: `fn(indices)` returns sums over those samples (say
         `{"correct": 931, "loss_sum": 210.4, "count": 1000}`) and every worker gets the sums over all

@@ -29,6 +29,7 @@ from typing import Any
 
 from meshtrain import PROTOCOL_VERSION, __version__
 from meshtrain.agent.control import Conn, ControlServer, call, socket_path, state_dir
+from meshtrain.agent.data_transfer import NodeData
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
 from meshtrain.agent.mesh_jobs import MeshJobs
 from meshtrain.agent.placement import Candidate
@@ -172,6 +173,7 @@ class Agent:
         self._changed = asyncio.Event()
         self.election: Any = None  # meshtrain.leader.Election, once the node has an id
         self.checkpoints: NodeCheckpoints | None = None  # store, transfer server, checkpoint leader role
+        self.data = NodeData(self)  # run --data: the submitted sources, the cache, serving and fetching
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs_dir = Path(tempfile.mkdtemp(prefix=f"meshtrain-{self.name}-"))
         self.control_port = 0
@@ -469,6 +471,7 @@ class Agent:
 
     async def submit(self, request: JobRequest, sink: JobSink, runner: JobRunner | None = None) -> JobResult:
         """Coordinate a job from this node until it ends."""
+        await self.data.register(request.options)  # run --data PATH: served from here, the job's origin
         runner = runner or JobRunner(request=request, membership=self, protocol=self.protocol)
         for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
             runner.add_event(event)  # the view opens on how the mesh got here
@@ -564,6 +567,8 @@ class Agent:
             await self.tracking.handle(header, payload, conn)
         elif op == "run" and local:
             await self._handle_run(header, payload, conn)
+        elif op == "data.fetch":  # run --data: another node asks for a job's data (authenticated TCP)
+            await self.data.serve(header, payload, conn)
         elif isinstance(op, str) and op.startswith("ckpt") and self.checkpoints is not None:
             ok, message = await self.checkpoints.handle(header)
             await conn.reply(ok, message=message)

@@ -795,6 +795,7 @@ class MeshJobs:
                 on_change=agent._on_hosted,
                 on_report=agent._on_hosted_report,
                 before_start=agent.before_worker_start,
+                prepare_data=agent.data.prepare,  # run --data: the job's data on this node first
             )
         )
         if fresh and isinstance(record, dict):

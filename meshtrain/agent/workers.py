@@ -103,12 +103,16 @@ async def host_worker(
     on_change: Callable[[HostedWorker, bool], None],
     on_report: Callable[[HostedWorker, dict[str, Any]], None] | None = None,
     before_start: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
+    prepare_data: Callable[[dict[str, Any], Callable[[str], Awaitable[None]]], Awaitable[Path | None]]
+    | None = None,
 ) -> None:
     """Serve one `job.prepare` connection until the worker has exited and been reported.
 
     `on_report` gets the worker's reports this module does not handle itself
     (checkpoint messages); `before_start(job, options)` runs before the worker
-    starts (fetching a checkpoint to resume from, say).
+    starts (fetching a checkpoint to resume from, say); `prepare_data(options, log)`
+    brings a `run --data` job's data to this node (meshtrain.agent.data_transfer),
+    which then appears at its relative path in the worker's directory.
     """
     job, rank = str(header["job"]), int(header["rank"])
     member = str(header.get("member") or node)
@@ -139,9 +143,27 @@ async def host_worker(
         except Exception as exc:  # noqa: BLE001 - one line to the coordinator, never a dead agent
             await conn.reply(False, error="prepare", message=f"cannot prepare the job on {node}: {exc}")
             return
+    data_env: dict[str, str] = {}
+    data_link: Path | None = None
+    if prepare_data is not None and isinstance(options.get("data"), dict):
+
+        async def say(line: str) -> None:
+            await conn.send("log", {"node": node, "rank": rank, "stream": "stdout", "line": line})
+
+        try:
+            where = await prepare_data(options, say)
+            if where is not None:
+                from meshtrain.agent.data_transfer import link_into
+
+                data_link = link_into(workdir, str(options["data"].get("path") or where.name), where)
+                data_env[env_names.DATA_PATH] = str(data_link)
+        except Exception as exc:  # noqa: BLE001 - one line to the coordinator, never a dead agent
+            await conn.reply(False, error="data", message=str(exc))
+            shutil.rmtree(workdir, ignore_errors=True)
+            return
     read_fd, write_fd = os.pipe()
     spec["report_fd"] = write_fd
-    env = worker_env(dict(os.environ), {**extra_env, env_names.JOB_SPEC: json.dumps(spec)})
+    env = worker_env(dict(os.environ), {**extra_env, **data_env, env_names.JOB_SPEC: json.dumps(spec)})
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -171,6 +193,9 @@ async def host_worker(
         transport.close()
         await _kill(proc)
         on_change(hosted, False)
+        if data_link is not None:
+            with contextlib.suppress(OSError):
+                data_link.unlink()  # the data is not the script's output: it stays in the cache only
         keep_outputs(workdir, set(bundle.files), job, member)
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -281,6 +306,7 @@ async def _serve(
                     await stdin.drain()
             elif header.get("op") == "job.cancel":
                 await _kill(proc)
+                return  # done: back in recv, a cancel that wait_for swallowed (py3.11) would hang _serve
 
     async def watch_hang() -> None:
         while proc.returncode is None:

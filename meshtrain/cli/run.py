@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> None:
         "--local", type=positive, metavar="N", help="an embedded mesh of N local nodes, just for this run"
     )
     run.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a file or directory every worker gets at the same relative path (mesh.data_path): "
+        "hashed, fetched once per node, cached in $MESHTRAIN_HOME/data",
+    )
+    run.add_argument(
         "--encrypt",
         action="store_true",
         help="encrypt the traffic (AES-GCM) of the mesh this run starts (--local N, or training alone)",
@@ -189,6 +195,11 @@ def main(args: argparse.Namespace) -> int:
             f"{args.script} is a directory: name the script in it to run (meshtrain run {example})"
         )
     bundle = bundle_snapshot(args.script)
+    if getattr(args, "data", None) is not None:  # run --data PATH: hashed here, fetched by the nodes
+        from meshtrain.agent.data_transfer import prepare_submission
+        from meshtrain.paths import state_home
+
+        options["data"] = prepare_submission(args.data, state_home())
     wait = args.wait if args.wait is not None else (DEFAULT_WAIT_S if (args.nodes or args.min_nodes) else 0.0)
     if wait < 0:
         raise UserError("--wait must be zero or more seconds")
