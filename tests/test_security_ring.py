@@ -194,7 +194,10 @@ def test_a_captured_hello_and_frames_replayed_later_are_rejected() -> None:
     replay.start()
     results = run_ranks([honest_rank0_acceptor, member(listeners[1], 1, real, MESH, timeout=1.5)])
     replay.join()
-    assert isinstance(results[1], PeerLost) and "replayed hello" in results[1].reason, results
+    # the listener's acceptor refuses the replay before the ring sees it (so a stranger can never take
+    # a neighbour's slot): rank 1 finds no left neighbour, and the replay is counted
+    assert isinstance(results[1], PeerLost), results
+    assert "replayed hello" in results[1].reason or "did not connect" in results[1].reason, results
     assert listeners[1].drops.snapshot()["replay"] >= 1
 
     # 2. a restarted listener (no memory of the nonce) takes the hello, but every frame fails
