@@ -105,3 +105,34 @@ def test_the_record_with_the_newer_formed_view_wins_over_more_issued_views() -> 
     alone = {"view": {"version": 4}, "formed": {"version": 1}, "term": 0, "seq": 900}  # issued alone
     majority = {"view": {"version": 2}, "formed": {"version": 2}, "term": 1, "seq": 30}  # trained on
     assert record_key(majority) > record_key(alone)
+
+
+def test_a_joiner_that_never_formed_a_ring_is_ended_when_the_job_finishes() -> None:
+    async def body() -> None:
+        runner, _ = four_workers("h0")
+        late = _Participant(name="h0", rank=4, host="127.0.0.1", control_port=1, member="h0~1", in_view=True)
+        runner._parts.append(late)
+        assert runner._send_view()  # view 2 holds the joiner; its ring never forms: the others finish
+        for p in runner._parts[:4]:
+            runner._handle(p, {"kind": "event", "type": "exit", "code": 0}, [])
+        runner._end_stragglers()
+        kills = [(n, f["member"]) for n, op, f in runner.links.told if op == "job.kill"]  # type: ignore[attr-defined]
+        assert kills == [("h0", "h0~1")] and late.killed
+        runner._handle(late, {"kind": "event", "type": "exit", "code": -15}, [])
+        assert runner._verdict().state == "done"  # its end is ours, not a failure
+
+    asyncio.run(body())
+
+
+def test_a_replaced_coordinators_request_is_refused_and_a_live_ones_never() -> None:
+    from meshtrain.agent.job_coordination import superseded
+
+    healed = {"coordinator": "h0", "term": 0, "formed": {"version": 1}, "view": {"version": 4}, "seq": 900}
+    majority = {"coordinator": "h1", "term": 1, "formed": {"version": 3}, "view": {"version": 3}, "seq": 40}
+    assert superseded(healed, majority)  # the far side of a healed partition: refused
+    assert not superseded(majority, healed)  # a stale holder accepts the live coordinator's request
+    overtaken = {**majority, "seq": 39, "view": {"version": 2}, "formed": {"version": 2}}
+    assert not superseded(overtaken, majority)  # its own later publish arrived first: still its own
+    rival = {"coordinator": "h2", "term": 1, "formed": {"version": 2}}  # took over on the minority side too
+    assert superseded(rival, majority) and not superseded(majority, rival)
+    assert superseded(majority, {**majority, "result": {"state": "done"}})  # over: nothing to start

@@ -95,7 +95,7 @@ def test_host0_healed_after_its_loss_neither_takes_the_job_back_nor_runs_a_secon
 
 
 def test_two_jobs_at_once_with_their_own_coordinators(tmp_path: Path) -> None:
-    epochs = 6
+    epochs = 10  # 120 steps: the kill below lands mid-job
     with hosts(tmp_path, prefix="je") as mesh:
         la, lb, oa, ob = (tmp_path / d for d in ("la", "lb", "oa", "ob"))
         for d in (la, lb, oa, ob):
@@ -133,7 +133,11 @@ def test_two_jobs_at_once_with_their_own_coordinators(tmp_path: Path) -> None:
         jb = next(j for j, r in rows.items() if set(r["nodes"]) == {"host1", "host2", "host3"})
         wait(lambda: all(len(list(d.glob("*.jsonl"))) == 3 for d in (la, lb)), 90, "both jobs train")
         assert coordinator(mesh, 2, ja) == "host0" and coordinator(mesh, 2, jb) == "host1"
-        mesh.kill(1)  # job b's coordinator, and a worker of job a
+        mesh.kill(1)
+        for d in (la, lb):  # mid-job: far from the last step
+            assert (
+                len((d / "ledger-host2.jsonl").read_text().splitlines()) < epochs * 12 // 2
+            )  # job b's coordinator, and a worker of job a
         wait(lambda: coordinator(mesh, 2, jb) == "host2", 30, lambda: str(mesh.job(2, jb)))
         assert coordinator(mesh, 2, ja) == "host0"
         for proc in (a, b):

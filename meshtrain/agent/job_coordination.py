@@ -129,6 +129,26 @@ def record_key(record: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
     )
 
 
+def superseded(incoming: Mapping[str, Any], local: Mapping[str, Any]) -> bool:
+    """Does `local` (this node's copy) show that the coordinator that sent `incoming` was replaced?
+
+    True when the local copy is final, has a later coordinator term, or, at
+    the same term, comes from another coordinator and a newer formed view.
+    Not the whole `record_key`: a live coordinator's own later publish (a
+    newer sequence or view) may overtake a request it sent a moment before,
+    and that request is still its own.
+    """
+    if local.get("result"):
+        return True
+    term_in, term_local = int(incoming.get("term") or 0), int(local.get("term") or 0)
+    if term_in != term_local:
+        return term_in < term_local
+    if incoming.get("coordinator") == local.get("coordinator"):
+        return False
+    formed_in = int((incoming.get("formed") or {}).get("version") or 0)
+    return formed_in < int((local.get("formed") or {}).get("version") or 0)
+
+
 def base_members(formed: Mapping[str, Any] | None, issued: Mapping[str, Any] | None) -> list[str] | None:
     """The members (rank order) a new view's quorum counts: the formed view's, else the first issued."""
     view = formed if formed else issued

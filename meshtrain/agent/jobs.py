@@ -532,6 +532,8 @@ class JobRunner:
                 if not self._cancelling:
                     self._watch_membership()
                     self._update_view()
+                    if self._finished_any():
+                        self._end_stragglers()
                 if not self._cancelling and (self._failures or self._cancel.is_set()):
                     self._cancelling = True
                     self._cancel_all()
@@ -580,6 +582,18 @@ class JobRunner:
         live = {p.name for p in self._parts if not p.lost and p.exit_code is None}
         if self.succession.may_issue(live, time.monotonic()):
             self._send_view()
+
+    def _end_stragglers(self) -> None:
+        """The job finished: end the workers that never formed a ring with the others (a joiner admitted
+        near the end waits for a ring whose members have exited, and would hold the job open for ever)."""
+        formed = set(base_members(self._formed, self._view) or [])
+        for p in self._parts:
+            if p.exit_code is None and not p.lost and not p.killed and (p.member or p.name) not in formed:
+                p.killed = True  # its exit is ours, not a failure
+                detail = f"worker {p.member or p.name} ended: the job finished before it joined a ring"
+                self.add_event({"t": self.clock(), "kind": "left", "node": p.name, "detail": detail})
+                if self.links is not None:
+                    self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name, by=self.me)
 
     def _lose(self, p: _Participant, why: str) -> None:
         """An elastic loss: the worker leaves the view; the job goes on without it."""

@@ -39,7 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtrain.agent.control import Conn, call
-from meshtrain.agent.job_coordination import STARTED_STATES, record_coordinator, record_key, seats_of
+from meshtrain.agent.job_coordination import (
+    STARTED_STATES,
+    record_coordinator,
+    record_key,
+    seats_of,
+    superseded,
+)
 from meshtrain.agent.jobs import LOG_KEPT, JobRequest, JobResult, JobRunner, JobSink, is_final
 from meshtrain.agent.jobstate import JobState
 from meshtrain.agent.workers import host_worker
@@ -766,7 +772,7 @@ class MeshJobs:
         replica = self.replicas.get(job)
         fresh = replica is None
         if replica is not None and (
-            replica.final or (isinstance(record, dict) and record_key(record) < record_key(replica.record))
+            replica.final or (isinstance(record, dict) and superseded(record, replica.record))
         ):
             sender = record.get("coordinator") if isinstance(record, dict) else None
             await conn.reply(
