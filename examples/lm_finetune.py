@@ -264,7 +264,7 @@ def main() -> None:
         target = Path(args.save) if args.save else mesh.output_dir / ("model" if args.full else "adapters")
         save(target, model, model_dir, adapter)
         how = (
-            f"mlx_lm.load('{model_dir}', adapter_path='{target}')" if adapter else f"mlx_lm.load('{target}')"
+            f"mlx_lm.load('{args.model}', adapter_path='{target}')" if adapter else f"mlx_lm.load('{target}')"
         )
         print(f"saved to {target}: {how}", flush=True)
     mesh.close()

@@ -90,7 +90,8 @@ def test_a_node_out_of_disk_is_one_line() -> None:
     assert space_problem("node2", 10**6, 10**9, "/d") is None
     line = space_problem("node2", 2 * 10**9, 5 * 10**8, "/home/u/.local/state/meshtrain/data")
     assert line == (
-        "node2 is out of disk space for the job's data: it needs 2.0 GB, 500.0 MB are free in "
+        "node2 is out of disk space for the job's data: it needs 2.0 GB (and keeps 67.1 MB free), "
+        "500.0 MB are free in "
         "/home/u/.local/state/meshtrain/data"
     )
     assert space_problem("n", 10**9, 10**9, "/d") is not None  # a margin is kept

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,23 @@ def test_a_node_without_the_secret_gets_nothing(tmp_path: Path) -> None:
             await server.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounts a small tmpfs (root)")
+def test_a_node_out_of_disk_fails_the_job_in_one_line(tmp_path: Path) -> None:
+    corpus, _ = make_corpus(tmp_path)
+    home = tmp_path / "small"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(home)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = run(tmp_path, home, "--local", "2", "--data", "corpus", str(SCRIPT), timeout=120)
+    finally:
+        subprocess.run(["umount", str(home)])
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"meshtrain: job failed: node2 is out of disk space for the job's data: it needs 3\.2 MB "
+        r"\(and keeps 67\.1 MB free\), \d+\.\d MB are free in " + re.escape(f"{home}/data"),
+        last,
+    ), last

@@ -182,8 +182,8 @@ def space_problem(node: str, needed: int, free: int, where: str) -> str | None:
     if needed + SPACE_MARGIN_BYTES <= free:
         return None
     return (
-        f"{node} is out of disk space for the job's data: it needs {human_bytes(needed)}, "
-        f"{human_bytes(free)} are free in {where}"
+        f"{node} is out of disk space for the job's data: it needs {human_bytes(needed)} "
+        f"(and keeps {human_bytes(SPACE_MARGIN_BYTES)} free), {human_bytes(free)} are free in {where}"
     )
 
 
