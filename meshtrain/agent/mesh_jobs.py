@@ -11,7 +11,9 @@ rule names another node the runner steps down and the workers go on.
 Traffic, all over the authenticated control TCP (one request, one reply):
 - `job.prepare`: the coordinator starts a worker here (bundle + record);
   the worker's lifeline is this agent, not the coordinator's connection, so
-  a lost coordinator leaves the job's workers running;
+  a lost coordinator leaves the job's workers running; refused when this
+  node's record shows the sender was replaced (`superseded`: the far side of
+  a healed partition must not start a second copy);
 - `job.report`: this agent's workers' output, metrics and exits, numbered,
   to the coordinator, which answers with what it has applied (resent on a
   gap, so a successor loses nothing this node still holds);
@@ -19,9 +21,15 @@ Traffic, all over the authenticated control TCP (one request, one reply):
   lacks) to every node of the job and its origin, twice a second; a finished
   job's record goes to at least two nodes;
 - `job.view` / `job.kill`: a new membership view for, or the end of, a
-  hosted worker (the fast path; the view also travels in every sync);
+  hosted worker (the fast path; the view also travels in every sync),
+  ignored from a sender this node's record does not name as coordinator, so
+  a replaced coordinator cannot pull the job's workers into its views;
 - `job.cancel`, `job.get`, `jobs.list`: what `meshtrain cancel`, `attach`,
   `logs` and `jobs` ask, on any node, of the nodes holding a job.
+
+A job not yet started has no successor (until its first view only the
+origin knows every worker's ring port): when its origin is gone, every node
+holding it gives it up after ORPHAN_S, stops its workers and logs one line.
 
 The CLI speaks to its own agent over the unix socket (`run`, `attach`,
 `jobs`, `cancel`, `logs`); an agent that holds no replica of the job asks
