@@ -464,10 +464,10 @@ def _reason(
             parts = ["same speed"]
     elif ratio >= 1 + SAME_SPEED and shares[m] > smallest + 1e-12:
         parts = [f"{ratio:.1f}x faster"]
-    elif shares[m] <= smallest + 1e-12:
-        parts = ["slowest"]
+    elif shares[m] <= smallest + 1e-12 and any(speed[a] >= slowest * (1 + SAME_SPEED) for a in active):
+        parts = ["slowest"]  # the smallest share, and others really are faster
     else:
-        parts = ["same speed"]
+        parts = ["same speed"]  # its share differs for another reason: power, memory, the floor
     if factor[m] != 1.0 and power_reason:
         parts.append(power_reason)
     if capped:
