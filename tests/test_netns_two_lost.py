@@ -41,6 +41,10 @@ def _rows(ledger: Path) -> list[dict]:  # type: ignore[type-arg]
     return out
 
 
+@pytest.mark.skipif(
+    not os.environ.get("MESHTRAIN_DRILLS"),
+    reason="a ~30 s drill (MESHTRAIN_DRILLS=1); tests/test_ring_cancel.py is the gate for the connect cancel",
+)
 @pytest.mark.timeout(300)
 def test_two_hosts_cut_at_once_cost_no_connect_timeout(tmp_path: Path) -> None:
     ledger, out = tmp_path / "ledger", tmp_path / "out"

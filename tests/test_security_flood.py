@@ -547,6 +547,10 @@ class RingFlood:
                 self.floods[port] = IdleFlood(port, n=80).__enter__()
 
 
+@pytest.mark.skipif(
+    not os.environ.get("MESHTRAIN_DRILLS"),
+    reason="a ~60 s drill (MESHTRAIN_DRILLS=1); the ring forming through 120 idle connections is the gate",
+)
 @pytest.mark.timeout(400)
 def test_training_converges_after_an_idle_flood_of_the_ring_ports_with_a_worker_killed(
     tmp_path: Path,
