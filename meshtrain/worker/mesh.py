@@ -23,6 +23,12 @@ Behind those calls (see meshtrain.train.recovery for the rules):
 The step reduction is the first `allreduce` after a batch is handed out; any
 other all-reduce (metrics, a local-SGD flush) is not redone: a failure there
 raises PeerLost, and the next step boundary recovers the ring.
+
+This module is the shell: the ring, the model and optimizer, the clock, the
+ledger file and fault injection. The step bookkeeping -- the global step,
+the sampler's hand-out, which step is committed, what a recovery plan asks
+of this member, the shares -- is meshtrain.train.stepper's pure `Stepper`,
+whose typed actions the methods here carry out.
 """
 
 from __future__ import annotations
@@ -44,11 +50,10 @@ import numpy as np
 from meshtrain import env as env_names
 from meshtrain.errors import PeerLost, UserError, WireError
 from meshtrain.mesh import Mesh, resolve_wire_dtype
-from meshtrain.train.recovery import MemberStatus, RecoveryPlan, Unrecoverable, decode_statuses, encode_status
-from meshtrain.train.recovery import plan_recovery as _plan
+from meshtrain.train.recovery import MemberStatus, Unrecoverable, decode_statuses, encode_status
 from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
 from meshtrain.train.share_modes import DEFAULT_SHARE_MODE, PERF
-from meshtrain.train.step_sampler import StepSampler
+from meshtrain.train.stepper import AddZeros, Committed, SendState, ShareResult, Stepper, Take, share_vector
 from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.step_timer import StepTimer, free_memory, mlx_peak_probe
 from meshtrain.worker.views import View, ViewBoard
@@ -84,19 +89,6 @@ def _inject_fault(member: str, step: int, where: str) -> None:
 
 
 @dataclass
-class _OpenStep:
-    """The batch handed out last: its step, the generation whose shares sliced it, and those members."""
-
-    step: int
-    generation: int
-    members: tuple[str, ...]
-    epoch: int
-    weights: dict[str, float]  # the members' shares of this step's global batch, in rank order
-    samples: int = 0  # this worker's slice
-    reduced: bool = False
-
-
-@dataclass
 class _Held:
     """The gradients of an interrupted step reduction, kept to redo it."""
 
@@ -105,18 +97,23 @@ class _Held:
     wire: str
 
 
-@dataclass
-class _Last:
-    """The newest committed step reduction: members behind take it instead of redoing it."""
-
-    step: int
-    result: Any
-    contributors: tuple[str, ...]
-    sampler: dict[str, Any]
+def _on_steps(name: str) -> Any:
+    """The Stepper's attribute `name`, read and written through the mesh (meshtrain.worker.local_rounds
+    drives the step bookkeeping of local SGD through these)."""
+    return property(lambda self: getattr(self._steps, name), lambda self, v: setattr(self._steps, name, v))
 
 
 class WorkerMesh(Mesh):
-    """One worker of an elastic job."""
+    """One worker of an elastic job: the shell around its `Stepper`."""
+
+    committed = _on_steps("committed")
+    _gen = _on_steps("gen")
+    _roster = _on_steps("roster")
+    _sampler = _on_steps("sampler")
+    _open = _on_steps("open")
+    _has_state = _on_steps("has_state")
+    _joined_gen = _on_steps("joined_gen")
+    _rebalance_due = _on_steps("rebalance_due")
 
     def __init__(
         self,
@@ -145,35 +142,20 @@ class WorkerMesh(Mesh):
         self._ring_lock = threading.Lock()
         self._connecting: tuple[int, threading.Event] | None = None  # the view a connect forms, its cancel
         self._drops_sent: tuple[dict[str, int], float] = ({}, 0.0)  # ring drops last reported, and when
-        self._gen = -1
-        self._roster: tuple[str, ...] = ()
-        self._history: dict[int, tuple[str, ...]] = {}
-        self._weights: dict[int, dict[str, float]] = {}  # per generation: the shares its steps use
+        self._steps = Stepper(member, joiner=joiner, share_mode=share_mode)
         self._share_mode = share_mode
         self._on_battery = on_battery
         # perf shares time each step's compute and probe its memory (meshtrain.worker.step_timer)
         self._timer = StepTimer(free_memory=free_memory) if share_mode == PERF else None
-        self._rebalance_due = False
-        self._share_reason = ""
         self._metrics: dict[str, float] = {}  # the last loss / test accuracy reported (checkpoints list them)
         self._model: Any = None
         self._optimizer: Any = None
-        self._sampler: StepSampler | None = None
-        self.committed = 0
-        self._has_state = not joiner
-        self._joined_gen = -1
-        self._last: _Last | None = None
-        self._open: _OpenStep | None = None
-        self._pinned: tuple[int, int] | None = None  # (step, generation) whose shares slice that step
-        self._state_due: RecoveryPlan | None = None  # a state broadcast owed at the next boundary
         self._ring_mb_s: float | None = None
         self._announced = False
         self._ledger = Path(ledger_dir) / f"ledger-{member}.jsonl" if ledger_dir else None
         if self._ledger is not None:
             self._ledger.parent.mkdir(parents=True, exist_ok=True)
         self._checkpoints = checkpoints
-        self._missed_epoch = False  # the last `batches` call's epoch ended before this worker took part
-        self._verify_gen: int | None = None  # the generation whose first step reduction checks digests
         self.wire_dtype: str | None = None
         self.generation_changes = 0
         self._outer: Any = None  # local SGD's rules (meshtrain.worker.local_rounds), once attached
@@ -239,7 +221,7 @@ class WorkerMesh(Mesh):
         self._agree_on_state()
         # the starting workers' first step reduction checks it held (a generation change first
         # means a recovery plan compared the digests instead, on every member alike)
-        self._verify_gen = self._gen if self._ring is not None and self._has_state else None
+        self._steps.verify_gen = self._gen if self._ring is not None and self._has_state else None
 
     def _agree_on_state(self) -> None:
         """Make every starting replica's registered state bit-identical before the first step.
@@ -305,45 +287,24 @@ class WorkerMesh(Mesh):
             whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
             yield from micro_batches(whole, check_accumulate(accumulate))
             return
-        if self._sampler is None:
-            self._sampler = StepSampler(n_samples, batch_size, seed)
-        elif (self._sampler.dataset_size, self._sampler.global_batch, self._sampler.seed) != (
-            n_samples,
-            batch_size,
-            seed,
-        ):
-            raise UserError(
-                "mesh.batches: the data set size, batch size and seed must not change between epochs"
-            )
-        sampler = self._sampler
-        if epoch > sampler.epoch and sampler.cursor == 0 and len(sampler.carry) == 0:
-            sampler.epoch = epoch  # the script skipped epochs (a resumed loop, say)
+        steps = self._steps
+        steps.start_epoch(n_samples, batch_size, seed, epoch)
         yielded = False
         while True:
             self._boundary()
-            if sampler.epoch != epoch:
-                # this epoch is done (or was, before this worker joined: then its evaluation is not ours)
-                self._missed_epoch = not yielded and epoch < sampler.epoch
+            if steps.epoch_done(epoch, yielded):
                 return
-            if self._verify_gen is not None and self._verify_gen == self._gen:
-                # before any local update: local SGD's first reduction comes H updates later
-                self._verify_gen = None
+            if steps.verify_now():  # before any local update: local SGD's first reduction is H later
                 try:
                     self._check_replicas_agree()
                 except RING_FAILURES:
                     self._mark_broken()  # the step's reduction recovers; its plan compares digests
-            generation = self._step_generation()
-            shares = self._history[generation] if generation != self._gen else self._roster
-            weights = self._weights_of(generation, shares)
-            self._pinned = None
-            mine = sampler.assignment(weights).get(self.member)
-            count = len(mine) if mine is not None else 0
-            self._open = _OpenStep(self.committed, generation, shares, epoch, weights, count)
+            batch = steps.hand_out(epoch)
             if self._timer is not None:
-                self._timer.handed_out(count)
-            _inject_fault(self.member, self.committed, "forward")
-            yielded, self._missed_epoch = True, False
-            yield mine if mine is not None else np.empty(0, np.int64)
+                self._timer.handed_out(len(batch.indices))
+            _inject_fault(self.member, batch.step, "forward")
+            yielded = True
+            yield batch.indices
 
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:
         """Weighted mean of `tree` over the job's workers (exact with weight = local batch size).
@@ -354,30 +315,24 @@ class WorkerMesh(Mesh):
         """
         wire = resolve_wire_dtype(tree, wire_dtype)
         self.wire_dtype = wire
-        step_reduction = (  # in local SGD mode the outer sync is the step's unit, not an all-reduce
-            self._outer is None
-            and self._open is not None and not self._open.reduced and not isinstance(tree, np.ndarray)
-        )
-        if not step_reduction:
+        # in local SGD mode the outer sync is the step's unit, not an all-reduce
+        if self._outer is not None or not self._steps.in_step_reduction() or isinstance(tree, np.ndarray):
             return self._free_allreduce(tree, weight, wire)
-        assert self._open is not None
         self._measure(tree)
         _inject_fault(self.member, self.committed, "allreduce")
         held = _Held(tree, float(weight), wire)
         outcome = None
         if self._ring is None or self._stale_view():
             outcome = self._recover(held)
-        elif self._verify_gen is not None and self._verify_gen == self._gen:
-            self._verify_gen = None
+        elif self._steps.verify_now():
             try:
                 self._check_replicas_agree()
             except RING_FAILURES:
                 outcome = self._recover(held)  # its plan compares the digests itself
         while True:
-            if outcome is not None and outcome[0] == "take":
-                _, result, meta = outcome
-                self._commit(result, tuple(meta["contributors"]), meta["sampler"])
-                return result
+            if outcome is not None:  # this member was behind: it takes another's completed reduction
+                self._ledger_row(self._steps.take(outcome))
+                return outcome.result
             try:
                 out = self._ring.allreduce_tree(
                     tree, step=self.committed, weight=held.weight, wire_dtype=wire
@@ -386,7 +341,7 @@ class WorkerMesh(Mesh):
                 outcome = self._recover(held)
                 continue
             self._note_stats()
-            self._commit(out, tuple(m for m in self._open.members if m in self._roster), None)
+            self._ledger_row(self._steps.reduced(out))
             if self._timer is not None:
                 self._timer.reduced()  # the rest of the step, to the next boundary, is compute
             return out
@@ -401,9 +356,9 @@ class WorkerMesh(Mesh):
         metrics = check(metrics, set(self._metrics) - FIRST_CLASS)
         extra: dict[str, Any] = {"generation": self._gen}
         if self._roster:
-            extra["share"] = self._weights_of(self._gen, self._roster).get(self.member, 0.0)
-            if self._share_reason:
-                extra["share_why"] = self._share_reason
+            extra["share"] = self._steps.my_share()
+            if self._steps.share_reason:
+                extra["share_why"] = self._steps.share_reason
         if self._ring_mb_s is not None:
             extra["ring_mb_s"] = self._ring_mb_s
         for key, value in metrics.items():
@@ -434,7 +389,7 @@ class WorkerMesh(Mesh):
         node joining) makes every worker evaluate the whole set locally instead:
         the same sums, no hang, and the next step boundary forms the new ring.
         """
-        if self._missed_epoch:
+        if self._steps.missed_epoch:
             # the script's loop passed an epoch that ended before this worker took part (a joiner, a
             # resumed run): the others evaluated it long ago, so there is nobody to evaluate with and
             # nothing of ours to measure. NaN says so (shown as "—"), at no cost and with no stall.
@@ -471,74 +426,40 @@ class WorkerMesh(Mesh):
         self._recover(None)
 
     # --- steps --------------------------------------------------------------------------------
-    def _step_generation(self) -> int:
-        """Whose shares slice the next step: the generation it is pinned to (an interrupted step being
-        finished), else the current ring's. A pin for an earlier step is stale and ignored."""
-        if self._pinned is not None and self._pinned[0] == self.committed:
-            return self._pinned[1]
-        return self._gen
-
     def _boundary(self) -> None:
         """Between steps: close a step that had no reduction, recover, admit, hand state over."""
         if self._outer is not None:
             self._outer.boundary()  # local SGD: meshtrain.worker.local_rounds
             return
-        if self._open is not None and not self._open.reduced:
-            if self._timer is not None:
+        closed = self._steps.close_step()
+        if closed is not None and self._timer is not None:
+            if closed.had_reduction:
+                self._timer.boundary()
+            else:
                 self._timer.local_step_done()  # a local step (local SGD) has no all-reduce: timed whole
-            self._commit(None, self._open.members, None)  # nothing to reduce
-        elif self._open is not None and self._timer is not None:
-            self._timer.boundary()
-        self._open = None
-        if self._state_due is not None and self.committed == self._state_due.target + 1:
-            self._send_due_state()  # the boundary after the pinned step (a member behind first takes
-            # the step before it and finishes the pinned one: it gets here one boundary later)
+        if closed is not None and closed.committed is not None:
+            self._ledger_row(closed.committed)  # nothing to reduce
+        due = self._steps.due_state()
+        if due is not None:
+            self._send_due_state(due)  # the boundary after the pinned step
         while self._ring is None or self._stale_view() or not self._has_state:
             # a worker without the job's state never takes a batch: it recovers until it has it
             # (a hand-over interrupted by yet another view leaves it stateless: form again)
             self._recover(None)
-            if self._state_due is not None and self.member in self._state_due.zero:
-                self._zero_participate(self._state_due)
-                self._send_due_state()
+            zeros = self._steps.zero_due()
+            if zeros is not None:
+                self._add_zeros(zeros[0])
+                self._send_due_state(zeros[1])
         self._report_ring_drops()  # every few seconds: what the ring port refused, for `status`
         if self._rebalance_due:
             self._rebalance()
         if self._checkpoints is not None and self._has_state and self._sampler is not None:
             self._checkpoints.at_boundary(self.committed, self._state_tree, self._meta())
 
-    def _commit(
-        self, result: Any, contributors: tuple[str, ...], sampler_state: dict[str, Any] | None
-    ) -> None:
-        """Step `self.committed` is done: ledger, sampler (carrying lost slices), counters."""
-        assert self._open is not None and self._sampler is not None
-        step, epoch = self.committed, self._sampler.epoch
-        assignment = self._sampler.assignment(self._open.weights)
-        used = {m: assignment[m] for m in self._open.members if m in contributors}
-        if sampler_state is not None:
-            self._sampler.load(sampler_state)
-            if self._sampler.epoch != epoch:
-                self._rebalance_due = True  # the step taken from another member ended the epoch
-        else:
-            lost = [assignment[m] for m in self._open.members if m not in contributors]
-            if self._sampler.commit(np.concatenate(lost) if lost else ()):
-                self._rebalance_due = True  # an epoch ended: every member re-balances at this boundary
-        self.committed += 1
-        self._open.reduced = True
-        if self._share_mode == PERF:
-            from meshtrain.train.shares import rebalance_due
-
-            # every CHECK_EVERY steps too (the flag travels in the state a joiner receives)
-            self._rebalance_due = rebalance_due(self.committed, self._rebalance_due)
-        if result is not None:
-            self._last = _Last(step, result, contributors, self._sampler.to_dict())
+    def _ledger_row(self, done: Committed) -> None:
+        """The debug ledger (`run --ledger`): which slices each committed step trained on."""
         if self._ledger is not None:
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "gen": self._gen,
-                "t": time.time(),  # wall clock: bench/recovery.py times recoveries from it
-                "slices": {m: v.tolist() for m, v in used.items()},
-            }
+            row = done.row(time.time())  # wall clock: bench/recovery.py times recoveries from it
             with self._ledger.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -649,19 +570,9 @@ class WorkerMesh(Mesh):
         return state_digest(tree, self.committed)
 
     def _meta(self) -> dict[str, Any]:
-        return {
-            "committed": self.committed,
-            **({"sampler": self._sampler.to_dict()} if self._sampler is not None else {}),
-            "generation": self._gen,
-            "members": list(self._roster),
-            "history": {str(g): list(m) for g, m in self._history.items()},
-            "weights": {str(g): w for g, w in self._weights.items()},
-            "rebalance_due": self._rebalance_due,
-            "metrics": dict(self._metrics),
-            "resumed_from": self._resumed_from,
-        }
+        return self._steps.meta(self._metrics, self._resumed_from)
 
-    def _adopt(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
+    def _adopt(self, tree: dict[str, Any], meta: dict[str, Any], *, joined: bool = False) -> None:
         import mlx.core as mx
 
         from meshtrain.train.leaves import assign_leaves, flat_leaves
@@ -674,44 +585,28 @@ class WorkerMesh(Mesh):
         # in place: compiled update functions captured this very dict (mx.compile(inputs=...))
         assign_leaves(self._optimizer.state, flat_leaves(tree["opt"]), what="optimizer state")
         mx.eval(self._model.parameters(), self._optimizer.state)
-        self.committed = int(meta["committed"])
-        if self._sampler is not None and "sampler" in meta:
-            self._sampler.load(meta["sampler"])
-        elif "sampler" in meta:
-            s = meta["sampler"]
-            self._sampler = StepSampler(s["dataset_size"], s["global_batch"], s["seed"])
-            self._sampler.load(s)
-        for g, members in (meta.get("history") or {}).items():
-            self._history.setdefault(int(g), tuple(members))
-        for g, weights in (meta.get("weights") or {}).items():
-            self._weights[int(g)] = {str(m): float(w) for m, w in weights.items()}
-        self._rebalance_due = bool(meta.get("rebalance_due"))
+        self._steps.adopt(meta, joined=joined)
         if meta.get("resumed_from") is not None:
             self._resumed_from = int(meta["resumed_from"])
-        self._has_state = True
-        self._last = None
 
     def _broadcast_state(self, source: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         tree = broadcast_tree(self._ring, self._state_tree(), source)
         blob = broadcast_bytes(self._ring, msgpack.packb(self._meta()) if source else None, source)
         return tree, msgpack.unpackb(blob, strict_map_key=False)
 
-    def _send_due_state(self) -> None:
+    def _send_due_state(self, due: SendState) -> None:
         """The boundary after a pinned step: the holders' first hands the state to the zero participants."""
-        plan, self._state_due = self._state_due, None
-        assert plan is not None
         if self._ring is None:
             return  # the ring broke meanwhile: the next generation's plan finds who still needs state
         try:
-            tree, meta = self._broadcast_state(self.member == plan.state_source)
+            tree, meta = self._broadcast_state(due.source)
         except RING_FAILURES:
             self._mark_broken()
             return  # the next recovery finds who still needs the state
-        if self.member in plan.zero:
-            self._adopt(tree, meta)
-            self._joined_gen = self._gen
+        if due.adopt:
+            self._adopt(tree, meta, joined=True)
 
-    def _zero_participate(self, plan: RecoveryPlan) -> None:
+    def _add_zeros(self, zeros: AddZeros) -> None:
         """Add zeros with weight 0 to the pinned step's reduction (this worker had no slice in it)."""
         import mlx.core as mx
         from mlx.utils import tree_map
@@ -719,22 +614,15 @@ class WorkerMesh(Mesh):
         template = self._model.trainable_parameters() if self._model is not None else None
         if template is None:
             raise UserError("call mesh.register(model, optimizer) before training so nodes can join")
-        zeros = tree_map(mx.zeros_like, template)
+        tree = tree_map(mx.zeros_like, template)
         if self._ring is None:
             return
         try:
-            self._ring.allreduce_tree(zeros, step=plan.target, weight=0.0, wire_dtype=plan.wire or "float32")
+            self._ring.allreduce_tree(tree, step=zeros.step, weight=0.0, wire_dtype=zeros.wire)
         except RING_FAILURES:
             self._mark_broken()
 
     # --- shares -------------------------------------------------------------------------------
-    def _weights_of(self, generation: int, members: tuple[str, ...]) -> dict[str, float]:
-        """The shares of a generation's steps: equal until measured speeds re-balance them."""
-        weights = self._weights.get(generation)
-        if weights is None or tuple(weights) != members:
-            weights = self._weights[generation] = {m: 1.0 / len(members) for m in members}
-        return weights
-
     def _measure(self, grads: Any) -> None:
         """The step's gradients are here (its reduction is next): evaluate them under MLX's peak
         memory probe (the ring would evaluate them next anyway) and time the compute so far."""
@@ -751,40 +639,18 @@ class WorkerMesh(Mesh):
         if self._share_mode != PERF or self._ring is None or len(self._roster) < 2:
             return
         from meshtrain import power
-        from meshtrain.train.shares import drift_band, plan_shares
 
         factor, reason = power.power_factor(power.probe(), self._on_battery)
         rate = self._timer.rate() if self._timer is not None else None
         cap = self._timer.memory_cap() if self._timer is not None else -1
-        size, rank = len(self._roster), self._roster.index(self.member)
-        vec = np.zeros(size * 3, np.float32)
-        vec[3 * rank : 3 * rank + 3] = [rate or 0.0, factor + 1.0, cap + 1.0]  # +1: zero is "unknown"
+        size = len(self._roster)
+        vec = share_vector(size, self._roster.index(self.member), rate, factor, cap)
         try:
             summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
         except RING_FAILURES:
             self._mark_broken()  # the next boundary recovers; the shares stay as they were
             return
-        rows = summed.reshape(size, 3)
-        caps = {
-            m: (int(round(r[2])) - 1 if r[2] >= 1 else None) for m, r in zip(self._roster, rows, strict=True)
-        }
-        rates = {m: (float(r[0]) if r[0] > 0 else None) for m, r in zip(self._roster, rows, strict=True)}
-        factors = {
-            m: (max(0.0, float(r[1]) - 1.0), reason if m == self.member else "")
-            for m, r in zip(self._roster, rows, strict=True)
-        }
-        current = self._weights_of(self._gen, self._roster)
-        batch = self._sampler.global_batch if self._sampler is not None else None
-        epoch_ended = self._sampler is not None and self._sampler.cursor == 0  # the same on every member
-        band = drift_band(self.committed, epoch_ended)
-        try:
-            decision = plan_shares(rates, current, factors=factors, caps=caps, global_batch=batch, drift=band)
-        except ValueError as exc:  # the caps cannot hold the batch: keep the shares, say why
-            self._share_reason = str(exc)[:40]
-            return
-        if decision.changed:
-            self._weights[self._gen] = dict(decision.shares)
-        self._share_reason = decision.reasons.get(self.member, "")
+        self._steps.replan(summed, reason)
 
     # --- generations ---------------------------------------------------------------------------
     def _stale_view(self) -> bool:
@@ -849,8 +715,8 @@ class WorkerMesh(Mesh):
                 newer_than = view.version
             self._views.wait_newer(view.version if view is not None else -1, PAUSE_POLL_S)
 
-    def _recover(self, held: _Held | None) -> tuple[str, Any, Any] | None:
-        """Form the newest generation and follow its plan; ("take", result, meta) for a member behind."""
+    def _recover(self, held: _Held | None) -> Take | None:
+        """Form the newest generation and follow its plan; a `Take` for a member behind."""
         from meshtrain.ring import Ring
 
         newer_than = self._gen  # -1 before the first ring: any view
@@ -882,9 +748,9 @@ class WorkerMesh(Mesh):
                 with self._ring_lock:
                     self._connecting = None
                 self._report_ring_drops(force=True)
-            with self._ring_lock:
-                self._ring, self._gen, self._roster = ring, view.version, view.members
-            self._history[view.version] = view.members
+            with self._ring_lock:  # the views thread reads the roster
+                self._ring = ring
+                self._steps.formed(view.version, view.members)
             self._reporter.send({"k": "formed", "generation": view.version, "members": list(view.members)})
             self.generation_changes += 1
             try:
@@ -893,44 +759,32 @@ class WorkerMesh(Mesh):
                 newer_than, patience = view.version, RETRY_SAME_VIEW_S
                 continue
 
-    def _follow_plan(self, held: _Held | None) -> tuple[str, Any, Any] | None:
-        status = MemberStatus(
-            member=self.member,
-            committed=self.committed,
-            digest=self._digest(),
-            pending=held is not None,
-            has_last=self._last is not None and self._last.step == self.committed - 1,
-            slice_gen=self._open.generation if (held is not None and self._open is not None) else -1,
-            joined_gen=self._joined_gen,
-            wire=held.wire if held is not None else "",
-        )
+    def _follow_plan(self, held: _Held | None) -> Take | None:
+        """Swap statuses over the new ring and carry out this member's part of the recovery plan."""
+        steps = self._steps
+        status = steps.status(self._digest(), held is not None, held.wire if held is not None else "")
         size = len(self._roster)
         vec = encode_status(size, self._roster.index(self.member), status)
         summed = self._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
         try:
-            plan = _plan(decode_statuses(self._roster, summed))
+            plan, actions = steps.plan(decode_statuses(self._roster, summed))
         except Unrecoverable as exc:
             raise PeerLost(self.member, self._gen, f"cannot rejoin the job's state: {exc}") from exc
-        result: tuple[str, Any, Any] | None = None
-        if plan.behind:
-            source = self.member == plan.r_source
-            mine = self.member in plan.behind
-            template = held.tree if mine and held is not None else (self._last.result if self._last else None)
-            if template is None:
-                template = self._model.trainable_parameters() if self._model is not None else {}
-            got = broadcast_tree(self._ring, template, source)
-            meta_blob = (
-                msgpack.packb(self._last.__dict__ | {"result": None}) if source and self._last else None
-            )
-            meta = msgpack.unpackb(broadcast_bytes(self._ring, meta_blob, source), strict_map_key=False)
-            if mine:
-                result = ("take", got, meta)
-        if plan.state_now and plan.stale:
-            tree, meta = self._broadcast_state(self.member == plan.state_source)
-            if self.member in plan.stale:
-                self._adopt(tree, meta)
-                self._joined_gen = self._gen
-        if plan.pinned_gen is not None and plan.pinned_gen in self._history:
-            self._pinned = (plan.target, plan.pinned_gen)
-        self._state_due = plan if plan.zero else None  # sent when `committed` reaches plan.target + 1
-        return result
+        taken: Take | None = None
+        for action in actions:
+            if isinstance(action, ShareResult):
+                last = steps.last
+                template = held.tree if action.take and held is not None else (last.result if last else None)
+                if template is None:
+                    template = self._model.trainable_parameters() if self._model is not None else {}
+                got = broadcast_tree(self._ring, template, action.source)
+                blob = msgpack.packb(steps.last_meta()) if action.source and last else None
+                meta = msgpack.unpackb(broadcast_bytes(self._ring, blob, action.source), strict_map_key=False)
+                if action.take:
+                    taken = Take.of(got, meta)
+            else:
+                tree, meta = self._broadcast_state(action.source)
+                if action.adopt:
+                    self._adopt(tree, meta, joined=True)
+        steps.followed(plan)
+        return taken
