@@ -1,5 +1,7 @@
 """Elastic data-parallel training: the pure parts the worker's `WorkerMesh` is built from.
 
+    stepper.py         Stepper: a worker's step bookkeeping (global step, hand-out, commits, recovery
+                       actions, shares) as a pure state machine; WorkerMesh is its shell
     step_sampler.py    StepSampler: permutation per (seed, epoch) + global cursor + carried slices
                        (every index of an epoch in exactly one committed reduction); the debug ledger check
     recovery.py        what the members of a new ring generation do: take, redo, pin, send state (pure)
