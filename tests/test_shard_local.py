@@ -109,14 +109,7 @@ def test_losing_a_node_stops_a_sharded_job_with_one_clear_line(tmp_path: Path) -
     assert not (tmp_path / "o").exists()  # nobody trained on to the end
 
 
-@pytest.mark.timeout(300)
-def test_checkpoints_of_a_sharded_job_are_refused_in_one_line(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "meshtrain", "run", "--local", "2", "--checkpoint-every", "2", SCRIPT]
-    cmd += ["--out", str(tmp_path / "o"), "--stage", "2"]
-    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode != 0
-    assert "checkpoints of a sharded job are not yet built" in proc.stderr.strip().splitlines()[-1]
+# checkpoints of a sharded job (once refused here): tests/test_shard_checkpoint.py
 
 
 @pytest.mark.timeout(600)

@@ -20,6 +20,8 @@ Control ops (over the agents' authenticated control TCP)::
     ckpt           {job, member, msg}                                      leader <-> a worker's agent
     ckpt.replicate {run, step, to_node}                                    leader -> replica source
     ckpt.prune     {run, keep}                                             leader -> replica holder
+    ckpt.pull      {run, step, holders, keep}                              leader -> each writer of a
+                   sharded checkpoint: fetch the other writers' parts (meshtrain.shard.checkpoint)
 
 Messages travel one connection each and may overtake each other; the protocol (leader/checkpoint.py)
 is built for that.
@@ -43,7 +45,12 @@ from meshtrain import env as env_names
 from meshtrain.checkpoints.leading import CheckpointLeader
 from meshtrain.checkpoints.options import CheckpointOptions
 from meshtrain.checkpoints.store import CheckpointStore
-from meshtrain.checkpoints.transfer import CheckpointServer, fetch_newest, replicate_checkpoint
+from meshtrain.checkpoints.transfer import (
+    CheckpointServer,
+    fetch_checkpoint,
+    fetch_newest,
+    replicate_checkpoint,
+)
 from meshtrain.errors import MeshtrainError
 from meshtrain.leader.checkpoint import MAX_LEAD_STEPS
 
@@ -261,7 +268,8 @@ class NodeCheckpoints:
         step, members = message.get("progress"), message.get("members")
         if isinstance(step, int) and isinstance(members, list):
             pairs = [(str(m), node_of(str(m))) for m in members]
-            self.on_job_progress(job, step, pairs, None)
+            sharded = {**self.options.get(job, {}), "sharded": True} if message.get("sharded") else None
+            self.on_job_progress(job, step, pairs, sharded)
             return
         to, msg = message.get("to"), message.get("msg")
         if not isinstance(to, str) or not isinstance(msg, dict):
@@ -301,6 +309,13 @@ class NodeCheckpoints:
             except (OSError, MeshtrainError, asyncio.TimeoutError) as exc:
                 return False, f"replication to {target} failed: {exc}"
             return True, ""
+        if op == "ckpt.pull":  # a sharded checkpoint: fetch the other writers' parts (pull_shards)
+            run, step, holders = header.get("run"), header.get("step"), header.get("holders")
+            if not isinstance(run, str) or not isinstance(step, int) or not isinstance(holders, list):
+                return False, "bad pull request"
+            keep = header.get("keep")
+            missing = await self.pull_shards(run, step, [str(h) for h in holders], keep)
+            return not missing, f"parts of {', '.join(missing)} not fetched" if missing else ""
         if op == "ckpt.prune":
             run, keep = header.get("run"), header.get("keep")
             if not isinstance(run, str) or not isinstance(keep, int) or keep < 1:
@@ -366,6 +381,8 @@ class NodeCheckpoints:
         led.members = {n: m for m, n in members}
         now = time.monotonic()
         assert led.leader is not None
+        if options.get("sharded"):
+            led.leader.coordinator.all_writers = True  # each member's part is its shard: all write
         if not led.aimed and led.last_progress and now > led.last_progress and step > led.last_step:
             # aim the first Prepare where the job will be once it arrives (progress lags the workers,
             # a Prepare for a step already passed fails); the coordinator doubles it if still late
@@ -439,6 +456,55 @@ class NodeCheckpoints:
         self.committed.append((run, step))
         where = ", ".join(str(r) for r in manifest.get("replicas") or [])
         self.event("checkpoint", self.name, f"{run}@{step} committed, copies on {where}")
+        if manifest.get("sharded"):  # every writer holds one shard: each pulls the others'
+            writers = [str(w) for w in manifest.get("writers") or []]
+            for target in writers:
+                if target == self.name:
+                    self._spawn(self.pull_shards(run, step, writers, self.keep.get(run)))
+                else:
+                    self._spawn(
+                        self._call_node(
+                            target,
+                            "ckpt.pull",
+                            timeout=REPLICATE_TIMEOUT_S,
+                            run=run,
+                            step=step,
+                            holders=writers,
+                            keep=self.keep.get(run),
+                        )
+                    )
+
+    async def pull_shards(self, run: str, step: int, holders: list[str], keep: Any = None) -> list[str]:
+        """Fetch the other holders' parts of sharded RUN@STEP into ``STORE/.shards/HOLDER`` (each
+        holder commits at its next step boundary: retried until then), then prune them to --keep.
+        Returns the holders whose parts did not come."""
+        from meshtrain.shard.checkpoint import SHARDS_DIR
+
+        missing = []
+        for holder in holders:
+            if holder == self.name:
+                continue
+            sub = CheckpointStore(self.store.root / SHARDS_DIR / holder)
+            deadline = time.monotonic() + self.ack_timeout
+            while True:
+                address = self._ckpt_peers().get(holder)
+                try:
+                    if address is None:
+                        raise MeshtrainError(f"{holder} has no checkpoint server in our view")
+                    await asyncio.wait_for(
+                        fetch_checkpoint(address[0], address[1], run, step, store=sub, keyring=self.keyring),
+                        REPLICATE_TIMEOUT_S,
+                    )
+                    break
+                except (OSError, MeshtrainError, asyncio.TimeoutError):
+                    if time.monotonic() > deadline:
+                        missing.append(holder)
+                        break
+                    await asyncio.sleep(COMMIT_POLL_S * 4)
+            if isinstance(keep, int) and keep >= 1:
+                with contextlib.suppress(OSError, MeshtrainError):
+                    await asyncio.to_thread(sub.prune, run, keep)
+        return missing
 
     def _on_abort(self, run: str, step: int, reason: str) -> None:
         self.event("checkpoint", self.name, f"{run}@{step} aborted: {reason}")

@@ -129,6 +129,8 @@ def export_command(args: argparse.Namespace, store: CheckpointStore | None = Non
     target = str(args.target)
     tagged = find_tag(store, target) if "@" not in target and target not in store.runs() else None
     run, step = tagged or parse_target(target)
-    info, path = store.export(run, step, Path(args.path))
+    from meshtrain.shard.saving import export_sharded  # a sharded checkpoint: assembled from its parts
+
+    info, path = export_sharded(store, run, step, Path(args.path)) or store.export(run, step, Path(args.path))
     print(f"wrote {path} ({_size(path.stat().st_size)}): run {run}, step {info.step}")
     return 0

@@ -262,6 +262,7 @@ class CheckpointCoordinator:
         self.last_time = now
         self.round: _Round | None = None
         self.committed: list[int] = []
+        self.all_writers = False  # a sharded job: every participant writes its shard (meshtrain.shard)
 
     def start(self, nodes: Iterable[str]) -> list[CoordinatorAction]:
         """A new leader's first act: every node drops what older terms left uncommitted."""
@@ -281,7 +282,7 @@ class CheckpointCoordinator:
         nodes = sorted(set(participants))
         if not nodes:
             return []
-        writers = tuple(nodes[: self.replicas + 1])
+        writers = tuple(nodes) if self.all_writers else tuple(nodes[: self.replicas + 1])
         if self.policy.every_steps is not None:  # the Prepare is ahead anyway: aim at the exact multiple
             target = max(target, self.last_step + self.policy.every_steps)
         self.round = _Round(target, writers, now + self.ack_timeout)
@@ -342,12 +343,15 @@ class CheckpointCoordinator:
         extra = [n for n in sorted(set(mesh)) if n not in r.writers][
             : max(0, self.replicas + 1 - len(r.writers))
         ]
+        if self.all_writers:  # a part is one shard: the writers pull each other's instead (node.py)
+            extra = []
         manifest = {
             "term": self.term,
             "leader": self.leader,
             "time": wall,
             "writers": list(r.writers),
             "replicas": [*r.writers, *extra],
+            **({"sharded": True} if self.all_writers else {}),
         }
         self.last_step, self.last_time = r.step, now
         self.committed.append(r.step)

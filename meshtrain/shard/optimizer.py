@@ -131,10 +131,9 @@ class ShardedOptimizer:
         """
         import mlx.core as mx
 
-        if self.mesh.checkpointing:
-            raise UserError(
-                "checkpoints of a sharded job are not yet built: run it without --checkpoint-every"
-            )
+        from meshtrain.shard import saving  # checkpoints: each member writes its shard
+
+        saving.attach(self)
         self.mesh.register(model, _Replicated())
         leaves = [(p, v) for p, v in _flat(model.trainable_parameters()) if isinstance(v, mx.array)]
         self._paths = [p for p, _ in leaves]
@@ -155,6 +154,7 @@ class ShardedOptimizer:
         mine = self._own_params(model)
         self.optimizer.init(mine)
         mx.eval(self.optimizer.state)
+        saving.restore(self)  # a --resume: this member's new shard, re-sliced from the checkpoint's
         return self.plan
 
     def _free_memory_of_all(self, size: int) -> list[int]:

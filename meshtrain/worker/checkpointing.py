@@ -114,6 +114,9 @@ class WorkerCheckpoints:
         self._lock = threading.RLock()
         self._writer = BackgroundWriter(f"meshtrain-checkpoint-{member}")
         self._in_flight: tuple[int, int] | None = None  # (term, step) of the part being written
+        self.sharded: Any = None  # a ShardedOptimizer (meshtrain.shard.saving.attach): parts are shards
+        self.resumed_opt: Any = None  # its resume source, for meshtrain.shard.saving.restore
+        self.resumed_step: int | None = None
 
     @classmethod
     def create(
@@ -157,6 +160,11 @@ class WorkerCheckpoints:
         """
         if not self.options.resume or self.joiner or self.store.latest(self.run) is None:
             return None
+        from meshtrain.shard.saving import resume_part
+
+        sharded = resume_part(self)  # a sharded checkpoint, or a sharded job (meshtrain/shard/saving.py)
+        if sharded is not None:
+            return sharded
         checkpoint = self.store.load(self.run)
         saved = checkpoint.state
         meta = dict(saved.get("meta") or {})
@@ -210,7 +218,8 @@ class WorkerCheckpoints:
         if min(members) != self.member:
             return
         self._progress_sent = now
-        self.report({"k": "ckpt", "progress": step, "members": members})
+        sharded = {"sharded": True} if self.sharded is not None else {}  # every member writes a part
+        self.report({"k": "ckpt", "progress": step, "members": members, **sharded})
 
     # ------------------------------------------------------------ carrying out the participant's actions
 
@@ -255,7 +264,13 @@ class WorkerCheckpoints:
             if part is None or part.term != a.term or part.state != "writing":
                 return  # aborted before it began (a newer term's Prepare for the same step, say)
             try:
-                snapshot = freeze(state(), meta, a.step)
+                if self.sharded is not None:  # this member's shard (meshtrain/shard/saving.py)
+                    from meshtrain.shard.saving import part_record, part_state
+
+                    snapshot = freeze(part_state(self.sharded, self.member, state()), meta, a.step)
+                    snapshot.meta["shard"] = part_record(self.sharded, self.member, snapshot)
+                else:
+                    snapshot = freeze(state(), meta, a.step)
             except (RuntimeError, ValueError, KeyError, TypeError, UserError) as exc:
                 self._execute(self._part_failed(a, self._write_failed(a.step, exc)))
                 return
@@ -275,7 +290,7 @@ class WorkerCheckpoints:
                 self.store,
                 self.run,
                 snapshot,
-                extra={"term": a.term, "meta": snapshot.meta, "member": self.member},
+                extra={"term": a.term, "meta": snapshot.meta, "member": self.member, **_shard_of(snapshot)},
                 cancel=cancel,
             )
         except WriteCancelled:
@@ -343,3 +358,9 @@ class WorkerCheckpoints:
         ):
             keep = [*self.participant.parts, *([self._in_flight[1]] if self._in_flight else [])]
             self.store.clean(self.run, keep_steps=keep, incoming=False)
+
+
+def _shard_of(snapshot: Snapshot) -> dict[str, Any]:
+    """A sharded part's record for state.json (meshtrain.shard.checkpoint), taken out of the meta."""
+    record = snapshot.meta.pop("shard", None)
+    return {"shard": record} if record is not None else {}

@@ -1,0 +1,73 @@
+"""A small model trained sharded (--stage 1, 2) or not (0) until the global step --steps, resumable.
+
+The loop keys everything on mesh.step (continued by --resume), so a run cut short and resumed on
+another number of nodes ends at the same step as one uninterrupted run. Rank 0 saves the parameters
+after every step to OUT/params-<step>.npz (to compare an export with), and every worker its final
+parameters and mesh.resumed_from to OUT/result-<rank>.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+import meshtrain
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--stage", type=int, default=2)
+parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--batch", type=int, default=16)
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds each step waits (checkpoints come due)")
+args = parser.parse_args()
+
+mesh = meshtrain.init()
+mx.random.seed(0)
+model = nn.Sequential(nn.Linear(12, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 6))
+mx.eval(model.parameters())
+rng = np.random.default_rng(1)
+X = rng.standard_normal((512, 12)).astype(np.float32)
+Y = np.argmax(X @ rng.standard_normal((12, 6)), axis=1).astype(np.int32)
+loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
+optimizer = optim.AdamW(learning_rate=1e-2, weight_decay=0.01)
+if args.stage:
+    opt = mesh.shard(model, optimizer, stage=args.stage, wire_dtype="float32")
+else:
+    mesh.register(model, optimizer)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+loss = float("nan")
+done = mesh.resumed_from or 0  # the global steps done, counted here (the file names)
+for idx in mesh.batches(len(X), args.batch, epoch=0):
+    if mesh.step >= args.steps:
+        break
+    loss_value, grads = loss_and_grad(model, mx.array(X[idx]), mx.array(Y[idx]))
+    if args.stage:
+        opt.update(model, grads, weight=len(idx))
+        mx.eval(model.parameters(), opt.state)
+    else:
+        grads = mesh.allreduce(grads, weight=len(idx), wire_dtype="float32")
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    loss = float(loss_value.item())
+    time.sleep(args.sleep)
+    mesh.report(loss=loss, samples=len(idx))
+    done += 1
+    if mesh.is_main:
+        np.savez(out / f"params-{done}.npz", **{k: np.array(v) for k, v in tree_flatten(model.parameters())})
+params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+meta = {"resumed_from": mesh.resumed_from, "size": mesh.size, "step": mesh.step, "loss": loss}
+np.savez(out / f"result-{mesh.rank}.npz", meta=json.dumps(meta), **params)
+if mesh.is_main:
+    print(
+        f"stage {args.stage}: step {mesh.step} on {mesh.size} workers, resumed from {mesh.resumed_from}",
+        flush=True,
+    )
