@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,41 @@ def test_a_4_node_sharded_checkpoint_resumes_on_2_nodes_and_exports(tmp_path: Pa
     reference, _ = final(tmp_path / "c")
     scale = max(float(np.abs(v).max()) for v in reference.values())
     assert max_diff(resumed, reference) <= 1e-5 * scale
+
+    # an unsharded job resumes a sharded checkpoint too: the optimizer state assembled whole
+    whole = train(
+        tmp_path, 2, tmp_path / "d", "--stage", "0", "--steps", "12", ckpt=("--name", "zero", "--resume")
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    unsharded, meta = final(tmp_path / "d")
+    assert meta["resumed_from"] is not None and meta["step"] == 12, meta
+    assert max_diff(unsharded, reference) <= 1e-5 * scale
+
+
+@pytest.mark.timeout(400)
+def test_a_2_node_stage_1_checkpoint_resumes_on_3_nodes_one_of_them_new(tmp_path: Path) -> None:
+    """node3 never held a part: before its worker starts its agent fetches one part from a peer and
+    the others from their holders, then every member reads its new (smaller) shard."""
+    ckpt = ("--name", "grow", "--checkpoint-every", "2")
+    first = train(tmp_path, 2, tmp_path / "a", "--stage", "1", "--steps", "8", "--sleep", "0.3", ckpt=ckpt)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    second = train(tmp_path, 3, tmp_path / "b", "--stage", "1", "--steps", "12", ckpt=(*ckpt, "--resume"))
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    resumed, meta = final(tmp_path / "b")
+    assert meta["resumed_from"] in (2, 4, 6, 8) and meta["size"] == 3, meta
+    assert "grow: fetched step" in second.stdout or "resume of grow" in second.stdout, second.stdout
+    plain = train(tmp_path, 1, tmp_path / "c", "--stage", "0", "--steps", "12")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    reference, _ = final(tmp_path / "c")
+    scale = max(float(np.abs(v).max()) for v in reference.values())
+    assert max_diff(resumed, reference) <= 1e-5 * scale
+    for rank in (1, 2):
+        assert max_diff(resumed, final(tmp_path / "b", rank)[0]) == 0.0, "replicas differ"
+
+    # without the other holders' parts (and nobody to fetch them from) a resume is one clear line
+    for shards in tmp_path.rglob(".shards"):
+        shutil.rmtree(shards)
+    alone = train(tmp_path, 1, tmp_path / "d", "--stage", "1", "--steps", "12", ckpt=(*ckpt, "--resume"))
+    assert alone.returncode != 0
+    last = alone.stderr.strip().splitlines()[-1]
+    assert "is sharded across" in last and "are not on this node" in last, alone.stderr[-2000:]

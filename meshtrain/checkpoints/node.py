@@ -235,6 +235,13 @@ class NodeCheckpoints:
         except (OSError, MeshtrainError, asyncio.TimeoutError) as exc:
             self.event("checkpoint", self.name, f"resume of {parsed.run}: fetch failed ({exc})")
             return
+        if info is not None:  # a sharded checkpoint: the parts of its other holders, from them
+            from meshtrain.shard.checkpoint import shard_record_of
+
+            record = await asyncio.to_thread(shard_record_of, info.path)
+            if record is not None:
+                holders = sorted({node_of(str(h)) for h in record.get("holders") or []})
+                await self.pull_shards(parsed.run, info.step, holders, parsed.keep, patience=5.0)
         if info is None:
             self.event("checkpoint", self.name, f"resume of {parsed.run}: no complete checkpoint in the mesh")
         elif before is None or info.step != before.step:
@@ -474,10 +481,12 @@ class NodeCheckpoints:
                         )
                     )
 
-    async def pull_shards(self, run: str, step: int, holders: list[str], keep: Any = None) -> list[str]:
+    async def pull_shards(
+        self, run: str, step: int, holders: list[str], keep: Any = None, *, patience: float | None = None
+    ) -> list[str]:
         """Fetch the other holders' parts of sharded RUN@STEP into ``STORE/.shards/HOLDER`` (each
         holder commits at its next step boundary: retried until then), then prune them to --keep.
-        Returns the holders whose parts did not come."""
+        Returns the holders whose parts did not come; a part already here is not fetched again."""
         from meshtrain.shard.checkpoint import SHARDS_DIR
 
         missing = []
@@ -485,7 +494,9 @@ class NodeCheckpoints:
             if holder == self.name:
                 continue
             sub = CheckpointStore(self.store.root / SHARDS_DIR / holder)
-            deadline = time.monotonic() + self.ack_timeout
+            if any(i.step == step for i in await asyncio.to_thread(sub.checkpoints, run)):
+                continue
+            deadline = time.monotonic() + (self.ack_timeout if patience is None else patience)
             while True:
                 address = self._ckpt_peers().get(holder)
                 try:
