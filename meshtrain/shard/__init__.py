@@ -6,6 +6,9 @@
 
 plan.py is pure (which parameters each node holds, by free memory);
 optimizer.py drives the mesh's collectives around any mlx.optimizers optimizer.
+checkpoint.py is pure too (a sharded checkpoint's layout: every tensor as flat pieces with offsets,
+re-sliced on resume by byte ranges); saving.py is its worker side (what each member writes, how a
+resume on any number of nodes restores its shard, export).
 """
 
 from meshtrain.shard.optimizer import ShardedOptimizer, ShardLost
