@@ -221,3 +221,29 @@ def test_a_2_node_stage_1_checkpoint_resumes_on_3_nodes_one_of_them_new(tmp_path
     assert alone.returncode != 0
     last = alone.stderr.strip().splitlines()[-1]
     assert "is sharded across" in last and "are not on this node" in last, alone.stderr[-2000:]
+
+
+def test_every_member_of_a_sharded_job_writes_and_no_idle_node_gets_one_shard() -> None:
+    from meshtrain.leader.checkpoint import (
+        CheckpointCoordinator,
+        CheckpointPolicy,
+        Commit,
+        Prepare,
+        Replicate,
+        Send,
+        Written,
+    )
+
+    c = CheckpointCoordinator("r", 1, "n1", CheckpointPolicy(every_steps=2), now=0.0, replicas=1)
+    c.all_writers = True
+    (send,) = c.progress(1.0, 1, ["n1", "n2", "n3", "n4"])
+    assert isinstance(send, Send) and isinstance(send.message, Prepare)
+    assert send.message.writers == ("n1", "n2", "n3", "n4")
+    actions = []
+    for node in send.message.writers:
+        actions += c.on_message(
+            2.0, Written("r", 1, send.message.step, node), mesh=["n1", "n2", "n3", "n4", "n5"]
+        )
+    commits = [a.message for a in actions if isinstance(a, Send) and isinstance(a.message, Commit)]
+    assert len(commits) == 1 and commits[0].manifest["sharded"] is True
+    assert not [a for a in actions if isinstance(a, Replicate)]  # n5 would get one shard of four
