@@ -10,6 +10,12 @@ broadcasts a recovery plan asks of this member (`ShareResult`,
 `SendState`), the zeros a joiner adds to a pinned reduction (`AddZeros`),
 and the reduction a member behind takes instead of redoing (`Take`).
 
+Local SGD (meshtrain.worker.local_rounds) commits whole intervals instead
+of steps: its step boundaries record each step's slices (`LocalStep`) and
+close the step without a ledger row, and the interval's sync commits its
+steps at once (`commit_interval`), carrying the slices of the members whose
+deltas are not in it into the next steps (`advance`).
+
 What it holds is what every member must agree on, step by step:
 
 - `committed`: the global step (steps whose update every member applied);
@@ -28,7 +34,7 @@ tests/test_stepper.py by driving several steppers with the same events.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +50,7 @@ __all__ = [
     "Committed",
     "HandOut",
     "LastResult",
+    "LocalStep",
     "OpenStep",
     "RecoveryAction",
     "SendState",
@@ -135,6 +142,16 @@ class AddZeros:
 
 
 RecoveryAction = ShareResult | SendState
+
+
+@dataclass(frozen=True)
+class LocalStep:
+    """A step of a local-SGD interval as it was handed out: every member's slice of it (by the shares
+    of the generation that sliced it), whether or not that member's delta reaches the sync."""
+
+    step: int
+    epoch: int
+    slices: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -231,6 +248,11 @@ class Stepper:
         self.missed_epoch = not yielded and epoch < self.sampler.epoch
         return True
 
+    def registered(self, check: bool) -> None:
+        """`mesh.register` ran; `check`: this member starts on a ring with the state, so the first
+        step reduction of this generation compares the replicas' digests first (`verify_now`)."""
+        self.verify_gen = self.gen if check else None
+
     def verify_now(self) -> bool:
         """Whether the replicas' digests are to be compared now: once, in the generation `register`
         named (a generation change first means a recovery plan compared them instead)."""
@@ -277,10 +299,24 @@ class Stepper:
             self.sampler.load(sampler_state)
             if self.sampler.epoch != epoch:
                 self.rebalance_due = True  # the step taken from another member ended the epoch
+            self._counted()
         else:
             lost = [assignment[m] for m in self.open.members if m not in contributors]
-            if self.sampler.commit(np.concatenate(lost) if lost else ()):
-                self.rebalance_due = True  # an epoch ended: every member re-balances at this boundary
+            self._advance(np.concatenate(lost) if lost else ())
+        if result is not None:
+            self.last = LastResult(step, result, contributors, self.sampler.to_dict())
+        return Committed(step, epoch, self.gen, used)
+
+    def _advance(self, carried: Any) -> None:
+        """The sampler moves past the open step, carrying `carried` into the next one; count it."""
+        assert self.sampler is not None
+        if self.sampler.commit(carried):
+            self.rebalance_due = True  # an epoch ended: every member re-balances at this boundary
+        self._counted()
+
+    def _counted(self) -> None:
+        """The open step is committed: the global step moves on."""
+        assert self.open is not None
         self.committed += 1
         self.open.reduced = True
         if self.share_mode == PERF:
@@ -288,9 +324,6 @@ class Stepper:
 
             # every CHECK_EVERY steps too (the flag travels in the state a joiner receives)
             self.rebalance_due = rebalance_due(self.committed, self.rebalance_due)
-        if result is not None:
-            self.last = LastResult(step, result, contributors, self.sampler.to_dict())
-        return Committed(step, epoch, self.gen, used)
 
     def reduced(self, result: Any) -> Committed:
         """The open step's reduction completed on the current ring: its members still here contributed."""
@@ -332,6 +365,59 @@ class Stepper:
 
     def _hand_over(self, plan: RecoveryPlan) -> SendState:
         return SendState(source=self.member == plan.state_source, adopt=self.member in plan.zero)
+
+    # --- local SGD (meshtrain.worker.local_rounds) ------------------------------------------------
+    def local_step(self) -> LocalStep | None:
+        """The open step, not committed yet, with every member's slice (None: none open)."""
+        opened, sampler = self.open, self.sampler
+        if opened is None or sampler is None or opened.reduced:
+            return None
+        assignment = sampler.assignment(opened.weights)
+        return LocalStep(self.committed, sampler.epoch, {m: assignment[m] for m in opened.members})
+
+    def epoch_ends(self) -> bool:
+        """Whether the open step, not committed yet, is its epoch's last (local SGD syncs there)."""
+        s, opened = self.sampler, self.open
+        if s is None or opened is None or opened.reduced:
+            return False
+        take, fresh = s._parts()
+        return s.cursor + fresh >= s.dataset_size and len(s.carry) - take == 0
+
+    def advance(self, orphans: np.ndarray) -> bool:
+        """Commit the open step in the sampler without a reduction of its own, carrying `orphans` (the
+        slices of an interval's members whose deltas are not in its sync) into the next step. With no
+        step open, or it committed already (a sync after the boundary closed it), the orphans are
+        only carried. Whether a step was committed."""
+        if self.open is None or self.open.reduced:
+            if self.sampler is not None and len(orphans):
+                self.sampler.carry = np.concatenate([self.sampler.carry, np.asarray(orphans, np.int64)])
+            return False
+        self._advance(orphans)
+        return True
+
+    def commit_interval(self, steps: Sequence[LocalStep], contributors: Collection[str]) -> list[Committed]:
+        """A local-SGD interval's sync completed with the deltas of `contributors`: `steps` (the
+        interval's steps closed so far) and the open one, its last, are committed. Their ledger rows
+        name the contributors' slices; every other member's slices of every step are carried into
+        the next steps, so each sample is still trained on exactly once per epoch."""
+        last = self.local_step()
+        done = [*steps, last] if last is not None else list(steps)
+        orphans = [v for s in done for m, v in s.slices.items() if m not in contributors]
+        self.advance(np.concatenate(orphans) if orphans else np.empty(0, np.int64))
+        return [
+            Committed(s.step, s.epoch, self.gen, {m: v for m, v in s.slices.items() if m in contributors})
+            for s in done
+        ]
+
+    def drop_state(self) -> None:
+        """What this worker holds is not the job's state any more (a local-SGD plan left it out of the
+        sync): it takes no batch until it adopts the state again."""
+        self.has_state = False
+
+    def open_adopted(self) -> None:
+        """The state just adopted already holds the open step's update: it is not committed again."""
+        if self.open is not None:
+            self.open.reduced = True
 
     # --- recovery ------------------------------------------------------------------------------
     def status(self, digest: str, pending: bool, wire: str) -> MemberStatus:
@@ -406,6 +492,11 @@ class Stepper:
             self.joined_gen = self.gen
 
     # --- shares --------------------------------------------------------------------------------
+    def begin_rebalance(self) -> None:
+        """This boundary re-plans the shares (`replan` follows, unless there is nothing to re-plan:
+        equal shares, a ring of one, a broken ring): the flag is spent either way."""
+        self.rebalance_due = False
+
     def replan(self, summed: np.ndarray, reason: str) -> None:
         """The members' summed `share_vector`s are here: every member applies the same new shares to
         this generation from the next step on (`reason`: this member's power note)."""
