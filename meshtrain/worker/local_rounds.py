@@ -22,6 +22,12 @@ SGD's members only meet at the outer sync:
 - shares are re-planned and checkpoints offered only where an interval
   starts (every member holds the same model there).
 
+The step bookkeeping -- recording a step's slices, committing an interval
+and carrying its orphans, dropping and adopting the state -- goes through
+the mesh's `Stepper` (meshtrain.train.stepper), whose fields only it writes;
+this module keeps the interval (its first step, its generation, the steps
+recorded so far) and carries out the ring's part.
+
 The sync itself is two reductions with the step label of the interval's
 first step: a small float32 header (samples, the auto-H probe timings and,
 compressed, the per-chunk bounds; meshtrain.train.compression) and the delta
@@ -43,6 +49,7 @@ from meshtrain.train.digest import state_digest
 from meshtrain.train.outer_recovery import OuterPlan, plan_outer_sync
 from meshtrain.train.recovery import MemberStatus, Unrecoverable, decode_statuses, encode_status
 from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
+from meshtrain.train.stepper import LocalStep, Stepper
 
 STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
@@ -59,11 +66,12 @@ class LocalRounds:
     """The local-SGD rules of one worker's mesh (see the module docstring)."""
 
     def __init__(self, mesh: Any, outer: Any) -> None:
-        self.mesh = mesh  # the WorkerMesh (its internals are this module's to drive)
+        self.mesh = mesh  # the WorkerMesh (its ring and state are this module's to drive)
         self.outer = outer  # the OuterOptimizer: anchor, velocity, what a joiner must receive
-        self.start = mesh.committed  # the interval's first step
-        self.interval_gen = mesh._gen
-        self.steps: list[tuple[int, int, dict[str, np.ndarray]]] = []  # (step, epoch, slices) so far
+        self.stepper: Stepper = mesh._steps  # the step bookkeeping, through its methods only
+        self.start = self.stepper.committed  # the interval's first step
+        self.interval_gen = self.stepper.gen
+        self.steps: list[LocalStep] = []  # the interval's steps closed so far
         self.plan: OuterPlan | None = None  # the plan of the sync in progress, if it needed one
         self.checked = False  # the first sync compares the outer states
         self.recoveries = 0
@@ -71,61 +79,31 @@ class LocalRounds:
 
     # --- the step boundary (WorkerMesh._boundary delegates here) -------------------------------
     def boundary(self) -> None:
-        m = self.mesh
-        opened = m._open
-        if opened is not None and not opened.reduced:
-            if m._timer is not None:
+        m, steps = self.mesh, self.stepper
+        step = steps.local_step()
+        if step is not None:  # a local step: recorded for the interval's sync, committed without a row
+            if not self.steps and steps.open is not None:
+                self.interval_gen = steps.open.generation
+            self.steps.append(step)
+        closed = steps.close_step()
+        if closed is not None and m._timer is not None:
+            if closed.had_reduction:
+                m._timer.boundary()
+            else:
                 m._timer.local_step_done()
-            self._record_step()
-            self._advance(())
-        elif opened is not None and m._timer is not None:
-            m._timer.boundary()
-        m._open = None
-        while not m._has_state:
+        while not steps.has_state:
             m._recover(None)  # a joiner: it enters at the holders' next sync (follow_plan)
         m._report_ring_drops()
         if self.steps:
             return  # inside an interval: nobody to meet
-        if m._rebalance_due and m._ring is not None and not m._stale_view():
+        if steps.rebalance_due and m._ring is not None and not m._stale_view():
             m._rebalance()
-        if m._checkpoints is not None and m._sampler is not None:
-            m._checkpoints.at_boundary(m.committed, m._state_tree, m._meta())
+        if m._checkpoints is not None and steps.sampler is not None:
+            m._checkpoints.at_boundary(steps.committed, m._state_tree, m._meta())
 
     def epoch_ends(self) -> bool:
         """Whether the open step is its epoch's last (the sync must come now)."""
-        m = self.mesh
-        s, opened = m._sampler, m._open
-        if s is None or opened is None or opened.reduced:
-            return False
-        take, fresh = s._parts()
-        return s.cursor + fresh >= s.dataset_size and len(s.carry) - take == 0
-
-    def _record_step(self) -> None:
-        m = self.mesh
-        opened, sampler = m._open, m._sampler
-        if opened is None or sampler is None or opened.reduced:
-            return
-        assignment = sampler.assignment(opened.weights)
-        if not self.steps:
-            self.interval_gen = opened.generation
-        self.steps.append((m.committed, sampler.epoch, {k: assignment[k] for k in opened.members}))
-
-    def _advance(self, orphans: Any) -> None:
-        """Commit the open step in the sampler (carrying `orphans`), as WorkerMesh._commit does."""
-        m = self.mesh
-        opened, sampler = m._open, m._sampler
-        if opened is None or sampler is None or opened.reduced:
-            if sampler is not None and len(orphans):  # a flush after the step was committed
-                sampler.carry = np.concatenate([sampler.carry, np.asarray(orphans, np.int64)])
-            return
-        if sampler.commit(orphans):
-            m._rebalance_due = True
-        m.committed += 1
-        opened.reduced = True
-        if m._timer is not None:  # perf shares
-            from meshtrain.train.shares import rebalance_due
-
-            m._rebalance_due = rebalance_due(m.committed, m._rebalance_due)
+        return self.stepper.epoch_ends()
 
     # --- the sync --------------------------------------------------------------------------------
     def sync(
@@ -173,7 +151,7 @@ class LocalRounds:
                 need_plan = True
                 continue
             break
-        contributors = self.plan.holders if self.plan is not None else m._roster
+        contributors = self.plan.holders if self.plan is not None else self.stepper.roster
         self._commit_interval(set(contributors))
         if m._timer is not None:
             m._timer.reduced()
@@ -202,9 +180,9 @@ class LocalRounds:
         timing: tuple[float, float] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         m = self.mesh
-        ring, size, label = m._ring, len(m._roster), self.start
+        ring, size, label = m._ring, len(self.stepper.roster), self.start
         if ring is None:
-            raise PeerLost(m.member, m._gen, "the ring broke before the outer sync")
+            raise PeerLost(m.member, self.stepper.gen, "the ring broke before the outer sync")
         quantized = wire == "qint8"
         u = feedback.corrected(delta) if (quantized and feedback is not None) else delta
         bounds = np.float32(samples) * compression.chunk_bounds(u) if quantized else ()
@@ -234,7 +212,7 @@ class LocalRounds:
     def _reduce_zeros(self, plan: OuterPlan) -> None:
         """The holders' two reductions with zeros at weight 0 (this worker's delta is not in them)."""
         m = self.mesh
-        ring, size, label = m._ring, len(m._roster), plan.target
+        ring, size, label = m._ring, len(self.stepper.roster), plan.target
         count = self.outer.param_count
         quantized = plan.wire == "qint8"
         header = self._header(0.0, None, np.zeros(compression.n_chunks(count) if quantized else 0))
@@ -250,25 +228,16 @@ class LocalRounds:
 
     def _commit_interval(self, contributors: set[str]) -> None:
         """The interval's steps are done: ledger rows of the contributors, orphans carried."""
-        m = self.mesh
-        self._record_step()
-        orphans = [v for _, _, slices in self.steps for k, v in slices.items() if k not in contributors]
-        self._advance(np.concatenate(orphans) if orphans else np.empty(0, np.int64))
-        if m._ledger is not None and self.steps:
+        m, steps = self.mesh, self.stepper
+        rows = steps.commit_interval(self.steps, contributors)
+        if m._ledger is not None and rows:
             now = time.time()
             with m._ledger.open("a") as f:
-                for step, epoch, slices in self.steps:
-                    row = {
-                        "epoch": epoch,
-                        "step": step,
-                        "gen": m._gen,
-                        "t": now,
-                        "slices": {k: v.tolist() for k, v in slices.items() if k in contributors},
-                    }
-                    f.write(_json(row) + "\n")
+                for done in rows:
+                    f.write(_json(done.row(now)) + "\n")
         self.steps = []
-        self.start = m.committed
-        self.interval_gen = m._gen
+        self.start = steps.committed
+        self.interval_gen = steps.gen
 
     # --- recovery (WorkerMesh._recover calls this on every new ring) ---------------------------
     def digest(self) -> str:
@@ -280,20 +249,16 @@ class LocalRounds:
 
         outer = state_digest({"anchor": self.outer._anchor, "velocity": self.outer._velocity}, self.start)
         h = hashlib.blake2b(bytes.fromhex(outer), digest_size=16)
-        m = self.mesh
-        steps = list(self.steps)
-        if m._open is not None and not m._open.reduced and m._sampler is not None:
-            assignment = m._sampler.assignment(m._open.weights)
-            steps.append((m.committed, m._sampler.epoch, {k: assignment[k] for k in m._open.members}))
-        for step, epoch, slices in steps:
-            h.update(np.array([step, epoch], np.int64).tobytes())
-            for member, indices in slices.items():
+        opened = self.stepper.local_step()
+        for step in [*self.steps, opened] if opened is not None else self.steps:
+            h.update(np.array([step.step, step.epoch], np.int64).tobytes())
+            for member, indices in step.slices.items():
                 h.update(member.encode() + b"\0" + np.asarray(indices, np.int64).tobytes())
         return h.hexdigest()
 
     def follow_plan(self, held: Any) -> None:
-        m = self.mesh
-        has = m._has_state
+        m, steps = self.mesh, self.stepper
+        has = steps.has_state
         pending = isinstance(held, Pending) and has
         status = MemberStatus(
             member=m.member,
@@ -303,13 +268,14 @@ class LocalRounds:
             slice_gen=self.interval_gen if pending else -1,
             wire=held.wire if pending else "",
         )
-        size = len(m._roster)
-        vec = encode_status(size, m._roster.index(m.member), status)
+        roster = steps.roster
+        size = len(roster)
+        vec = encode_status(size, roster.index(m.member), status)
         summed = m._ring.allreduce(vec, step=STATUS_STEP, weight=1.0, wire_dtype="float32") * size
         try:
-            plan = plan_outer_sync(decode_statuses(m._roster, summed))
+            plan = plan_outer_sync(decode_statuses(roster, summed))
         except Unrecoverable as exc:
-            raise PeerLost(m.member, m._gen, f"cannot rejoin the job's state: {exc}") from exc
+            raise PeerLost(m.member, steps.gen, f"cannot rejoin the job's state: {exc}") from exc
         self.plan = plan
         if plan.state_now:
             self.plan = None
@@ -318,7 +284,7 @@ class LocalRounds:
             return
         if m.member in plan.holders:
             return
-        m._has_state = False  # what this worker holds is not the job's state any more
+        steps.drop_state()  # what this worker holds is not the job's state any more
         self._reduce_zeros(plan)
         self._hand_over(plan)
 
@@ -332,15 +298,13 @@ class LocalRounds:
         blob = broadcast_bytes(m._ring, msgpack.packb(self.outer.shared_meta()) if source else None, source)
         if m.member not in plan.zero:
             return
-        m._adopt(tree, meta)
-        m._joined_gen = m._gen
+        m._adopt(tree, meta, joined=True)
         self.outer.adopt(velocity, msgpack.unpackb(blob, strict_map_key=False))
-        if m._open is not None:
-            m._open.reduced = True  # its step is in the state just taken
+        self.stepper.open_adopted()  # its step is in the state just taken
         self.checked = True  # the holders compared outer states already; its first sync is theirs
         self.steps = []
-        self.start = m.committed
-        self.interval_gen = m._gen
+        self.start = self.stepper.committed
+        self.interval_gen = self.stepper.gen
 
 
 def _sent(size: int, nbytes: int) -> int:
