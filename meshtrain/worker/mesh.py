@@ -98,9 +98,8 @@ class _Held:
 
 
 def _on_steps(name: str) -> Any:
-    """The Stepper's attribute `name`, read and written through the mesh (meshtrain.worker.local_rounds
-    drives the step bookkeeping of local SGD through these)."""
-    return property(lambda self: getattr(self._steps, name), lambda self, v: setattr(self._steps, name, v))
+    """The Stepper's attribute `name`, read through the mesh (only the Stepper's methods change it)."""
+    return property(lambda self: getattr(self._steps, name))
 
 
 class WorkerMesh(Mesh):
@@ -112,7 +111,6 @@ class WorkerMesh(Mesh):
     _sampler = _on_steps("sampler")
     _open = _on_steps("open")
     _has_state = _on_steps("has_state")
-    _joined_gen = _on_steps("joined_gen")
     _rebalance_due = _on_steps("rebalance_due")
 
     def __init__(
@@ -221,7 +219,7 @@ class WorkerMesh(Mesh):
         self._agree_on_state()
         # the starting workers' first step reduction checks it held (a generation change first
         # means a recovery plan compared the digests instead, on every member alike)
-        self._steps.verify_gen = self._gen if self._ring is not None and self._has_state else None
+        self._steps.registered(check=self._ring is not None and self._has_state)
 
     def _agree_on_state(self) -> None:
         """Make every starting replica's registered state bit-identical before the first step.
@@ -635,7 +633,7 @@ class WorkerMesh(Mesh):
     def _rebalance(self) -> None:
         """At FIRST_CHECK, every CHECK_EVERY steps and at epoch ends, every member swaps (speed, power,
         memory cap) and applies the same new shares from the next step on."""
-        self._rebalance_due = False
+        self._steps.begin_rebalance()
         if self._share_mode != PERF or self._ring is None or len(self._roster) < 2:
             return
         from meshtrain import power
