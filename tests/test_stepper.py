@@ -11,6 +11,12 @@ as over the ring). The checks are the job's invariants: every sample exactly
 once per epoch (the production ledger check), committed steps monotone,
 replicas bit-identical, a step interrupted by a loss redone with the shares it
 was handed out with and the lost slice carried into the next step.
+
+`LocalJob` drives the same steppers the way meshtrain.worker.local_rounds does
+for local SGD: step boundaries that record each step's slices and commit it
+with nobody, an outer sync every H steps (and at the step that ends an epoch)
+that commits the interval, members lost mid-interval (their unsynced slices
+carried), and joiners entering at the next sync with the holders' state.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshtrain.errors import UserError
+from meshtrain.train.outer_recovery import plan_outer_sync
 from meshtrain.train.recovery import MemberStatus, Unrecoverable
 from meshtrain.train.share_modes import PERF
 from meshtrain.train.step_sampler import ledger_problem
 from meshtrain.train.stepper import (
     AddZeros,
     Committed,
+    LocalStep,
     SendState,
     ShareResult,
     Stepper,
@@ -182,7 +190,7 @@ class Job:
         if not due or not due.pop():
             return
         for m in self.roster:
-            self.s[m].rebalance_due = False
+            self.s[m].begin_rebalance()
         if len(self.roster) < 2:
             return
         size = len(self.roster)
@@ -478,3 +486,274 @@ def test_any_sequence_of_losses_and_joins_keeps_the_invariants(
     job.start(names)
     job.run(events)
     job.check()
+
+
+# --- local SGD (meshtrain.worker.local_rounds) ---------------------------------------------------------
+@dataclass
+class LocalJob(Job):
+    """A local-SGD job of steppers: `every` steps to an outer sync, forced at an epoch's last step.
+
+    `roster` is who is alive (members, then joiners waiting for a sync); each stepper's own roster
+    is its ring's, which keeps a lost member until the next sync forms the new ring. `params` is a
+    member's outer state: the (first step, contributors) of every interval it synced."""
+
+    every: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.interval: dict[str, list[LocalStep]] = {}
+        self.first: dict[str, int] = {}  # the interval's first step
+        self.interval_gen: dict[str, int] = {}
+        self.since: dict[str, int] = {}  # steps since the last sync (OuterOptimizer._steps_since)
+        self.stale = False  # a member was lost or a node joined since the ring formed
+        self.syncs: list[tuple[int, tuple[str, ...]]] = []  # (first step, contributors) of each
+
+    def add(self, name: str, joiner: bool) -> None:
+        super().add(name, joiner)
+        self.interval[name], self.first[name], self.interval_gen[name], self.since[name] = [], 0, -1, 0
+
+    def start(self, members: Sequence[str]) -> None:
+        for m in members:
+            self.add(m, joiner=False)
+        self.version += 1
+        self.roster = list(members)
+        for m in members:
+            self.s[m].formed(self.version, tuple(members))
+            self.interval_gen[m] = self.version
+
+    def holding(self) -> list[str]:
+        return [m for m in self.roster if self.s[m].has_state]
+
+    def digest(self, m: str) -> str:
+        """LocalRounds.digest: the outer state and every slice of the interval, open step included."""
+        st = self.s[m]
+        if not st.has_state:
+            return ""
+        opened = st.local_step()
+        steps = [*self.interval[m], opened] if opened is not None else self.interval[m]
+        seen = [(x.step, x.epoch, {k: v.tolist() for k, v in x.slices.items()}) for x in steps]
+        return hashlib.blake2b(
+            repr((self.first[m], self.params[m], seen)).encode(), digest_size=16
+        ).hexdigest()
+
+    def boundary(self) -> None:
+        """LocalRounds.boundary: a local step is recorded and committed with nobody (no ledger row);
+        the shares are re-planned only where an interval starts, on an intact ring."""
+        for m in self.holding():
+            st = self.s[m]
+            step = st.local_step()
+            if step is not None:
+                if not self.interval[m]:
+                    assert st.open is not None
+                    self.interval_gen[m] = st.open.generation
+                self.interval[m].append(step)
+            closed = st.close_step()
+            if closed is not None:
+                assert closed.had_reduction == (step is None)
+                assert step is None or (closed.committed is not None and closed.committed.step == step.step)
+        inside = {bool(self.interval[m]) for m in self.holding()}
+        assert len(inside) == 1  # every member is inside an interval, or none
+        if not inside.pop() and not self.stale:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        due = {self.s[m].rebalance_due for m in self.holding()}
+        assert len(due) == 1
+        if not due.pop():
+            return
+        for m in self.holding():
+            self.s[m].begin_rebalance()
+        if self.share_mode != PERF or len(self.roster) < 2:
+            return
+        size = len(self.roster)
+        summed = sum(share_vector(size, r, self.rates.get(m), 1.0, -1) for r, m in enumerate(self.roster))
+        for m in self.roster:
+            self.s[m].replan(np.asarray(summed), "")
+
+    def sync(self) -> None:
+        """The outer sync: on a changed mesh the new ring forms first and every member follows
+        plan_outer_sync (the holders' deltas count; joiners add zeros, then take the state)."""
+        holders: list[str] = self.holding()
+        zero: list[str] = []
+        source = None
+        if self.stale:
+            self.version += 1
+            for m in self.roster:
+                self.s[m].formed(self.version, tuple(self.roster))
+            statuses = [
+                MemberStatus(
+                    member=m,
+                    committed=self.first[m] if self.s[m].has_state else 0,
+                    digest=self.digest(m),
+                    pending=self.s[m].has_state,
+                    slice_gen=self.interval_gen[m] if self.s[m].has_state else -1,
+                    wire="float32" if self.s[m].has_state else "",
+                )
+                for m in self.roster
+            ]
+            plan = plan_outer_sync(_wire_statuses(statuses))
+            assert not plan.state_now and not plan.diverged and plan.slice_gen >= 0
+            holders, zero, source = list(plan.holders), list(plan.zero), plan.source
+            assert set(holders) == set(self.holding())  # every survivor is inside this interval's sync
+            self.stale = False
+        contributors = set(holders) if zero or source else set(self.s[holders[0]].roster)
+        firsts = {self.first[m] for m in holders}
+        assert len(firsts) == 1
+        self.syncs.append((firsts.pop(), tuple(sorted(contributors))))
+        for m in holders:
+            st = self.s[m]
+            recorded = [x.step for x in self.interval[m]]
+            rows = st.commit_interval(self.interval[m], contributors)
+            assert [r.step for r in rows][: len(recorded)] == recorded and rows
+            for r in rows:
+                assert set(r.slices) <= contributors and r.generation == st.gen
+            self.rows[m].extend(rows)
+            self.params[m].append(self.syncs[-1])
+            self.interval[m], self.first[m], self.interval_gen[m] = [], st.committed, st.gen
+            self.since[m] = 0
+        for z in zero:  # after the holders' outer step: the state of the source
+            assert source is not None
+            st = self.s[z]
+            st.drop_state()
+            st.adopt(_wire(self.s[source].meta({}, None)), joined=True)
+            st.open_adopted()
+            self.params[z] = list(self.params[source])
+            self.interval[z], self.first[z], self.interval_gen[z] = [], st.committed, st.gen
+            self.since[z] = 0
+
+    def step(self, faults: Sequence[Fault] = (), join_at_boundary: bool = False) -> bool:
+        """One step; `faults` (after the hand-out): "forward"/"allreduce" lose a member mid-interval,
+        `join` brings a node that waits for the next sync; False when the job is over."""
+        self.boundary()
+        if not self.epochs_left():
+            return False
+        self.hand_out(self.holding())
+        for fault in faults:
+            holding = self.holding()
+            if len(holding) >= 2:
+                victim = holding[fault.victim % len(holding)]
+                self.roster.remove(victim)
+                del self.s[victim]
+                self.stale = True
+            if fault.join or join_at_boundary:
+                self.roster.append(self.joiner())
+                self.stale = True
+        dues = set()
+        for m in self.holding():
+            self.since[m] += 1
+            dues.add(self.since[m] >= self.every or self.s[m].epoch_ends())
+        assert len(dues) == 1  # every member syncs at the same step
+        if dues.pop():
+            self.sync()
+        self.steps_done += 1
+        return True
+
+
+def test_local_sgd_commits_whole_intervals_and_syncs_at_each_epochs_last_step() -> None:
+    job = LocalJob(n_samples=20, batch=4, epochs=2, every=3)
+    job.start(["a", "b"])
+    job.run([])
+    job.check()
+    assert [first for first, _ in job.syncs] == [0, 3, 5, 8]  # 5 steps per epoch: H=3, then the end
+    assert [r.step for r in job.rows["a"]] == list(range(10))
+
+
+def test_a_member_lost_mid_interval_costs_its_unsynced_slices_which_are_carried() -> None:
+    job = LocalJob(n_samples=36, batch=6, epochs=1, every=3)
+    job.start(["a", "b", "c"])
+    job.step()
+    lost = [list(job.s["a"].local_step().slices["c"])]  # type: ignore[union-attr]
+    job.step([Fault("forward", victim=2)])  # c is lost at step 1; nobody notices before the sync
+    lost.append(list(job.s["a"].local_step().slices["c"]))  # type: ignore[union-attr]
+    assert job.stale and job.s["a"].roster == ("a", "b", "c")
+    job.step()  # step 2 ends the interval: the sync forms the ring of a and b
+    assert job.syncs[0] == (0, ("a", "b")) and not job.stale
+    rows = job.rows["a"][:3]
+    assert [r.step for r in rows] == [0, 1, 2] and all(set(r.slices) == {"a", "b"} for r in rows)
+    job.step()
+    carried = list(np.concatenate(list(job.s["a"].local_step().slices.values())))  # type: ignore[union-attr]
+    assert carried[: len(lost[0]) + len(lost[1])] == lost[0] + lost[1]  # step 3 trains c's slices first
+    job.run([])
+    job.check()
+    assert job.steps_done > 36 // 6  # c's three unsynced slices trained again
+
+
+def test_a_joiner_mid_interval_enters_at_the_next_sync_with_the_holders_state() -> None:
+    job = LocalJob(n_samples=30, batch=5, epochs=2, every=4)
+    job.start(["a", "b"])
+    job.step()
+    job.step([Fault("forward", victim=0, join=True)])  # a lost and j1 joining in one interval
+    assert not job.s["j1"].has_state
+    job.step()
+    job.step()  # the sync: b holds, j1 adds zeros and takes b's state after the outer step
+    assert job.syncs[0] == (0, ("b",)) and job.s["j1"].has_state
+    assert job.s["j1"].committed == job.s["b"].committed == 4 and job.s["j1"].joined_gen == job.version
+    job.run([])
+    job.check()
+    assert job.rows["j1"][0].step == 4  # its first step is an interval's first
+
+
+def test_advance_with_the_step_committed_only_carries_the_orphans() -> None:
+    s = Stepper("a")
+    s.formed(0, ("a", "b"))
+    s.start_epoch(12, 4, 0, 0)
+    assert s.local_step() is None and not s.epoch_ends()
+    s.hand_out(0)
+    step = s.local_step()
+    assert step is not None and step.step == 0 and set(step.slices) == {"a", "b"}
+    s.close_step()  # a local step: committed with nobody
+    assert s.committed == 1 and s.local_step() is None
+    rows = s.commit_interval([step], {"a"})  # the sync after the boundary (a flush): nothing open
+    assert [r.step for r in rows] == [0] and set(rows[0].slices) == {"a"} and s.committed == 1
+    assert list(s.sampler.carry) == list(step.slices["b"])  # type: ignore[union-attr]
+    assert not s.advance(np.empty(0, np.int64)) and s.committed == 1
+    s.hand_out(0)
+    assert s.advance(np.array([7], np.int64)) and s.committed == 2
+    assert list(s.sampler.carry) == [7]  # type: ignore[union-attr]
+
+
+def test_a_stepper_left_out_of_a_sync_drops_its_state_and_its_open_step_comes_with_the_new_one() -> None:
+    a, b = Stepper("a"), Stepper("b")
+    for w in (a, b):
+        w.formed(0, ("a", "b"))
+        w.start_epoch(8, 4, 0, 0)
+        w.hand_out(0)
+    a.commit_interval([], {"a", "b"})
+    b.drop_state()
+    assert not b.has_state and b.in_step_reduction()
+    b.adopt(_wire(a.meta({}, None)), joined=True)
+    b.open_adopted()
+    assert b.has_state and not b.in_step_reduction() and b.committed == a.committed == 1
+    closed = b.close_step()
+    assert closed is not None and closed.had_reduction and closed.committed is None
+
+
+local_events = st.tuples(
+    st.lists(
+        st.builds(Fault, where=st.just("forward"), victim=st.integers(0, 4), join=st.booleans()), max_size=2
+    ),
+    st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    members=st.integers(1, 4),
+    n_samples=st.integers(5, 40),
+    batch=st.integers(1, 9),
+    epochs=st.integers(1, 2),
+    every=st.integers(1, 5),
+    perf=st.booleans(),
+    events=st.lists(local_events, max_size=14),
+)
+def test_local_sgd_with_members_lost_mid_interval_trains_every_sample_once_per_epoch(
+    members: int, n_samples: int, batch: int, epochs: int, every: int, perf: bool, events: list[Any]
+) -> None:
+    names = [chr(ord("a") + i) for i in range(members)]
+    rates = {m: 100.0 * (i + 1) for i, m in enumerate(names)} | {f"j{k}": 150.0 for k in range(1, 40)}
+    job = LocalJob(n_samples, batch, epochs, share_mode=PERF if perf else "equal", rates=rates, every=every)
+    job.start(names)
+    job.run(events, limit=400)
+    job.check()  # every sample once per epoch (the ledger check), the replicas agree
+    firsts = [first for first, _ in job.syncs]
+    assert firsts == sorted(set(firsts))  # every interval is committed once, in order
