@@ -257,3 +257,90 @@ def test_dashboard_bad_input(mesh: tuple[AgentProcess, AgentProcess]) -> None:
         timeout=30,
     )
     assert empty.returncode == 2 and "no agent is running" in empty.stderr
+
+
+def test_finished_job_history_time_axis_and_checkpoint_export(
+    mesh: tuple[AgentProcess, AgentProcess], browser: object, tmp_path: Path
+) -> None:
+    """A dashboard started after the job ended draws its whole loss curve from the run store, and a
+    checkpoint is exported and downloaded from the page: only after the login and with the CSRF token."""
+    a, _ = mesh
+    env = {**os.environ, "MESHTRAIN_HOME": str(a.home)}
+    cmd = meshtrain_cmd(
+        "run", "--checkpoint-every", "20", "--name", "dashck", str(SCRIPT), "--out", str(tmp_path),
+        "--n", "1024", "--batch", "16", "--epochs", "3", "--hidden", "16", "--step-sleep", "0.03",
+    )  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    dash = DashboardProcess(a.home, "0.0.0.0:0")
+    context = browser.new_context(accept_downloads=True)  # type: ignore[attr-defined]
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    try:
+        assert dash.login is not None
+        page.goto(dash.url)
+        page.wait_for_selector("#login:not([hidden])")
+
+        def post(path: str, headers: dict[str, str] | None = None) -> int:
+            return int(
+                page.evaluate(
+                    "async ([p, h]) => (await fetch(p, {method: 'POST', headers: h})).status",
+                    [path, headers or {}],
+                )
+            )
+
+        assert post("/api/checkpoints/dashck/20/export") == 401  # no login
+        page.fill("#secret", dash.login)
+        page.click("#login-btn")
+        page.wait_for_selector("#main:not([hidden])")
+        row = page.wait_for_selector("#history tr[data-run]", timeout=15_000)
+        assert row is not None and "done" in row.inner_text()
+        run_id = row.get_attribute("data-run")
+        row.click()
+        page.wait_for_selector(f'#job-id:text("{run_id}")')
+        # the agent's own record of a finished job is its last snapshot (one point); the store has every step
+        wait_until(lambda: points(page) >= 40, 10, "the finished job's whole loss curve from the run store")
+        by_step = points(page)
+        page.select_option("#xaxis", "time")
+        wait_until(lambda: points(page) == by_step, 5, "the same points over time")
+
+        ckpt = page.wait_for_selector("#checkpoints tr[data-checkpoint] button[data-export]", timeout=15_000)
+        assert ckpt is not None
+        target = str(ckpt.get_attribute("data-export"))
+        run, step = target.split("@")
+        assert run == "dashck"
+        path = f"/api/checkpoints/{run}/{step}/export"
+        assert post(path) == 403  # logged in, no CSRF token
+        assert post(path, {"X-CSRF-Token": "forged"}) == 403
+        assert post("/api/checkpoints/dashck/999999/export", {"X-CSRF-Token": page.evaluate("S.csrf")}) == 404
+        assert page.locator("#exports li").count() == 0  # nothing was started by the refused requests
+        ckpt.click()
+        link = page.wait_for_selector(f'#exports a[data-download="{target}"]', timeout=30_000)
+        assert link is not None
+        with page.expect_download() as info:
+            link.click()
+        saved = tmp_path / "model.safetensors"
+        info.value.save_as(saved)
+        data = saved.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + header_len].decode()
+        assert '"run":"dashck"' in header.replace(" ", "") and f'"step":"{step}"' in header.replace(" ", "")
+        assert len(data) > header_len + 8
+
+        href = str(link.get_attribute("href"))
+        other = browser.new_context()  # type: ignore[attr-defined]
+        try:
+            stranger = other.new_page()
+            stranger.goto(dash.url)
+            assert stranger.evaluate("async (h) => (await fetch(h)).status", href) == 401  # no session
+        finally:
+            other.close()
+        assert page.evaluate("async () => (await fetch('/api/exports/../secret')).status") == 404
+        origin = dash.url.rstrip("/")
+        assert all(u.startswith(origin + "/") for u in requests), [
+            u for u in requests if not u.startswith(origin)
+        ]
+    finally:
+        context.close()
+        dash.stop()

@@ -110,3 +110,47 @@ def test_board_keeps_summaries_of_jobs_coordinated_elsewhere() -> None:
     (j,) = view["jobs"]
     assert j["job"] == "j9" and not j["detailed"] and j["points"][0]["m"] == {"loss": 0.5}
     assert "jobs" not in view["mesh"]
+
+
+def test_recorded_rows_fold_into_one_growing_step_axis() -> None:
+    from meshtrain.dashboard.history import fold_rows
+
+    rows = [  # two workers counting steps within each epoch; an evaluation without a step; bookkeeping
+        ("m1", 0, 1.0, "loss", 2.0),
+        ("m2", 0, 1.1, "loss", 4.0),
+        ("m1", 1, 2.0, "loss", 1.0),
+        ("m1", 1, 2.0, "samples", 16.0),
+        ("m1", None, 2.5, "test_accuracy", 0.5),
+        ("m1", 0, 3.0, "loss", 0.5),  # epoch 2 starts the count again
+        ("m1", 1, 4.0, "loss", 0.25),
+    ]
+    points = fold_rows(rows)
+    assert [p["step"] for p in points] == [0, 1, 2, 3]
+    assert points[0] == {"step": 0, "t": 1.0, "m": {"loss": 3.0}}  # the mean over the workers
+    assert points[1]["m"] == {"loss": 1.0, "test_accuracy": 0.5}  # the evaluation lands on its step
+    assert [p["m"]["loss"] for p in points[2:]] == [0.5, 0.25]
+
+
+def test_recorded_runs_of_a_missing_store_are_none_and_create_nothing(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from meshtrain.dashboard.history import recorded_points, recorded_runs
+
+    db = Path(str(tmp_path)) / "runs.sqlite"
+    assert recorded_runs(db) == [] and recorded_points(db, "j1") is None and not db.exists()
+
+
+def test_board_sends_the_checkpoint_and_run_lists_only_when_they_change() -> None:
+    board = Board()
+    board.update({"nodes": []}, [job(1)], 0.0)
+    board.set_checkpoints([{"run": "r", "checkpoints": [{"step": 20}]}])
+    board.set_runs([{"job": "j0", "state": "done"}])
+    first, cursor = board.view()
+    assert first["checkpoints"][0]["run"] == "r" and first["runs"][0]["job"] == "j0"
+    board.update({"nodes": []}, [job(2)], 1.0)
+    second, cursor = board.view(cursor)
+    assert "checkpoints" not in second and "runs" not in second
+    assert not board.set_runs([{"job": "j0", "state": "done"}])  # the same list: nothing to send
+    board.set_runs([{"job": "j1", "state": "done"}, {"job": "j0", "state": "done"}])
+    third, _ = board.view(cursor)
+    assert [r["job"] for r in third["runs"]] == ["j1", "j0"] and "checkpoints" in third

@@ -9,7 +9,8 @@ output, and keeps finished jobs after the agent forgets them.
 
 `view(cursor)` is what one page is sent: everything on first contact, then
 only points and output lines newer than that page's cursor, so a live page
-costs a few hundred bytes per update however long the job has run.
+costs a few hundred bytes per update however long the job has run (the
+checkpoint and recorded-run lists, too, are sent only when they change).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class JobRecord:
 
 
 Cursor = dict[str, tuple[int, int]]
+LISTS = ""  # the cursor's entry for the checkpoint and run lists (no job is called "")
 
 
 class Board:
@@ -159,6 +161,8 @@ class Board:
         self.mesh: dict[str, Any] = {}
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
         self.checkpoints: list[dict[str, Any]] = []
+        self.runs: list[dict[str, Any]] = []  # recorded runs (meshtrain.dashboard.history), newest first
+        self._lists_version = 0  # bumped when the checkpoints or the runs change: sent only then
         self.agent_error: str | None = None
         self.version = 0  # bumped on every change a page would show
 
@@ -211,7 +215,18 @@ class Board:
     def set_checkpoints(self, runs: list[dict[str, Any]]) -> bool:
         changed = runs != self.checkpoints
         self.checkpoints = runs
+        self._lists_version += changed
         return self._bump(changed)
+
+    def set_runs(self, runs: list[dict[str, Any]]) -> bool:
+        changed = runs != self.runs
+        self.runs = runs
+        self._lists_version += changed
+        return self._bump(changed)
+
+    def touch(self) -> None:
+        """Something shown beside the snapshots changed (an export): the pages are due an update."""
+        self._bump(True)
 
     def job(self, job: str) -> JobRecord | None:
         return self.jobs.get(job)
@@ -219,8 +234,10 @@ class Board:
     def view(self, cursor: Cursor | None = None, extra: dict[str, Any] | None = None) -> tuple[dict, Cursor]:
         """(what to send one page, its new cursor); `cursor` None or empty sends everything."""
         cursor = dict(cursor or {})
+        lists_sent = cursor.get(LISTS) != (self._lists_version, 0)
+        cursor[LISTS] = (self._lists_version, 0)
         jobs = []
-        for job, record in self.jobs.items():
+        for job, record in self.jobs.items():  # _fold takes no job called "": LISTS is free
             view, cursor[job] = record.view(cursor.get(job, (0, 0)))
             jobs.append(view)
         jobs.sort(key=lambda j: (j["snap"].get("state") in FINISHED_JOB_STATES, -j["first_seen"]))
@@ -229,7 +246,7 @@ class Board:
             "agent_error": self.agent_error,
             "mesh": {k: v for k, v in self.mesh.items() if k != "jobs"},
             "jobs": jobs,
-            "checkpoints": self.checkpoints,
+            **({"checkpoints": self.checkpoints, "runs": self.runs} if lists_sent else {}),
             **(extra or {}),
         }
         return body, cursor

@@ -9,9 +9,12 @@ itself, and it is plain HTTP that any proxy passes.
 
 Routes (JSON unless said): GET / (the page), /static/* (the page's files,
 uPlot included: no CDN), /api/session, POST /api/login, POST /api/logout,
-GET /api/state, GET /api/jobs/{job}, GET /api/events (SSE), POST
-/api/jobs/{job}/cancel. Security is `auth`'s: open on loopback (Host header
-checked), a login everywhere else; cancel always needs the CSRF token.
+GET /api/state, GET /api/jobs/{job}, GET /api/runs/{job} (a recorded job's
+points, from the run store), GET /api/events (SSE), POST
+/api/jobs/{job}/cancel, POST /api/checkpoints/{run}/{step}/export, GET
+/api/exports/{name} (the exported file). Security is `auth`'s: open on
+loopback (Host header checked), a login everywhere else; cancel and export
+always need the CSRF token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from meshtrain.dashboard.auth import (
     loopback_host_header,
 )
 from meshtrain.dashboard.board import Board
+from meshtrain.dashboard.exports import Exports
+from meshtrain.dashboard.history import recorded_points, recorded_runs
 from meshtrain.dashboard.source import Source
 from meshtrain.errors import UserError
 from meshtrain.status import FINISHED_JOB_STATES
@@ -45,7 +50,7 @@ from meshtrain.status import FINISHED_JOB_STATES
 log = logging.getLogger("meshtrain.dashboard")
 
 POLL_S = 0.25
-CHECKPOINTS_EVERY_S = 5.0
+CHECKPOINTS_EVERY_S = 5.0  # and the recorded runs: both are file reads, in a thread
 HEARTBEAT_S = 15.0
 STATIC_FILES = {
     "app.js": "application/javascript",
@@ -121,6 +126,8 @@ class Dashboard:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._sse: set[web.StreamResponse] = set()
+        self.exports = Exports(on_change=self._exports_changed)
+        self._lists_now = asyncio.Event()  # wakes the checkpoint and run listing early
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ lifecycle
@@ -135,6 +142,9 @@ class Dashboard:
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/jobs/{job}", self._job)
         app.router.add_post("/api/jobs/{job}/cancel", self._cancel)
+        app.router.add_get("/api/runs/{job}", self._run_history)
+        app.router.add_post("/api/checkpoints/{run}/{step}/export", self._export)
+        app.router.add_get("/api/exports/{name}", self._download)
         app.router.add_get("/api/events", self._events)
         return app
 
@@ -175,6 +185,7 @@ class Dashboard:
                 await stream.write_eof()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.exports.close()
 
     # ------------------------------------------------------------------ polling
 
@@ -198,16 +209,39 @@ class Dashboard:
                 log.exception("dashboard poll failed")
 
     async def _checkpoints_forever(self) -> None:
+        seen_finished: set[str] = set()
         while True:
             try:
                 runs = await self.source.checkpoints()
             except Exception as exc:  # noqa: BLE001 - a listing problem shows as no checkpoints
                 log.debug("checkpoint listing failed: %r", exc)
                 runs = []
-            if self.board.set_checkpoints(runs):
+            try:
+                recorded = await asyncio.to_thread(recorded_runs, self.source.runs_db())
+            except Exception as exc:  # noqa: BLE001 - an unreadable run store shows as no history
+                log.debug("run store listing failed: %r", exc)
+                recorded = []
+            changed = self.board.set_checkpoints(runs)
+            changed = self.board.set_runs(recorded) or changed
+            if changed:
                 async with self._changed:
                     self._changed.notify_all()
-            await asyncio.sleep(CHECKPOINTS_EVERY_S)
+            finished = {j for j, r in self.board.jobs.items() if r.finished}
+            if finished - seen_finished:
+                seen_finished |= finished
+                await asyncio.sleep(1.0)  # a job just ended: its record and checkpoints land within ~1 s
+                continue
+            self._lists_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lists_now.wait(), CHECKPOINTS_EVERY_S)
+
+    def _exports_changed(self) -> None:
+        self.board.touch()
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     # ------------------------------------------------------------------ security
 
@@ -305,6 +339,7 @@ class Dashboard:
         return {
             "logins": {"refused": self.limiter.refused, "rate_limited": self.limiter.rate_limited},
             "open": self.open,
+            "exports": self.exports.views(),
         }
 
     async def _state(self, request: web.Request) -> web.Response:
@@ -320,11 +355,9 @@ class Dashboard:
 
     async def _cancel(self, request: web.Request) -> web.Response:
         job = request.match_info["job"]
-        session = self._session_of(request)
-        if not self.open and (session is None or not session.logged_in):
-            return _error(401, "log in first")
-        if not csrf_ok(session, request.headers.get(CSRF_HEADER)):
-            return _error(403, "missing or wrong CSRF token")
+        refused = self._may_act(request)
+        if refused is not None:
+            return refused
         record = self.board.job(job)
         if record is None:
             return _error(404, f"no job {job!r} on this node")
@@ -335,6 +368,53 @@ class Dashboard:
             return _error(409, message or f"job {job} cannot be cancelled from this node")
         log.warning("job %s cancelled from the dashboard by %s", job, request.remote)
         return _json({"ok": True, "message": message})
+
+    def _may_act(self, request: web.Request) -> web.Response | None:
+        """None when this request may change something (a login off loopback, and the CSRF token)."""
+        session = self._session_of(request)
+        if not self.open and (session is None or not session.logged_in):
+            return _error(401, "log in first")
+        if not csrf_ok(session, request.headers.get(CSRF_HEADER)):
+            return _error(403, "missing or wrong CSRF token")
+        return None
+
+    async def _run_history(self, request: web.Request) -> web.Response:
+        job = request.match_info["job"]
+        try:
+            found = await asyncio.to_thread(recorded_points, self.source.runs_db(), job)
+        except (UserError, OSError) as exc:
+            return _error(503, f"cannot read this node's run store: {exc}")
+        if found is None:
+            return _error(404, f"no recorded run {job!r} on this node")
+        return _json(found)
+
+    async def _export(self, request: web.Request) -> web.Response:
+        refused = self._may_act(request)
+        if refused is not None:
+            return refused
+        run, step_text = request.match_info["run"], request.match_info["step"]
+        if not step_text.isdigit():
+            return _error(400, f"not a step: {step_text!r}")
+        step = int(step_text)
+        listed = {(r.get("run"), c.get("step")) for r in self.board.checkpoints for c in r["checkpoints"]}
+        if (run, step) not in listed:
+            return _error(404, f"no complete checkpoint {run}@{step} on this node")
+        item = self.exports.start(self.source.checkpoint_root(), run, step)
+        log.warning("export of %s@%d started from the dashboard by %s", run, step, request.remote)
+        return _json({"ok": True, "export": item.view()})
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        path = self.exports.path_of(name)
+        if path is None:
+            return _error(404, f"no finished export {name!r} here (start one from the checkpoints table)")
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": f'attachment; filename="{name}"',
+            },
+        )
 
     async def _wait_change(self, seen: int) -> None:
         """Until the board moves past version `seen`, or HEARTBEAT_S (a keep-alive is due)."""

@@ -5,7 +5,9 @@ Both give the same three things: the mesh snapshot (`status`, exactly what
 coordinates and has finished (`jobs`, what the live job view reads), and a
 way to cancel one (`cancel`). `meshtrain dashboard` is a client of the unix
 socket (0600, this user only); `join --dashboard` reads the agent directly.
-Checkpoints are listed from this node's store (file reads, in a thread).
+Checkpoints are listed from this node's store (file reads, in a thread), and
+finished jobs' history read from its run store (`runs_db`, meshtrain.tracking);
+`checkpoint_root` is where an export started from the page reads.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ class Source(Protocol):
     async def cancel(self, job: str, reason: str) -> tuple[bool, str]: ...
 
     async def checkpoints(self) -> list[dict[str, Any]]: ...
+
+    def checkpoint_root(self) -> Path | None:
+        """This node's checkpoint store (None: the default, ``$MESHTRAIN_HOME/checkpoints``)."""
+        ...
+
+    def runs_db(self) -> Path:
+        """This node's run store (``runs.sqlite``), which may not exist yet."""
+        ...
 
 
 def _listing(store: Any) -> list[dict[str, Any]]:
@@ -95,6 +105,14 @@ class AgentSource:
 
         return await asyncio.to_thread(_listing, CheckpointStore(self.store_root))
 
+    def checkpoint_root(self) -> Path | None:
+        return self.store_root
+
+    def runs_db(self) -> Path:
+        from meshtrain.tracking.store import runs_db_path
+
+        return self.store_root.parent / "runs.sqlite" if self.store_root else runs_db_path()
+
 
 class InAgentSource:
     """The agent this dashboard runs inside (`meshtrain join --dashboard`)."""
@@ -118,3 +136,12 @@ class InAgentSource:
         if self.agent.checkpoints is None:
             return []
         return await asyncio.to_thread(_listing, self.agent.checkpoints.store)
+
+    def checkpoint_root(self) -> Path | None:
+        store = getattr(self.agent.checkpoints, "store", None)
+        return Path(store.root) if store is not None else None
+
+    def runs_db(self) -> Path:
+        from meshtrain.tracking.recorder import db_path_for
+
+        return db_path_for(self.agent)

@@ -3,7 +3,8 @@
 "use strict";
 
 const S = { csrf: null, loginRequired: false, loggedIn: false, open: true, body: null, jobs: new Map(),
-            selected: null, charts: new Map(), chartJob: null, es: null };
+            selected: null, charts: new Map(), chartJob: null, es: null, checkpoints: [], runs: [], exports: [],
+            history: new Map(), xaxis: "step" };
 const $ = (id) => document.getElementById(id);
 const LOG_KEPT = 500;
 
@@ -29,6 +30,7 @@ const fmt = {
   dur: (s) => { if (!num(s)) return "—"; s = Math.round(s); const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60);
                 return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(s % 60).padStart(2, "0")}s` : `${s}s`; },
   clock: (t) => num(t) ? new Date(t * 1000).toLocaleTimeString() : "—",
+  when: (t) => num(t) ? new Date(t * 1000).toLocaleString() : "—",
   bytes: (b) => !num(b) ? "—" : b >= 1e9 ? (b / 1e9).toFixed(1) + " GB" : b >= 1e6 ? (b / 1e6).toFixed(1) + " MB"
                 : b >= 1e3 ? (b / 1e3).toFixed(1) + " kB" : b + " B",
 };
@@ -88,6 +90,9 @@ function connect() {
 
 function apply(body) {
   S.body = body; S.open = body.open;
+  if (body.checkpoints !== undefined) S.checkpoints = body.checkpoints;  // sent only when they change
+  if (body.runs !== undefined) S.runs = body.runs;
+  S.exports = body.exports || [];
   const present = new Set();
   for (const v of body.jobs) {
     present.add(v.job);
@@ -100,8 +105,8 @@ function apply(body) {
   }
   for (const job of [...S.jobs.keys()]) if (!present.has(job)) S.jobs.delete(job);
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("job");
-  if (fromHash && S.jobs.has(fromHash)) S.selected = fromHash;  // the user's choice (a click, a link)
-  else S.selected = body.jobs.length ? body.jobs[0].job : null;  // else the newest running job, or the newest
+  if (fromHash && (S.jobs.has(fromHash) || recorded(fromHash))) S.selected = fromHash;  // the user's choice
+  else S.selected = body.jobs.length ? body.jobs[0].job : S.runs.length ? S.runs[0].job : null;  // else the newest
   render();
 }
 
@@ -111,6 +116,8 @@ function stateCell(state) { return el("td", { class: "s-" + state, "data-state":
 
 function renderNodes(mesh) {
   const tbody = $("nodes").tBodies[0]; tbody.replaceChildren();
+  const why = new Map();  // node -> why its share is what it is ("on battery: halved", "hot: ..."), from running jobs
+  for (const rec of S.jobs.values()) if (!FINISHED.has(rec.snap.state)) for (const w of rec.snap.workers || []) if (w.why) why.set(w.node, w.why);
   for (const n of mesh.nodes || []) {
     const name = el("td", {}, n.name || n.id);
     if (mesh.leader && (mesh.leader === n.id || mesh.leader === n.name)) name.append(el("span", { class: "badge" }, "leader"));
@@ -124,6 +131,8 @@ function renderNodes(mesh) {
       if (b.thermal) parts.push("thermal " + b.thermal);
       power = parts.join(", ") || "battery";
     }
+    if (n.thermal) power += ", thermal " + n.thermal;
+    if (why.has(n.name)) power += ` (${why.get(n.name)})`;
     tbody.append(el("tr", { "data-node": n.name },
       name, stateCell(n.state), el("td", {}, n.addr || "—"), el("td", {}, n.device || "—"),
       el("td", {}, n.platform || "—"), el("td", {}, fmt.n(n.cores)), el("td", {}, fmt.gb(n.memory_gb)),
@@ -160,18 +169,61 @@ function eventItem(e) {
 
 function chartFor(container, name) {
   const width = Math.max(280, container.clientWidth - 10);
+  const byTime = S.xaxis === "time";
   const opts = { width, height: 180, legend: { show: false }, cursor: { drag: { x: false, y: false } },
-    scales: { x: { time: false } },
-    series: [{ label: "step" }, { label: name, stroke: name === "loss" ? "#1a73e8" : "#e37400", width: 2, spanGaps: true }],
-    axes: [{ label: "step", size: 36 }, { size: 56 }] };
+    scales: { x: { time: byTime } },
+    series: [{ label: S.xaxis }, { label: name, stroke: name === "loss" ? "#1a73e8" : "#e37400", width: 2, spanGaps: true }],
+    axes: [{ label: byTime ? "time" : "step", size: 36 }, { size: 56 }] };
   return new uPlot(opts, [[], []], container);
+}
+
+// ---------------------------------------------------------------- finished jobs (the run store)
+
+function recorded(job) { return S.runs.find((r) => r.job === job) || null; }
+
+function recordedRec(run) {
+  // a job only the run store still knows: its record, and the points fetched from /api/runs/JOB
+  const f = run.final || {};
+  return { recorded: true, detailed: false, stale: false, log: [], generations: [], points: [],
+    snap: { job: run.job, script: run.script, state: run.state, message: run.reason, elapsed_s: run.duration_s,
+            loss: f.loss, test_accuracy: f.test_accuracy, nodes: run.nodes, workers: [], events: [] } };
+}
+
+function jobRec(job) { if (!job) return null; const rec = S.jobs.get(job); if (rec) return rec; const run = recorded(job); return run ? recordedRec(run) : null; }
+
+async function ensureHistory(job) {
+  // the run store's points of a job: the whole curve even when this page (or this dashboard) came late
+  if (!job || S.history.has(job) || !recorded(job)) return;
+  S.history.set(job, { points: [], loaded: false });
+  try {
+    const r = await fetch(`/api/runs/${encodeURIComponent(job)}`, { credentials: "same-origin" });
+    if (r.ok) { const body = await r.json(); S.history.set(job, { points: body.points || [], loaded: true }); }
+    else S.history.set(job, { points: [], loaded: true });
+  } catch (e) { S.history.delete(job); return; }
+  render();
+}
+
+function allPoints(rec, job) {
+  // the recorded points from before the first live one, then the live ones (their steps moved on if the
+  // live count started again below the recorded ones: a dashboard started in a later epoch)
+  const hist = (S.history.get(job) || {}).points || [];
+  const live = rec.points;
+  if (!hist.length) return live;
+  if (!live.length) return hist;
+  const before = hist.filter((p) => p.t < live[0].t);
+  if (!before.length) return live;
+  const last = before[before.length - 1].step;
+  const shift = live[0].step <= last ? last + 1 - live[0].step : 0;
+  return before.concat(shift ? live.map((p) => ({ ...p, step: p.step + shift })) : live);
 }
 
 function renderCharts(rec, job) {
   const box = $("charts");
-  if (S.chartJob !== job) { for (const c of S.charts.values()) c.plot.destroy(); S.charts.clear(); box.replaceChildren(); S.chartJob = job; }
+  const key = job + "|" + S.xaxis;
+  if (S.chartJob !== key) { for (const c of S.charts.values()) c.plot.destroy(); S.charts.clear(); box.replaceChildren(); S.chartJob = key; }
+  const points = allPoints(rec, job);
   const names = [];
-  for (const p of rec.points) for (const k of Object.keys(p.m)) if (!names.includes(k)) names.push(k);
+  for (const p of points) for (const k of Object.keys(p.m)) if (!names.includes(k)) names.push(k);
   names.sort((a, b) => (a === "loss" ? -1 : b === "loss" ? 1 : a.localeCompare(b)));
   for (const name of names) {
     let c = S.charts.get(name);
@@ -183,7 +235,11 @@ function renderCharts(rec, job) {
       S.charts.set(name, c);
     }
     const xs = [], ys = [];
-    for (const p of rec.points) if (p.m[name] !== undefined) { xs.push(p.step); ys.push(p.m[name]); }
+    const byTime = S.xaxis === "time";
+    let pairs = [];
+    for (const p of points) if (p.m[name] !== undefined) pairs.push([byTime ? p.t : p.step, p.m[name]]);
+    if (byTime) pairs = pairs.sort((a, b) => a[0] - b[0]);  // workers' clocks: uPlot wants x in order
+    for (const [x, y] of pairs) { xs.push(x); ys.push(y); }
     if (xs.length !== c.n) { c.plot.setData([xs, ys]); c.n = xs.length; c.holder.setAttribute("data-points", String(xs.length)); }
     const last = ys.length ? ys[ys.length - 1] : null;
     c.holder.firstChild.textContent = `${name}: ${name === "loss" ? fmt.loss(last) : fmt.n(last, 4)} (${xs.length} points)`;
@@ -191,9 +247,10 @@ function renderCharts(rec, job) {
 }
 
 function renderJob() {
-  const rec = S.selected ? S.jobs.get(S.selected) : null;
+  const rec = jobRec(S.selected);
   $("job").hidden = !rec;
   if (!rec) return;
+  ensureHistory(S.selected);
   const s = rec.snap;
   $("job-id").textContent = S.selected;
   const st = $("job-state"); st.textContent = s.state; st.className = "pill s-" + s.state; st.setAttribute("data-state", s.state);
@@ -203,7 +260,9 @@ function renderJob() {
     num(s.ring_mb_s) ? `ring ${fmt.n(s.ring_mb_s, 1)} MB/s` : null, num(s.generation) ? `generation ${s.generation}` : null,
     num(s.eta_s) ? `ETA ${fmt.dur(s.eta_s)}` : null, `elapsed ${fmt.dur(s.elapsed_s)}`];
   $("job-summary").textContent = bits.filter(Boolean).join(" · ") + (s.message ? ` — ${s.message}` : "") +
-    (rec.stale ? " — no longer reported by this node (its coordinator has the outcome)" : "");
+    (rec.stale ? " — no longer reported by this node (its coordinator has the outcome)" : "") +
+    (rec.recorded ? " — from this node's run store (meshtrain runs show " + S.selected + ")" : "");
+  $("job-recorded").hidden = !rec.recorded;
   $("cancel").hidden = FINISHED.has(s.state) || rec.stale || !rec.detailed;
   renderCharts(rec, S.selected);
   const tbody = $("workers").tBodies[0]; tbody.replaceChildren();
@@ -221,16 +280,65 @@ function renderJob() {
   if (stick) out.scrollTop = out.scrollHeight;
 }
 
+function changed(name, ...parts) {
+  // whether what a table shows moved since it was last drawn (redrawn rows would eat a click half-way)
+  const sig = JSON.stringify(parts);
+  if (S.drawn && S.drawn[name] === sig) return false;
+  S.drawn = S.drawn || {}; S.drawn[name] = sig; return true;
+}
+
 function renderCheckpoints(runs) {
+  if (!changed("checkpoints", runs, S.exports)) return;
   const tbody = $("checkpoints").tBodies[0]; tbody.replaceChildren();
   let n = 0;
+  const exports = new Map(S.exports.map((e) => [e.id, e]));
   for (const run of runs || []) for (const c of run.checkpoints || []) {
     n++;
+    const id = `${run.run}@${c.step}`;
     const m = Object.entries(c.metrics || {}).map(([k, v]) => `${k} ${fmt.loss(v)}`).join(", ");
-    tbody.append(el("tr", {}, el("td", {}, run.run), el("td", {}, c.step), el("td", {}, fmt.clock(c.time)),
-      el("td", {}, m || "—"), el("td", {}, fmt.bytes(c.bytes)), el("td", {}, (c.replicas || []).join(", ") || "this node")));
+    const e = exports.get(id);
+    const button = el("button", { "data-export": id, title: "write the model parameters as one safetensors file" },
+                      e && e.state === "running" ? "exporting…" : e && e.state === "done" ? "exported" : "export");
+    button.disabled = !!e && e.state !== "failed";
+    button.addEventListener("click", () => startExport(run.run, c.step));
+    tbody.append(el("tr", { "data-checkpoint": id }, el("td", {}, run.run), el("td", {}, c.step), el("td", {}, fmt.clock(c.time)),
+      el("td", {}, m || "—"), el("td", {}, fmt.bytes(c.bytes)), el("td", {}, (c.replicas || []).join(", ") || "this node"),
+      el("td", {}, button)));
   }
   $("no-checkpoints").hidden = n > 0;
+  const list = $("exports"); list.replaceChildren();
+  for (const e of S.exports) {
+    const what = e.state === "done"
+      ? el("a", { href: e.url, download: e.file, "data-download": e.id }, `download ${e.file}`)
+      : e.state === "failed" ? el("span", { class: "error" }, `failed: ${e.error}`) : el("span", { class: "muted" }, "exporting…");
+    list.append(el("li", { "data-export-state": e.state, "data-export-id": e.id },
+      el("span", { class: "k" }, e.id), what,
+      e.state === "done" ? el("span", { class: "muted" }, ` ${fmt.bytes(e.bytes)} in ${fmt.n(e.took_s, 1)} s`) : null));
+  }
+}
+
+async function startExport(run, step) {
+  const r = await fetch(`/api/checkpoints/${encodeURIComponent(run)}/${step}/export`, { method: "POST",
+    credentials: "same-origin", headers: { "X-CSRF-Token": S.csrf || "" } });
+  const body = await r.json().catch(() => ({}));
+  $("export-msg").textContent = r.ok ? "" : `refused: ${body.error || r.status}`;
+  if (r.status === 401) showLogin();
+}
+
+function renderHistory() {
+  if (!changed("history", S.runs, S.selected)) return;
+  const tbody = $("history").tBodies[0]; tbody.replaceChildren();
+  $("no-history").hidden = S.runs.length > 0;
+  for (const run of S.runs) {
+    const f = run.final || {};
+    const finals = Object.entries(f).filter(([k]) => k !== "loss").slice(0, 3).map(([k, v]) => `${k} ${fmt.loss(v)}`).join(", ");
+    const row = el("tr", { class: "clickable" + (run.job === S.selected ? " selected" : ""), "data-run": run.job },
+      el("td", {}, run.job), el("td", {}, run.name || "—"), stateCell(run.state), el("td", {}, (run.nodes || []).join(", ") || "—"),
+      el("td", {}, fmt.loss(f.loss)), el("td", {}, finals || "—"), el("td", {}, fmt.dur(run.duration_s)),
+      el("td", {}, fmt.when(run.ended || run.started)));
+    row.addEventListener("click", () => { S.selected = run.job; location.hash = "job=" + encodeURIComponent(run.job); render(); });
+    tbody.append(row);
+  }
 }
 
 function render() {
@@ -241,7 +349,8 @@ function render() {
   renderJob();
   const mev = $("mesh-events"); mev.replaceChildren();
   for (const e of ((b.mesh || {}).events || []).slice().reverse()) mev.append(eventItem(e));
-  renderCheckpoints(b.checkpoints);
+  renderHistory();
+  renderCheckpoints(S.checkpoints);
   const drops = Object.entries((b.mesh || {}).drops || {}).filter(([, v]) => v).map(([k, v]) => `${k} ${v}`);
   const logins = b.logins || {};
   if (logins.refused || logins.rate_limited) drops.push(`refused dashboard logins ${logins.refused}, rate-limited ${logins.rate_limited}`);
@@ -259,5 +368,6 @@ $("cancel").addEventListener("click", async () => {
 });
 
 window.addEventListener("resize", () => { for (const c of S.charts.values()) c.plot.setSize({ width: Math.max(280, c.holder.clientWidth - 10), height: 180 }); });
-window.addEventListener("hashchange", () => { const j = new URLSearchParams(location.hash.slice(1)).get("job"); if (j && S.jobs.has(j)) { S.selected = j; render(); } });
+window.addEventListener("hashchange", () => { const j = new URLSearchParams(location.hash.slice(1)).get("job"); if (j && (S.jobs.has(j) || recorded(j))) { S.selected = j; render(); } });
+$("xaxis").addEventListener("change", (ev) => { S.xaxis = ev.target.value === "time" ? "time" : "step"; render(); });
 session().catch((e) => { setConn(false, "cannot reach the dashboard"); console.error(e); });
