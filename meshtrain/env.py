@@ -18,7 +18,7 @@ OFFLINE = "MESHTRAIN_OFFLINE"  # never download data
 SECRET = "MESHTRAIN_SECRET"  # the mesh key(s), comma-separated, instead of the stored secret file
 
 # --- set by an agent for its workers (meshtrain.agent.workers -> meshtrain.worker) --------------
-JOB_SPEC = "MESHTRAIN_JOB_SPEC"  # this worker's part of the job, JSON (meshtrain.worker.runtime.JobSpec)
+JOB_SPEC = "MESHTRAIN_JOB_SPEC"  # this worker's part of the job, JSON (meshtrain.jobspec.WorkerSpec)
 CHECKPOINTS = "MESHTRAIN_CHECKPOINTS"  # the agent's checkpoint store, for the worker's own writes
 ON_BATTERY = "MESHTRAIN_ON_BATTERY"  # join --on-battery: continue | reduce | leave
 SHARES = "MESHTRAIN_SHARES"  # perf | equal, when the job's options do not say

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import platform
 import re
@@ -43,6 +42,7 @@ from meshtrain.checkpoints.node import (
     write_term_floor,
 )
 from meshtrain.errors import UserError, WireError
+from meshtrain.jobspec import JobSpec, JobSpecError
 from meshtrain.metrics import extras
 from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
 from meshtrain.worker.checkpointing import ENV_CHECKPOINTS
@@ -471,7 +471,12 @@ class Agent:
 
     async def submit(self, request: JobRequest, sink: JobSink, runner: JobRunner | None = None) -> JobResult:
         """Coordinate a job from this node until it ends."""
-        await self.data.register(request.options)  # run --data PATH: served from here, the job's origin
+        options = dict(request.options.to_wire())
+        await self.data.register(options)  # run --data PATH: served from here, the job's origin
+        if options.get("data") != request.options.data:
+            request = request.with_options(request.options.replace(data=options["data"]))
+        if runner is not None:
+            runner.request = request  # the runner places the job with the origin named
         runner = runner or JobRunner(request=request, membership=self, protocol=self.protocol)
         for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
             runner.add_event(event)  # the view opens on how the mesh got here
@@ -517,7 +522,7 @@ class Agent:
         if self.checkpoints is None:
             return
         runner = self.runners.get(job)
-        options = getattr(runner.request, "options", None) if runner is not None else None
+        options = runner.request.options.to_wire() if runner is not None else None
         self.checkpoints.on_job_progress(job, step, members, options)
 
     def on_worker_report(self, job: str, member: str, message: dict[str, Any]) -> None:
@@ -588,18 +593,11 @@ class Agent:
         return env
 
     async def _handle_run(self, header: dict[str, Any], payload: bytes, conn: Conn) -> None:
-        wait = header.get("wait")
-        request = JobRequest(
-            script=str(header.get("script", "script.py")),
-            args=[str(a) for a in header.get("args", [])],
-            bundle=payload,
-            nodes=header.get("nodes"),
-            min_nodes=header.get("min_nodes"),
-            wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
-        )
-        options = header.get("options")
-        if isinstance(options, dict) and options:
-            request = dataclasses.replace(request, options=dict(options))
+        try:
+            request = JobRequest.of(JobSpec.from_header(header), payload)
+        except JobSpecError as exc:
+            await conn.reply(False, error="spec", message=str(exc))
+            return
         runner = JobRunner(request=request, membership=self, protocol=self.protocol)
 
         async def watch_submitter() -> None:

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from meshtrain.agent.job_coordination import FINAL_STATES, Succession, base_memb
 from meshtrain.agent.jobstate import JobState
 from meshtrain.agent.placement import Candidate, Decision, Request, place
 from meshtrain.errors import WireError
+from meshtrain.jobspec import JobOptions, JobSpec
 
 SNAPSHOT_INTERVAL_S = 0.5
 PREPARE_TIMEOUT_S = 120.0
@@ -54,7 +56,9 @@ def new_job_id() -> str:
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What `meshtrain run` asked for; `bundle` is the packed script directory."""
+    """What `meshtrain run` asked for (meshtrain.jobspec.JobSpec's fields) plus `bundle`, the packed
+    script directory. `options` is typed (`JobOptions`); a caller that has the wire's dict (a sweep's
+    trial options) may pass it, and it is read (and checked) by `JobOptions.from_wire`."""
 
     script: str
     args: list[str]
@@ -62,32 +66,47 @@ class JobRequest:
     nodes: str | None = None
     min_nodes: int | None = None
     wait: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)  # run options for the workers (checkpoints, ledger)
+    options: JobOptions = field(default_factory=JobOptions)  # run options for every worker
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, JobOptions):
+            object.__setattr__(self, "options", JobOptions.from_wire(self.options))
+
+    @property
+    def job_spec(self) -> JobSpec:
+        """The request without its bundle."""
+        return JobSpec(
+            script=self.script,
+            args=tuple(self.args),
+            nodes=self.nodes,
+            min_nodes=self.min_nodes,
+            wait=self.wait,
+            options=self.options,
+        )
 
     def spec(self) -> dict[str, Any]:
-        """The request without its bundle, as the replicated record carries it."""
-        return {
-            "script": self.script,
-            "args": list(self.args),
-            "nodes": self.nodes,
-            "min_nodes": self.min_nodes,
-            "wait": self.wait,
-            "options": dict(self.options),
-        }
+        """The request without its bundle, as the replicated record carries it (JobSpec's wire form)."""
+        return self.job_spec.to_wire()
 
     @staticmethod
-    def from_spec(spec: dict[str, Any], bundle: bytes) -> JobRequest:
-        wait = spec.get("wait")
-        options = spec.get("options")
+    def of(spec: JobSpec, bundle: bytes) -> JobRequest:
         return JobRequest(
-            script=str(spec.get("script", "script.py")),
-            args=[str(a) for a in spec.get("args") or []],
+            script=spec.script,
+            args=list(spec.args),
             bundle=bundle,
-            nodes=spec.get("nodes") if isinstance(spec.get("nodes"), str) else None,
-            min_nodes=spec.get("min_nodes") if isinstance(spec.get("min_nodes"), int) else None,
-            wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
-            options=dict(options) if isinstance(options, dict) else {},
+            nodes=spec.nodes,
+            min_nodes=spec.min_nodes,
+            wait=spec.wait,
+            options=spec.options,
         )
+
+    @staticmethod
+    def from_spec(spec: Mapping[str, Any], bundle: bytes) -> JobRequest:
+        """From the wire (a record's ``spec``); JobSpecError for one this node cannot take."""
+        return JobRequest.of(JobSpec.from_wire(spec), bundle)
+
+    def with_options(self, options: JobOptions) -> JobRequest:
+        return dataclasses.replace(self, options=options)
 
 
 @dataclass
@@ -469,7 +488,7 @@ class JobRunner:
         return next((r for r in results if r is not None), None)
 
     async def _prepare_one(self, p: _Participant, joiner: bool = False) -> str | None:
-        options = {**self.request.options, "joiner": joiner}
+        options = self.request.options.replace(joiner=joiner).to_wire()
         record = self.record()
         record["parts"] = [*record["parts"], p.to_record()] if p not in self._parts else record["parts"]
         try:

@@ -58,6 +58,7 @@ from meshtrain.agent.jobs import LOG_KEPT, JobRequest, JobResult, JobRunner, Job
 from meshtrain.agent.jobstate import JobState
 from meshtrain.agent.workers import host_worker
 from meshtrain.errors import UserError, WireError
+from meshtrain.jobspec import JobSpec, JobSpecError
 from meshtrain.wire import StreamClosed
 
 TICK_S = 0.25
@@ -847,7 +848,11 @@ class MeshJobs:
         """`run` (submit, then follow), `attach` and `logs` for a CLI on this machine."""
         submitted: asyncio.Task[JobResult] | None = None
         if op == "run":
-            request = _request_from(header, payload)
+            try:
+                request = _request_from(header, payload)
+            except JobSpecError as exc:
+                await conn.reply(False, error="spec", message=str(exc))
+                return
             runner = JobRunner(request=request, membership=self.agent, protocol=self.agent.protocol)
             job = runner.job
             submitted = asyncio.ensure_future(self.agent.submit(request, _ForwardSink(conn), runner))
@@ -970,14 +975,5 @@ class _NullSink:
 
 
 def _request_from(header: dict[str, Any], payload: bytes) -> JobRequest:
-    wait = header.get("wait")
-    options = header.get("options")
-    return JobRequest(
-        script=str(header.get("script", "script.py")),
-        args=[str(a) for a in header.get("args", [])],
-        bundle=payload,
-        nodes=header.get("nodes"),
-        min_nodes=header.get("min_nodes"),
-        wait=float(wait) if isinstance(wait, (int, float)) else 0.0,
-        options=dict(options) if isinstance(options, dict) else {},
-    )
+    """The job a `run` request's header asks for (meshtrain.jobspec); JobSpecError for one refused."""
+    return JobRequest.of(JobSpec.from_header(header), payload)

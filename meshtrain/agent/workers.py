@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from meshtrain.agent.bundle import Bundle
 from meshtrain.agent.control import Conn
 from meshtrain.agent.hang import CHECK_S, HangWatch, is_stopped
 from meshtrain.errors import WireError
+from meshtrain.jobspec import JobOptions, JobSpecError, WorkerSpec
 from meshtrain.wire import StreamClosed
 
 KILL_GRACE_S = 3.0
@@ -116,8 +118,12 @@ async def host_worker(
     """
     job, rank = str(header["job"]), int(header["rank"])
     member = str(header.get("member") or node)
-    raw_options = header.get("options")
-    options: dict[str, Any] = dict(raw_options) if isinstance(raw_options, dict) else {}
+    try:
+        job_options = JobOptions.from_wire(header.get("options"))
+    except JobSpecError as exc:
+        await conn.reply(False, error="spec", message=f"{node} cannot take job {job}: {exc}")
+        return
+    options = job_options.to_wire()  # the hooks below (checkpoints, data) read the wire's dict
     try:
         bundle = Bundle.unpack(payload)
         workdir = jobs_dir / f"{job}-{member}"
@@ -125,18 +131,18 @@ async def host_worker(
     except (ValueError, OSError, msgpack.UnpackException) as exc:
         await conn.reply(False, error="bundle", message=f"cannot unpack the job's files on {node}: {exc}")
         return
-    spec = {
-        "job": job,
-        "rank": rank,
-        "size": int(header["size"]),
-        "node": node,
-        "script": str(script),
-        "args": [str(a) for a in header.get("args", [])],
-        "generation": int(header.get("generation", 0)),
-        "bind": bind,
-        "member": member,
-        "options": options,
-    }
+    spec = WorkerSpec(
+        job=job,
+        rank=rank,
+        size=int(header["size"]),
+        node=node,
+        script=str(script),
+        args=tuple(str(a) for a in header.get("args", [])),
+        generation=int(header.get("generation", 0)),
+        bind=bind,
+        member=member,
+        options=job_options,
+    )
     if before_start is not None:
         try:
             await before_start(job, options)
@@ -162,8 +168,8 @@ async def host_worker(
             shutil.rmtree(workdir, ignore_errors=True)
             return
     read_fd, write_fd = os.pipe()
-    spec["report_fd"] = write_fd
-    env = worker_env(dict(os.environ), {**extra_env, **data_env, env_names.JOB_SPEC: json.dumps(spec)})
+    spec = dataclasses.replace(spec, report_fd=write_fd)
+    env = worker_env(dict(os.environ), {**extra_env, **data_env, **spec.to_env()})
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

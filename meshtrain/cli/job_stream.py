@@ -127,17 +127,7 @@ def run_detached(request: Any, local: int | None) -> int:
         from meshtrain.agent.control import check_reply
         from meshtrain.wire import StreamClosed
 
-        conn = await open_local(
-            "run",
-            request.bundle,
-            script=request.script,
-            args=request.args,
-            nodes=request.nodes,
-            min_nodes=request.min_nodes,
-            wait=request.wait,
-            options=request.options,
-            detach=True,
-        )
+        conn = await open_local("run", request.bundle, **request.job_spec.to_wire(), detach=True)
         try:
             while True:
                 try:

@@ -21,6 +21,7 @@ from meshtrain.blas import WARNED_MARKER
 from meshtrain.cli.agent_link import agent_alive, slow_blas_warning, use_uvloop
 from meshtrain.cli.parser import positive
 from meshtrain.errors import UserError
+from meshtrain.jobspec import JobOptions, JobSpec
 from meshtrain.train.share_modes import DEFAULT_SHARE_MODE, SHARE_MODES
 
 if TYPE_CHECKING:  # the agent pulls in MLX: imported when the command runs, not to build the parser
@@ -169,21 +170,25 @@ def main(args: argparse.Namespace) -> int:
     from meshtrain.agent.bundle import snapshot as bundle_snapshot
     from meshtrain.agent.jobs import JobRequest
 
-    options = checkpoint_options(args)  # flag mistakes first, before the script is even read
+    # the job's options (meshtrain.jobspec), typed; checkpoint flag mistakes first, before the script is read
+    options = JobOptions.from_wire(checkpoint_options(args))
     _check_node_counts(args)
     _check_script_args(args.script_args)
-    options["shares"] = getattr(args, "shares", DEFAULT_SHARE_MODE)
     from meshtrain.tracking.options import tracking_options  # the run's record: git commit, --report-to
 
-    options["tracking"] = tracking_options(args.script, args.report_to, args.report_dir)
+    options = options.replace(
+        shares=getattr(args, "shares", DEFAULT_SHARE_MODE),
+        tracking=tracking_options(args.script, args.report_to, args.report_dir),
+    )
     if getattr(args, "notify", None):
         from meshtrain.notify.targets import parse_targets
 
-        options["notify"] = [t.to_text() for t in parse_targets(args.notify)]  # bad ones: one line, here
+        targets = tuple(t.to_text() for t in parse_targets(args.notify))  # bad ones: one line, here
+        options = options.replace(notify=targets)
     if getattr(args, "ledger", None):
-        options["ledger"] = os.path.abspath(args.ledger)
+        options = options.replace(ledger=os.path.abspath(args.ledger))
         try:
-            Path(options["ledger"]).mkdir(parents=True, exist_ok=True)
+            Path(str(options.ledger)).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"--ledger {args.ledger}: cannot create it: {exc.strerror or exc}") from None
     checkpoint_dir = _checkpoint_dir(getattr(args, "checkpoint_dir", None))
@@ -199,19 +204,19 @@ def main(args: argparse.Namespace) -> int:
         from meshtrain.agent.data_transfer import prepare_submission
         from meshtrain.paths import state_home
 
-        options["data"] = prepare_submission(args.data, state_home())
+        options = options.replace(data=prepare_submission(args.data, state_home()))
     wait = args.wait if args.wait is not None else (DEFAULT_WAIT_S if (args.nodes or args.min_nodes) else 0.0)
     if wait < 0:
         raise UserError("--wait must be zero or more seconds")
-    request = JobRequest(
+    spec = JobSpec(
         script=os.path.basename(args.script),
-        args=list(args.script_args),
-        bundle=bundle.pack(),
+        args=tuple(args.script_args),
         nodes=args.nodes,
         min_nodes=args.min_nodes,
-        wait=wait,
+        wait=float(wait),
         options=options,
     )
+    request = JobRequest.of(spec, bundle.pack())
     use_uvloop()
     if getattr(args, "detach", False):  # the job's id, once it runs; `meshtrain attach` watches it
         from meshtrain.cli.job_stream import run_detached
@@ -235,14 +240,12 @@ def main(args: argparse.Namespace) -> int:
             f"throughput: {last.get('avg_samples_per_s', 0):,.0f} samples/s on {last.get('size')} "
             f"node{'s' if last.get('size') != 1 else ''}, averaged over {last['train_s']:.1f}s of training"
         )
-    if options.get("checkpoint_every") and result.state != "done":
-        if _has_checkpoint(options["run"], checkpoint_dir):
-            print(f"continue from its last checkpoint: the same command with --resume (run {options['run']})")
+    if options.checkpoint_every and result.state != "done":
+        run_name = str(options.run)
+        if _has_checkpoint(run_name, checkpoint_dir):
+            print(f"continue from its last checkpoint: the same command with --resume (run {run_name})")
         else:
-            print(
-                f"no checkpoint of run {options['run']} was committed on this machine: "
-                "nothing to --resume here"
-            )
+            print(f"no checkpoint of run {run_name} was committed on this machine: nothing to --resume here")
     if result.state == "failed":
         if result.traceback:
             print(result.traceback.rstrip(), file=sys.stderr)
@@ -251,10 +254,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"meshtrain: job cancelled: {result.message}", file=sys.stderr)
     if result.state == "done" and slow is not None:
         print(slow, file=sys.stderr)  # again: the first one has scrolled away with the live view
-    if result.state == "done" and options.get("checkpoint_every") and not renderer.checkpointed:
+    if result.state == "done" and options.checkpoint_every and not renderer.checkpointed:
         print(
             "meshtrain: warning: no checkpoint was written: the job ended before its first checkpoint "
-            f"was due (--checkpoint-every {options['checkpoint_every']})",
+            f"was due (--checkpoint-every {options.checkpoint_every})",
             file=sys.stderr,
         )
     return result.exit_code
@@ -419,17 +422,7 @@ async def _run_on_agent(
     from meshtrain.agent.control import open_request
     from meshtrain.agent.jobs import JobResult
 
-    conn = await open_request(
-        path,
-        "run",
-        request.bundle,
-        script=request.script,
-        args=request.args,
-        nodes=request.nodes,
-        min_nodes=request.min_nodes,
-        wait=request.wait,
-        options=request.options,
-    )
+    conn = await open_request(path, "run", request.bundle, **request.job_spec.to_wire())
 
     from meshtrain.cli.job_stream import follow  # Ctrl-C cancels the job on every node, and says so
 

@@ -70,6 +70,7 @@ class LocalLauncher:
 
     async def start(self, args: list[str], nodes: list[str], options: dict[str, Any]) -> _LocalTrial:
         from meshtrain.agent.jobs import JobRequest, JobRunner
+        from meshtrain.jobspec import JobOptions
 
         coordinator = self.agents[0]
         request = JobRequest(
@@ -78,7 +79,7 @@ class LocalLauncher:
             bundle=self.bundle,
             nodes=",".join(nodes),
             wait=NODE_WAIT_S,
-            options=options,
+            options=JobOptions.from_wire(options),  # the trial's options, checked as any job's
         )
         runner = JobRunner(request=request, membership=coordinator, protocol=coordinator.protocol)
         task = asyncio.ensure_future(coordinator.submit(request, _QuietSink(), runner))

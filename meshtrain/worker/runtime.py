@@ -1,7 +1,9 @@
 """The worker process: runs one rank of a job's user script (`python -m meshtrain.worker`).
 
-The agent starts it with the job spec in $MESHTRAIN_JOB_SPEC (JSON: job,
-rank, size, node, generation, script, args, bind, report_fd). The handshake:
+The agent starts it with its part of the job in $MESHTRAIN_JOB_SPEC
+(meshtrain.jobspec.WorkerSpec: job, rank, size, node, generation, script,
+args, bind, report_fd, member, the job's options; the node's defaults in
+their own variables). The handshake:
 
 1. bind the ring listener and tell the agent its port ("ready" on the report pipe);
 2. start reading the job's membership views from stdin (meshtrain.worker.views);
@@ -16,50 +18,25 @@ the submitter shows the first crash of the job, not one per worker. A
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import sys
 import traceback
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from meshtrain import env as env_names
 from meshtrain import mesh as mesh_module
 from meshtrain.errors import PeerLost
-from meshtrain.train.share_modes import DEFAULT_SHARE_MODE
+from meshtrain.jobspec import JobSpecError, WorkerSpec
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
 from meshtrain.worker.views import ViewBoard
 
 SPEC_ENV = env_names.JOB_SPEC
-LEDGER_ENV = env_names.LEDGER_DIR  # debug mode: every worker logs the slices of each committed step
 RING_CONNECT_TIMEOUT_S = 30.0
 EXIT_CRASH = 1
 EXIT_NO_START = 3
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """This worker's part of a job."""
-
-    job: str
-    rank: int
-    size: int
-    node: str
-    script: str
-    args: list[str]
-    generation: int = 0
-    bind: str = "0.0.0.0"
-    report_fd: int | None = None
-    member: str | None = None  # this worker's id in the job's views (the node's name, "~k" if re-admitted)
-    options: dict[str, Any] = field(default_factory=dict)  # run options: ledger, checkpoints, joiner
-
-    @staticmethod
-    def from_env(env: dict[str, str] | os._Environ[str]) -> JobSpec:
-        raw: dict[str, Any] = json.loads(env[SPEC_ENV])
-        return JobSpec(**raw)
 
 
 def _user_traceback(exc: BaseException, script: str) -> str:
@@ -82,7 +59,7 @@ def _take_keyring() -> Any:
     return Keyring.from_text(text, ENV_SECRET) if text else None
 
 
-def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
+def _make_mesh(spec: WorkerSpec, reporter: Reporter) -> WorkerMesh:
     """Bind the ring listener, tell the agent its port, start reading views: the elastic mesh."""
     from meshtrain.ring import RingListener
 
@@ -91,27 +68,27 @@ def _make_mesh(spec: JobSpec, reporter: Reporter) -> WorkerMesh:
     reporter.send({"k": "ready", "ring_port": listener.port})
     views = ViewBoard(sys.stdin).start()
     checkpoints = None
-    if spec.options.get("checkpoint_every") or spec.options.get("resume"):
+    if spec.options.checkpointing:
         from meshtrain.worker.checkpointing import WorkerCheckpoints
 
         checkpoints = WorkerCheckpoints.create(
-            spec.options, node=spec.node, member=spec.member or spec.node, report=reporter.send
+            spec.options.to_wire(), node=spec.node, member=spec.member_id, report=reporter.send
         )
         if checkpoints is not None:
             views.on_message = checkpoints.on_message
     return WorkerMesh(
-        member=spec.member or spec.node,
+        member=spec.member_id,
         job=spec.job,
         node=spec.node,
         listener=listener,
         views=views,
         reporter=reporter,
         keyring=keyring,
-        joiner=bool(spec.options.get("joiner")),
-        ledger_dir=spec.options.get("ledger") or os.environ.get(LEDGER_ENV),
+        joiner=bool(spec.options.joiner),
+        ledger_dir=spec.ledger_dir,
         checkpoints=checkpoints,
-        share_mode=str(spec.options.get("shares") or os.environ.get(env_names.SHARES) or DEFAULT_SHARE_MODE),
-        on_battery=os.environ.get(env_names.ON_BATTERY, "reduce"),
+        share_mode=spec.share_mode,
+        on_battery=spec.battery_policy,
     )
 
 
@@ -123,11 +100,11 @@ def _ring_report(mesh: WorkerMesh, reporter: Reporter) -> None:
         reporter.send({"k": "ring", "authenticated": mesh.ring_authenticated})
 
 
-def run(spec: JobSpec) -> int:
+def run(spec: WorkerSpec) -> int:
     """Run the script as this worker; the exit status the agent sees."""
     reporter = Reporter(spec.report_fd)
     mesh = _make_mesh(spec, reporter)
-    if not spec.options.get("joiner"):
+    if not spec.options.joiner:
         try:
             mesh.connect(RING_CONNECT_TIMEOUT_S)
         except PeerLost as exc:
@@ -140,7 +117,7 @@ def run(spec: JobSpec) -> int:
     # a sweep trial's values are what `mesh.config(...)` returns (meshtrain.tracking.capture)
     from meshtrain.tracking import capture
 
-    capture.install(reporter.report, (spec.options.get("tracking") or {}).get("params"))
+    capture.install(reporter.report, (spec.options.tracking or {}).get("params"))
     script = os.path.abspath(spec.script)
     sys.argv = [spec.script, *spec.args]
     sys.path.insert(0, os.path.dirname(script))
@@ -183,4 +160,9 @@ def main() -> int:
     if SPEC_ENV not in os.environ:
         print("meshtrain.worker is started by a meshtrain agent, not by hand", file=sys.stderr)
         return 2
-    return run(JobSpec.from_env(os.environ))
+    try:
+        spec = WorkerSpec.from_env(os.environ)
+    except JobSpecError as exc:
+        print(f"meshtrain.worker: {exc}", file=sys.stderr)
+        return 2
+    return run(spec)
