@@ -20,6 +20,7 @@ import time
 from meshtrain.agent.agent import Agent
 from meshtrain.agent.jobs import JobRequest, JobResult, JobRunner, JobSink
 from meshtrain.errors import UserError
+from meshtrain.gossip.config import GossipConfig
 from meshtrain.security import Keyring, generate_secret
 
 FORM_TIMEOUT_S = 20.0
@@ -42,11 +43,9 @@ async def start_local_mesh(n: int, encrypt: bool = False) -> list[Agent]:
             seeds = [(LOOPBACK, agents[0].gossip_port)] if agents else []
             agent = Agent(
                 name=f"node{i + 1}",
-                profile="local",
-                host=LOOPBACK,
-                port=0,
-                seeds=seeds,
-                discovery=False,
+                gossip=GossipConfig(
+                    profile="local", host=LOOPBACK, port=0, seeds=tuple(seeds), discovery=False
+                ),
                 unix_socket=False,
                 worker_env=thread_env(n),
                 keyring=keyring,

@@ -18,6 +18,7 @@ import mlx.core as mx
 from meshtrain.agent.agent import Agent
 from meshtrain.checkpoints.node import claim_store, read_term_floor, write_term_floor
 from meshtrain.checkpoints.store import MANIFEST
+from meshtrain.gossip import GossipConfig
 from meshtrain.security import Keyring, generate_secret
 from meshtrain.worker.checkpointing import WorkerCheckpoints
 
@@ -33,11 +34,9 @@ async def mesh(tmp: Path, n: int = 3) -> AsyncIterator[list[Agent]]:
             seeds = [("127.0.0.1", agents[0].gossip_port)] if agents else []
             agent = Agent(
                 name=f"n{i + 1}",
-                profile="local",
-                host="127.0.0.1",
-                port=0,
-                seeds=seeds,
-                discovery=False,
+                gossip=GossipConfig(
+                    profile="local", host="127.0.0.1", port=0, seeds=tuple(seeds), discovery=False
+                ),
                 home=tmp / f"n{i + 1}",
                 unix_socket=False,
                 keyring=keyring,

@@ -136,12 +136,14 @@ OLD_AGENT = textwrap.dedent(
     """
     import asyncio, sys
     from meshtrain.agent import Agent
+    from meshtrain.gossip import GossipConfig
     from meshtrain.security import load_keyring
 
     async def main():
         keyring, _ = load_keyring(create=False)  # the mesh's secret, from MESHTRAIN_SECRET
-        agent = Agent(name="old", keyring=keyring, profile="local", host="127.0.0.1", port=0, discovery=False,
-                      seeds=[("127.0.0.1", int(sys.argv[1]))], protocol=0)
+        agent = Agent(name="old", keyring=keyring, protocol=0,
+                      gossip=GossipConfig(profile="local", host="127.0.0.1", port=0, discovery=False,
+                                          seeds=(("127.0.0.1", int(sys.argv[1])),)))
         await agent.start()
         print(f"old agent (gossip port {agent.gossip_port})", flush=True)
         await agent.wait_closed()

@@ -22,7 +22,7 @@ from meshtrain.agent.agent import Agent
 from meshtrain.agent.control import NO_SECRET, call, open_request
 from meshtrain.cli.join import resolve_keyring
 from meshtrain.errors import UserError, WireError
-from meshtrain.gossip import PROFILES, GossipNode
+from meshtrain.gossip import PROFILES, GossipConfig, GossipNode
 from meshtrain.gossip.node import REFUSED
 from meshtrain.gossip.pushpull import frame
 from meshtrain.security import DatagramSealer, Keyring, generate_secret, make_token
@@ -154,11 +154,13 @@ def test_replayed_stale_and_tampered_datagrams_are_refused_by_reason() -> None:
 def agent(name: str, keyring: Keyring | None, tmp: Path, seed: int | None = None) -> Agent:
     return Agent(
         name=name,
-        profile="local",
-        host="127.0.0.1",
-        port=0,
-        seeds=[("127.0.0.1", seed)] if seed is not None else [],
-        discovery=False,
+        gossip=GossipConfig(
+            profile="local",
+            host="127.0.0.1",
+            port=0,
+            seeds=(("127.0.0.1", seed),) if seed is not None else (),
+            discovery=False,
+        ),
         home=tmp / name,
         unix_socket=False,
         keyring=keyring,

@@ -22,7 +22,6 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from meshtrain.checkpoints.node import (
     write_term_floor,
 )
 from meshtrain.errors import UserError, WireError
+from meshtrain.gossip.config import GossipConfig
 from meshtrain.jobspec import JobSpec, JobSpecError
 from meshtrain.metrics import extras
 from meshtrain.security import DROP_REASONS, ENV_SECRET, DropCounters, Keyring
@@ -129,19 +129,16 @@ class Agent:
         self,
         *,
         name: str | None = None,
-        profile: str = "lan",
-        host: str = "0.0.0.0",
-        port: int = 7946,
-        seeds: Sequence[tuple[str, int]] = (),
-        interface: str | None = None,
-        discovery: bool = True,
+        gossip: GossipConfig | None = None,
         home: Path | None = None,
         unix_socket: bool = True,
         protocol: int = PROTOCOL_VERSION,
         worker_env: dict[str, str] | None = None,
         keyring: Keyring | None = None,
     ) -> None:
-        """`keyring` is the mesh secret: gossip, control TCP and the workers' ring use it.
+        """`gossip` says where the node listens and whom it joins through (meshtrain.gossip.config).
+
+        `keyring` is the mesh secret: gossip, control TCP and the workers' ring use it.
 
         None runs an unauthenticated mesh (only tests and benches do that; the CLI
         always passes one, `run --local` an ephemeral one).
@@ -150,12 +147,7 @@ class Agent:
         self.explicit_name = name is not None  # a clash then refuses to start, instead of taking NAME-2
         self.failure: str | None = None  # why this agent stopped itself (a name clash), for the CLI
         self._leaving: asyncio.Future[None] | None = None
-        self.profile = profile
-        self.host = host
-        self.port = port
-        self.seeds = list(seeds)
-        self.interface = interface
-        self.discovery = discovery
+        self.gossip = gossip or GossipConfig()
         self.home = home or state_dir()
         self.unix_socket = unix_socket
         self.protocol = protocol
@@ -189,6 +181,11 @@ class Agent:
         self._name = value
 
     @property
+    def host(self) -> str:
+        """The address this node binds (gossip, control TCP, checkpoint transfer)."""
+        return self.gossip.host
+
+    @property
     def join_problem(self) -> str | None:
         """Why the join through the seeds failed (refused, silent, unreachable), while it has."""
         return self.node.join_problem if self.node is not None else None
@@ -196,7 +193,7 @@ class Agent:
     # lifecycle
 
     async def start(self) -> None:
-        from meshtrain.gossip import PROFILES, GossipNode
+        from meshtrain.gossip import GossipNode
 
         self.control_port = await self._server.start_tcp(self.host, 0)
         store, lock = claim_store(self.home, self.name)
@@ -220,15 +217,10 @@ class Agent:
             "job": None,
             "role": None,
         }
-        self.node = GossipNode(
-            name=self.name,
-            meta=meta,
-            profile=PROFILES[self.profile],
-            host=self.host,
-            port=self.port,
-            seeds=self.seeds,
-            interface=self.interface,
-            discovery=self.discovery,
+        self.node = GossipNode.from_config(
+            self.name,
+            self.gossip,
+            meta,
             keyring=self.keyring,
             node_id=node_identity(self.home, self._name),
             on_clash="refuse" if self.explicit_name else "suffix",

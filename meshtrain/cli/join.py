@@ -23,6 +23,7 @@ from meshtrain.cli.agent_link import agent_alive, fetch_status, slow_blas_warnin
 from meshtrain.cli.parser import DEFAULT_PORT, seed
 from meshtrain.cli.parser import port as port_number
 from meshtrain.errors import UserError, WireError
+from meshtrain.gossip.config import GossipConfig
 
 DETACH_START_S = 15.0
 
@@ -162,6 +163,18 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(_join(args))
 
 
+def gossip_config(args: argparse.Namespace) -> GossipConfig:
+    """`join`'s gossip flags as the one value the agent and its gossip node read."""
+    return GossipConfig(
+        profile=args.profile,
+        host=args.host,
+        port=args.port,
+        seeds=tuple(args.seed),
+        interface=args.interface,
+        discovery=not args.no_discovery,
+    )
+
+
 async def _join(args: argparse.Namespace) -> int:
     from meshtrain.agent.agent import Agent
     from meshtrain.agent.control import socket_path
@@ -177,12 +190,7 @@ async def _join(args: argparse.Namespace) -> int:
     keyring, _ = resolve_keyring(args)
     agent = Agent(
         name=args.name,
-        profile=args.profile,
-        host=args.host,
-        port=args.port,
-        seeds=args.seed,
-        interface=args.interface,
-        discovery=not args.no_discovery,
+        gossip=gossip_config(args),
         keyring=keyring,
         worker_env={env_names.ON_BATTERY: getattr(args, "on_battery", "reduce")},
     )

@@ -56,6 +56,7 @@ from meshtrain.gossip.codec import (
     encode_tcp_ping,
     is_plain,
 )
+from meshtrain.gossip.config import GossipConfig
 from meshtrain.gossip.discovery import DISCOVERY_PORT, Discovery, local_address
 from meshtrain.gossip.member import ALIVE, SUSPECT, Addr, Member, MemberEvent
 from meshtrain.gossip.membership import Action, Membership, Notify, PushPull, Send, TcpPing
@@ -211,6 +212,36 @@ class GossipNode:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._joining: dict[str, float] = {}
         self._closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        config: GossipConfig,
+        meta: dict[str, Any] | None = None,
+        *,
+        node_id: str | None = None,
+        incarnation: int | None = None,
+        keyring: Keyring | None = None,
+        on_clash: str = "suffix",
+    ) -> GossipNode:
+        """A node that gossips as `config` says (meshtrain.gossip.config), with its identity and secret."""
+        return cls(
+            name,
+            meta,
+            config.timing,
+            config.host,
+            config.port,
+            config.seeds,
+            config.interface,
+            config.discovery,
+            node_id=node_id,
+            advertise=config.advertise,
+            discovery_port=config.discovery_port,
+            incarnation=incarnation,
+            keyring=keyring,
+            on_clash=on_clash,
+        )
 
     # ------------------------------------------------------------ lifecycle
 
