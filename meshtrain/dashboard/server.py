@@ -237,6 +237,7 @@ class Dashboard:
 
     def _exports_changed(self) -> None:
         self.board.touch()
+        self._lists_now.set()  # an export that found its checkpoint pruned: the table drops it now
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
