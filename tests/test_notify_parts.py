@@ -76,7 +76,7 @@ def test_watcher_one_notice_per_event() -> None:
     lost = {"t": 4.0, "kind": "lost", "node": "b", "detail": "its worker was killed (signal 9)"}
     joined = {"t": 4.5, "kind": "joined", "node": "c", "detail": "worker c"}
     first = w.observe(snap(events=[lost, joined]), 5.0)
-    assert [(n.kind, n.node) for n in first] == [("node_lost", "b")]
+    assert [(n.kind, n.node) for n in first] == [("node_lost", "b"), ("node_joined", "c")]
     assert w.observe(snap(events=[lost, joined]), 6.0) == []
     done = w.ended("done", None, None, snap("done"), 7.0)
     assert done is not None and done.kind == "finished" and done.duration_s == 75.0

@@ -15,6 +15,9 @@ SUBJECTS = {
     "cancelled": "cancelled",
     "paused": "paused",
     "node_lost": "lost a node",
+    "node_joined": "gained a node",
+    "checkpoint_failed": "checkpoint FAILED",
+    "metric": "reached a condition",
 }
 
 
