@@ -134,6 +134,7 @@ class JobOptions(Mapping[str, Any]):
     shares: str | None = None  # perf | equal; None: the node's $MESHTRAIN_SHARES, else perf
     tracking: dict[str, Any] | None = None  # the run's record (meshtrain.tracking.options)
     notify: tuple[str, ...] = ()  # --notify targets, in meshtrain.notify.targets' text form
+    notify_when: tuple[str, ...] = ()  # --notify-when conditions, meshtrain.notify.condition's text form
     ledger: str | None = None  # --ledger DIR (debug)
     data: dict[str, Any] | None = None  # --data PATH (meshtrain.agent.data_transfer.prepare_submission)
     joiner: bool | None = None  # set by the coordinator per worker: it joins a job already training
@@ -147,6 +148,7 @@ class JobOptions(Mapping[str, Any]):
         "shares",
         "tracking",
         "notify",
+        "notify_when",
         "ledger",
         "data",
         "joiner",
@@ -161,7 +163,7 @@ class JobOptions(Mapping[str, Any]):
         out: dict[str, Any] = {}
         for key in self.KEYS:
             value = getattr(self, key)
-            if value is None or (key in ("resume", "notify") and not value):
+            if value is None or (key in ("resume", "notify", "notify_when") and not value):
                 continue
             out[key] = list(value) if isinstance(value, tuple) else value
         return out
@@ -186,6 +188,7 @@ class JobOptions(Mapping[str, Any]):
             shares=_str(what, "shares", raw.get("shares")),
             tracking=_table(what, "tracking", raw.get("tracking")),
             notify=_strings(what, "notify", raw.get("notify")),
+            notify_when=_strings(what, "notify_when", raw.get("notify_when")),
             ledger=_str(what, "ledger", raw.get("ledger")),
             data=_table(what, "data", raw.get("data")),
             joiner=None if raw.get("joiner") is None else _bool(what, "joiner", raw.get("joiner")),

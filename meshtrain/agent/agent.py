@@ -472,14 +472,9 @@ class Agent:
         runner = runner or JobRunner(request=request, membership=self, protocol=self.protocol)
         for event in list(self.events)[-JOB_EVENTS_BEFORE:]:
             runner.add_event(event)  # the view opens on how the mesh got here
-        self.runners[runner.job] = runner
-        from meshtrain.notify.hook import watch_job
-
-        notify_end = watch_job(runner)  # --notify targets: follows runner.state, sends in the background
+        self.runners[runner.job] = runner  # --notify: whoever coordinates tells (mesh_jobs, notify.hook)
         try:
-            result = await runner.run(sink)
-            notify_end(result)
-            return result
+            return await runner.run(sink)
         finally:
             self.runners.pop(runner.job, None)
             self.finished_jobs.append(runner.state.snapshot(time.time()))

@@ -269,15 +269,23 @@ class MeshJobs:
             self._spawn(self._call(node, op, **fields))
 
     async def publish(self, runner: JobRunner) -> None:
+        from meshtrain.notify.hook import RECORD_KEY, record_notices
+
         record = runner.record()
+        notices = record_notices(runner)  # --notify: what was told, for a successor (notify.ledger)
+        if notices is not None:
+            record[RECORD_KEY] = notices
         replica = self.replicas.get(runner.job)
         if replica is None:
             replica = self.replicas[runner.job] = JobReplica(
                 job=runner.job, record=record, bundle=runner.request.bundle
             )
         self._adopt(replica, record, [e for e in runner.log if e[0] > replica.log_seq])
+        self._send_record(record)
+
+    def _send_record(self, record: dict[str, Any]) -> None:
         for node in sorted(self._holders(record) - {self.me}):
-            key = (runner.job, node)
+            key = (str(record["job"]), node)
             self._outgoing[key] = record
             sender = self._senders.get(key)
             if sender is None or sender.done():
@@ -379,6 +387,8 @@ class MeshJobs:
         live = self.live()
         for replica in list(self.replicas.values()):
             if replica.final:
+                if replica.record.get("notices"):  # --notify: an ender lost before its end got through
+                    self._settle_notices(replica, live)
                 continue
             coordinator = record_coordinator(replica.record, live)
             started = str((replica.record.get("state") or {}).get("state")) in STARTED_STATES
@@ -392,6 +402,15 @@ class MeshJobs:
                 if any(replica.outbox.values()) or replica.cancel_pending:
                     replica.reporting = True
                     self._spawn(self._report(replica, coordinator))
+
+    def _settle_notices(self, replica: JobReplica, live: set[str]) -> None:
+        from meshtrain.notify.hook import settle_final
+
+        def republish(record: dict[str, Any]) -> None:
+            if self._adopt(replica, record, []):
+                self._send_record(record)
+
+        settle_final(replica.record, self.me, live | {self.me}, republish)
 
     def _orphaned(self, replica: JobReplica, live: set[str]) -> bool:
         """A job still being placed whose origin is gone: give it up here after ORPHAN_S (True once given up).
@@ -447,9 +466,11 @@ class MeshJobs:
         self._run_runner(replica, runner, runner.follow())
 
     def _run_runner(self, replica: JobReplica, runner: JobRunner, body: Awaitable[JobResult | None]) -> None:
+        from meshtrain.notify.hook import follow_notices
         from meshtrain.tracking.recorder import follow_runner  # experiment tracking: the run's record
 
         body = follow_runner(self.agent, runner, body)  # recorded here while this node coordinates
+        body = follow_notices(runner, body, replica.record.get("notices"))  # --notify: told from here too
         replica.runner = runner
         runners = getattr(self.agent, "runners", {})
         registered = (

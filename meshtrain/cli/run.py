@@ -123,6 +123,14 @@ def add_parser(sub: Any) -> None:
         "https://... webhook, slack:URL, mailto:ADDRESS, exec:COMMAND",
     )
     run.add_argument(
+        "--notify-when",
+        action="append",
+        default=[],
+        metavar="CONDITION",
+        help="also tell the --notify targets once when a reported metric first meets CONDITION "
+        "(repeatable): 'val_loss<1.6', 'test_accuracy>=0.98'; operators < <= > >= ==",
+    )
+    run.add_argument(
         "--detach", action="store_true", help="print the job's id once it runs and return (see `attach`)"
     )
     run.add_argument(  # experiment tracking (meshtrain.tracking.reporters)
@@ -185,6 +193,11 @@ def main(args: argparse.Namespace) -> int:
 
         targets = tuple(t.to_text() for t in parse_targets(args.notify))  # bad ones: one line, here
         options = options.replace(notify=targets)
+    if getattr(args, "notify_when", None):
+        from meshtrain.notify.condition import parse_conditions
+
+        conditions = tuple(c.text for c in parse_conditions(args.notify_when))  # bad ones: one line, here
+        options = options.replace(notify_when=conditions)
     if getattr(args, "ledger", None):
         options = options.replace(ledger=os.path.abspath(args.ledger))
         try:

@@ -26,7 +26,7 @@ from meshtrain import __version__
 from meshtrain.notify import message
 from meshtrain.notify.config import NotifyConfig
 from meshtrain.notify.events import Notice
-from meshtrain.notify.retry import Delivery, Outbox
+from meshtrain.notify.retry import Delivery, Outbox, Outcome
 from meshtrain.notify.targets import Target
 
 log = logging.getLogger("meshtrain.notify")
@@ -112,10 +112,15 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
-    def notify(self, targets: Iterable[Target], notice: Notice) -> None:
-        """Queue `notice` for each target; returns at once."""
+    def notify(
+        self,
+        targets: Iterable[Target],
+        notice: Notice,
+        on_done: Callable[[Delivery, bool], None] | None = None,
+    ) -> None:
+        """Queue `notice` for each target; returns at once. `on_done(delivery, sent)` once per target."""
         for target in targets:
-            if self.outbox.add(target, notice, self.clock()) is None:
+            if self.outbox.add(target, notice, self.clock(), on_done) is None:
                 log.warning("notification dropped (outbox full): %s to %s", notice.kind, target.label)
         self._wake.set()
         if self._task is None or self._task.done():
@@ -136,6 +141,7 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _attempt(self, delivery: Delivery) -> None:
+        outcome: Outcome | None = None
         try:
             await self.send(delivery.target, delivery.notice)
         except DeliveryFailed as exc:
@@ -156,10 +162,15 @@ class Notifier:
                 then,
             )
         except Exception as exc:  # noqa: BLE001 - a bug here must not end the other deliveries
-            self.outbox.failed(delivery, self.clock())
+            outcome = self.outbox.failed(delivery, self.clock())
             log.warning("notification to %s failed: %r", delivery.target.label, exc)
         else:
             self.outbox.sent_ok(delivery)
+        if delivery.on_done is not None and (outcome is None or outcome.retry_in is None):
+            try:
+                delivery.on_done(delivery, outcome is None)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop the sending
+                log.warning("notification bookkeeping failed: %r", exc)
         self._wake.set()
 
     async def send(self, target: Target, notice: Notice) -> None:

@@ -10,6 +10,7 @@ given up. `now` is injected, so the schedule is tested without sleeping.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshtrain.notify.events import Notice
@@ -26,6 +27,7 @@ class Delivery:
     notice: Notice
     due: float
     attempts: int = 0  # attempts made so far
+    on_done: Callable[[Delivery, bool], None] | None = None  # told once: sent (True) or given up (False)
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,17 @@ class Outbox:
     def attempts_max(self) -> int:
         return 1 + len(self.delays)
 
-    def add(self, target: Target, notice: Notice, now: float) -> Delivery | None:
+    def add(
+        self,
+        target: Target,
+        notice: Notice,
+        now: float,
+        on_done: Callable[[Delivery, bool], None] | None = None,
+    ) -> Delivery | None:
         if len(self._waiting) + len(self._in_flight) >= self.max_pending:
             self.dropped += 1
             return None
-        delivery = Delivery(next(self._ids), target, notice, due=now)
+        delivery = Delivery(next(self._ids), target, notice, due=now, on_done=on_done)
         self._waiting[delivery.id] = delivery
         return delivery
 
@@ -88,6 +96,14 @@ class Outbox:
         delivery.due = now + delay
         self._waiting[delivery.id] = delivery
         return Outcome(delivery, delay)
+
+    def drop(self, job: str) -> list[Delivery]:
+        """Forget the job's deliveries still waiting (its coordination moved: the successor sends them);
+        those in flight finish."""
+        gone = [d for d in self._waiting.values() if d.notice.job == job]
+        for d in gone:
+            del self._waiting[d.id]
+        return gone
 
     @property
     def pending(self) -> int:
