@@ -17,7 +17,14 @@ Why the driver is this shape:
   not, the sweep stops and says which metrics the script does report,
   instead of running the rest blind.
 
-The study lives in ``$MESHTRAIN_HOME/sweeps.sqlite`` (Optuna's RDB storage).
+A trial whose node was lost is run again on another node, from its newest
+checkpoint (``--checkpoint-every``: the trial's checkpoints are filed under
+its run name ``NAME-tK``, so a retry's ``--resume`` finds them wherever the
+mesh replicated them), at most twice; a trial the script ended is a failed
+trial (outcome.py draws that line, unit-tested). The study is an in-memory
+Optuna study: ``sweep --resume`` rebuilds it from the sweep's recorded runs
+(resume.py says why that, and not an Optuna storage file), and the live table
+goes to ``$MESHTRAIN_HOME/sweeps/NAME.json`` on every event.
 Launchers (launch.py) hide whether the jobs go to an in-process ``--local``
 mesh or to this machine's agent.
 """
@@ -31,12 +38,17 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from meshtrain.errors import UserError
+from meshtrain.sweep.outcome import LOST, MAX_RETRIES, PRUNED_REASON, STOPPED_REASON, decide
+from meshtrain.sweep.resume import Prior, SweepSpec, table_data, trial_run_name, write_sweep_file
 from meshtrain.sweep.space import Param, trial_args
 
 POLL_S = 0.25
+LIVENESS_S = 1.0  # how often running trials' nodes are looked up
+LOST_GRACE_S = 5.0  # a trial none of whose nodes has been alive this long is lost (see _watch_nodes)
 SWEEP_EXTRA = "pip install 'meshtrain[sweep]'"
 
 
@@ -51,6 +63,10 @@ class TrialJob(Protocol):
     def run_id(self) -> str | None: ...
 
     def cancel(self, reason: str) -> None: ...
+
+    def abandon(self) -> None:
+        """Stop following the job (its nodes are gone: the coordinator keeps it waiting for them)."""
+        ...
 
     async def wait(self) -> tuple[str, str | None]:
         """(state, message) once the job has ended."""
@@ -70,10 +86,14 @@ class Launcher(Protocol):
         """Return once the trial's closed record is readable here (or after a short wait)."""
         ...
 
+    async def live_nodes(self) -> list[str]:
+        """The nodes alive in the mesh now (a trial's group with a node gone gets no more trials)."""
+        ...
+
 
 @dataclass
 class TrialRecord:
-    number: int
+    number: int  # the sweep's own number (``NAME-tK``), kept across retries and resumes
     params: dict[str, Any]
     nodes: list[str]
     run_id: str | None = None
@@ -83,6 +103,26 @@ class TrialRecord:
     started: float = 0.0
     ended: float = 0.0
     reported: int = -1  # the highest step reported to Optuna
+    retries: int = 0  # runs again after a lost node
+    runs: list[str] = field(default_factory=list)  # every attempt's run id, oldest first
+    resume: bool = False  # the next attempt continues from the trial's newest checkpoint
+    busy_s: float = 0.0  # node-seconds of its attempts this sweep
+    gone_since: float | None = None  # when the sweep last saw none of its nodes alive
+
+    def row(self) -> dict[str, Any]:
+        """One row of the sweep's live table (the dashboard's data)."""
+        return {
+            "trial": self.number,
+            "run": self.run_id,
+            "runs": list(self.runs),
+            "nodes": list(self.nodes),
+            "params": dict(self.params),
+            "value": self.value,
+            "state": self.state,
+            "retries": self.retries,
+            "message": self.message,
+            "step": self.reported if self.reported >= 0 else None,
+        }
 
 
 @dataclass
@@ -111,7 +151,13 @@ class Sweep:
     pass_args: bool = True
     on_event: Callable[[str], None] = print
     clock: Callable[[], float] = time.monotonic
+    checkpoint_every: str | None = None  # each trial's --checkpoint-every: what a retry resumes from
+    max_retries: int = MAX_RETRIES
+    priors: list[Prior] = field(default_factory=list)  # sweep --resume: the trials the records hold
+    table_path: Path | None = None  # where the live table goes (resume.py)
+    spec: SweepSpec | None = None
     _start: float = 0.0
+    _records: list[TrialRecord] = field(default_factory=list)
 
     def study(self) -> Any:
         try:
@@ -133,106 +179,279 @@ class Sweep:
             load_if_exists=True,
         )
 
-    async def run(self, launcher: Launcher) -> SweepResult:
+    def _tell_priors(self, study: Any, dists: dict[str, Any]) -> list[tuple[TrialRecord, dict[int, float]]]:
+        """sweep --resume: the finished trials told to Optuna as they ended; the others queued to run."""
+        import optuna
         from optuna.trial import TrialState
 
+        unfinished: list[tuple[TrialRecord, dict[int, float]]] = []
+        for prior in self.priors:
+            rec = TrialRecord(prior.number, dict(prior.params), [], run_id=prior.run_ids[-1])
+            rec.runs = list(prior.run_ids)
+            rec.value = prior.value if prior.verdict == "complete" else None
+            if prior.intermediate:
+                rec.reported = max(prior.intermediate)
+            if prior.verdict == "unfinished":
+                rec.state, rec.resume = "queued", True
+                unfinished.append((rec, dict(prior.intermediate)))
+                self._records.append(rec)
+                continue
+            state = {
+                "complete": TrialState.COMPLETE,
+                "pruned": TrialState.PRUNED,
+                "fail": TrialState.FAIL,
+            }[prior.verdict]
+            rec.state = {"complete": "complete", "pruned": "pruned", "fail": "failed"}[prior.verdict]
+            rec.message = prior.reason if prior.verdict == "fail" else None
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=rec.params,
+                    distributions=dists,
+                    value=rec.value,
+                    intermediate_values=dict(prior.intermediate),
+                    state=state,
+                )
+            )
+            self._records.append(rec)
+        return unfinished
+
+    async def run(self, launcher: Launcher) -> SweepResult:
         study = self.study()
         dists = {p.name: p.distribution() for p in self.params}
         groups = _groups(launcher.nodes, self.nodes_per_trial)
         free = list(groups)
         running: dict[asyncio.Task[tuple[str, str | None]], tuple[Any, TrialRecord, TrialJob]] = {}
-        records: list[TrialRecord] = []
-        launched = 0
-        first_end_checked = False
+        queue: list[tuple[Any, TrialRecord]] = []  # trials to run again: retries, a resume's unfinished
+        for rec, intermediate in self._tell_priors(study, dists):
+            study.enqueue_trial(rec.params, skip_if_exists=False)
+            trial = study.ask(dists)
+            for step, value in sorted(intermediate.items()):  # what its earlier attempts reported
+                trial.report(value, step)
+            queue.append((trial, rec))
+        records = self._records
+        budget = max(0, self.trials - len(records))  # new trials still to ask for
+        next_number = max((r.number for r in records), default=-1) + 1
+        first_end_checked = any(r.state == "complete" for r in records)
         start = self.clock()
         self._start = start
+        done_before = sum(1 for r in records if r.state != "queued")
         self.on_event(
             f"sweep {self.name}: {self.trials} trials of {', '.join(p.describe() for p in self.params)} "
             f"on {len(groups)} group{'s' if len(groups) != 1 else ''} of {self.nodes_per_trial} node"
             f"{'s' if self.nodes_per_trial != 1 else ''}, {self.direction} {self.metric}"
+            + (f" (resumed: {done_before} ended, {len(queue)} to run again)" if self.priors else "")
         )
+        if self.spec is not None and not self.priors:
+            self.on_event(f"resume it with: {self.spec.command(self.name)}")
+        self._write_table("running")
+        stopped = True
+        next_liveness = self.clock() + LIVENESS_S
         try:
-            while launched < self.trials or running:
-                while free and launched < self.trials:
-                    trial = study.ask(dists)
-                    nodes = free.pop(0)
-                    rec = TrialRecord(trial.number, dict(trial.params), nodes, started=self.clock())
-                    options = {
-                        **self.base_options,
-                        "tracking": {
-                            **(self.base_options.get("tracking") or {}),
-                            "sweep": self.name,
-                            "params": rec.params,
-                            "name": f"{self.name}-t{trial.number}",
-                        },
-                    }
-                    args = self.script_args + (trial_args(rec.params) if self.pass_args else [])
-                    job = await launcher.start(args, nodes, options)
+            while budget > 0 or queue or running:
+                if free and (budget > 0 or queue):
+                    live = set(await launcher.live_nodes())
+                    gone = [g for g in free if not set(g) <= live]
+                    for g in gone:
+                        free.remove(g)
+                        self._say(f"nodes {','.join(g)} left the mesh: no more trials there")
+                if not free and not running and (budget > 0 or queue):
+                    raise UserError("no live node is left to run the sweep's trials on")
+                while free and (budget > 0 or queue):
+                    if queue:
+                        trial, rec = queue.pop(0)
+                        nodes = _pick(free, avoid=rec.nodes)
+                        rec.nodes, rec.state, rec.started = nodes, "running", self.clock()
+                    else:
+                        trial = study.ask(dists)
+                        nodes = _pick(free, avoid=[])
+                        rec = TrialRecord(next_number, dict(trial.params), nodes, started=self.clock())
+                        next_number += 1
+                        budget -= 1
+                        records.append(rec)
+                    job = await launcher.start(self._args(rec), nodes, self._options(rec))
                     task = asyncio.ensure_future(job.wait())
                     running[task] = (trial, rec, job)
-                    records.append(rec)
-                    launched += 1
-                    self._say(f"trial {rec.number} on {','.join(nodes)}: {_fmt_params(rec.params)}")
+                    again = f" (again, {'from its newest checkpoint' if rec.resume else 'from the start'})"
+                    self._say(
+                        f"trial {rec.number} on {','.join(nodes)}: {_fmt_params(rec.params)}"
+                        + (again if rec.runs else "")
+                    )
                 done, _ = await asyncio.wait(
                     set(running), timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 for trial, rec, job in running.values():  # intermediate values -> the pruner
                     if rec.state == "running" and job.run_id and self._report(launcher, trial, rec, job):
                         rec.state = "pruned"
-                        job.cancel("pruned by the sweep")
-                for task in done:
+                        job.cancel(PRUNED_REASON)
+                ended = [(task, *task.result()) for task in done]
+                if running and self.clock() >= next_liveness:
+                    next_liveness = self.clock() + LIVENESS_S
+                    ended += await self._watch_nodes(launcher, running, set(done))
+                for task, state, message in ended:
                     trial, rec, job = running.pop(task)
-                    state, message = task.result()
-                    rec.ended = self.clock()
-                    rec.run_id = rec.run_id or job.run_id
+                    first_end_checked = await self._ended(
+                        launcher, study, trial, rec, job, state, message, queue, first_end_checked
+                    )
                     free.append(rec.nodes)
-                    if rec.run_id and rec.state != "pruned":
-                        await launcher.settled(rec.run_id)
-                    keys = launcher.metric_keys(rec.run_id) if rec.run_id else []
-                    if rec.state == "pruned":
-                        study.tell(trial, state=TrialState.PRUNED)
-                        self._say(f"trial {rec.number} pruned at step {rec.reported} ({rec.run_id})")
-                        continue
-                    final = self._final(launcher, rec)
-                    if state == "done" and final is not None:
-                        rec.state, rec.value = "complete", final
-                        study.tell(trial, final)
-                        self._say(f"trial {rec.number} done: {self.metric} {final:.6g} ({rec.run_id})")
-                    else:
-                        rec.state = "failed"
-                        rec.message = message if state != "done" else f"it never reported {self.metric}"
-                        study.tell(trial, state=TrialState.FAIL)
-                        self._say(f"trial {rec.number} {state}: {rec.message}")
-                    if not first_end_checked:
-                        first_end_checked = True
-                        if state == "done" and self.metric not in keys:
-                            have = ", ".join(k for k in keys) or "none"
-                            raise UserError(
-                                f"the script never reports the objective {self.metric!r} "
-                                f"(trial {rec.number} reported: {have}); pass --objective METRIC:min|max"
-                            )
-                        if state == "failed":
-                            raise UserError(f"the first trial failed ({rec.message}): fix the script first")
+                    self._write_table("running")
+            stopped = False
         finally:
             for _trial, rec, job in running.values():
-                job.cancel("the sweep stopped")
+                job.cancel(STOPPED_REASON)
                 rec.state = "failed"
-                rec.message = "the sweep stopped"
+                rec.message = STOPPED_REASON
             for task in list(running):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(task, 30.0)
+            if stopped:
+                self._write_table("stopped")
         end = self.clock()
         wall = max(1e-9, end - start)
-        busy = sum(max(0.0, r.ended - r.started) * len(r.nodes) for r in records) / (
-            wall * max(1, len(groups) * self.nodes_per_trial)
-        )
-        complete = [r for r in records if r.state == "complete" and r.value is not None]
+        busy = sum(r.busy_s for r in records) / (wall * max(1, len(groups) * self.nodes_per_trial))
+        result = SweepResult(self.name, records, self.best(), wall, busy, self.direction, self.metric)
+        self._write_table("done")
+        return result
+
+    async def _watch_nodes(
+        self,
+        launcher: Launcher,
+        running: dict[asyncio.Task[tuple[str, str | None]], tuple[Any, TrialRecord, TrialJob]],
+        done: set[asyncio.Task[tuple[str, str | None]]],
+    ) -> list[tuple[asyncio.Task[tuple[str, str | None]], str, str]]:
+        """Trials whose every node has left the mesh, as lost attempts.
+
+        A job whose only nodes are unreachable is not failed by its coordinator: it cannot tell a dead
+        node from a partition, so it waits for a quorum to come back, for ever (meshtrain.agent.jobs,
+        has_quorum). A sweep has other nodes to use, so after LOST_GRACE_S with none of a trial's
+        nodes alive it stops waiting, cancels the job (best effort) and counts the attempt as lost.
+        """
+        live = set(await launcher.live_nodes())
+        now = self.clock()
+        lost = []
+        for task, (_trial, rec, job) in running.items():
+            if task in done or rec.state != "running":
+                continue
+            if set(rec.nodes) & live:
+                rec.gone_since = None
+                continue
+            rec.gone_since = rec.gone_since if rec.gone_since is not None else now
+            if now - rec.gone_since >= LOST_GRACE_S:
+                rec.gone_since = None
+                job.cancel("its nodes left the mesh")
+                job.abandon()
+                task.cancel()
+                names = ",".join(rec.nodes)
+                lost.append((task, "failed", f"{LOST}: {names} left the mesh (the sweep stopped waiting)"))
+        return lost
+
+    def best(self) -> TrialRecord | None:
+        complete = [r for r in self._records if r.state == "complete" and r.value is not None]
         sign = 1.0 if self.direction == "minimize" else -1.0
-        best = min(complete, key=lambda r: sign * float(r.value or 0.0)) if complete else None
-        return SweepResult(self.name, records, best, wall, busy, self.direction, self.metric)
+        return min(complete, key=lambda r: sign * float(r.value or 0.0)) if complete else None
+
+    def _args(self, rec: TrialRecord) -> list[str]:
+        return self.script_args + (trial_args(rec.params) if self.pass_args else [])
+
+    def _options(self, rec: TrialRecord) -> dict[str, Any]:
+        """The trial's job options: its record's tags, and checkpoints filed under the trial's run name."""
+        run = trial_run_name(self.name, rec.number)
+        options: dict[str, Any] = {
+            **self.base_options,
+            "tracking": {
+                **(self.base_options.get("tracking") or {}),
+                "sweep": self.name,
+                "params": rec.params,
+                "name": run,
+            },
+        }
+        if self.checkpoint_every:
+            options.update(checkpoint_every=self.checkpoint_every, run=run)
+            if rec.resume:
+                options["resume"] = True
+        return options
+
+    async def _ended(
+        self,
+        launcher: Launcher,
+        study: Any,
+        trial: Any,
+        rec: TrialRecord,
+        job: TrialJob,
+        state: str,
+        message: str | None,
+        queue: list[tuple[Any, TrialRecord]],
+        first_end_checked: bool,
+    ) -> bool:
+        """One attempt ended: tell Optuna, queue a retry, or stop the sweep (the first trial's checks)."""
+        from optuna.trial import TrialState
+
+        rec.ended = self.clock()
+        rec.busy_s += max(0.0, rec.ended - rec.started) * len(rec.nodes)
+        rec.run_id = job.run_id or rec.run_id
+        if rec.run_id and rec.run_id not in rec.runs:
+            rec.runs.append(rec.run_id)
+        pruned = rec.state == "pruned"
+        if rec.run_id and not pruned:
+            await launcher.settled(rec.run_id)
+        keys = launcher.metric_keys(rec.run_id) if rec.run_id else []
+        final = None if pruned else self._final(launcher, rec)
+        decision = decide(
+            state, message, pruned=pruned, value=final, retries=rec.retries, max_retries=self.max_retries
+        )
+        if decision == "retry":
+            rec.retries += 1
+            rec.state, rec.message = "queued", message
+            rec.resume = bool(self.checkpoint_every)
+            queue.insert(0, (trial, rec))
+            self._say(
+                f"trial {rec.number} lost its node ({message}); retry {rec.retries}/{self.max_retries} "
+                f"on another node, {'from its newest checkpoint' if rec.resume else 'from the start'}"
+            )
+            return first_end_checked
+        if decision == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+            self._say(f"trial {rec.number} pruned at step {rec.reported} ({rec.run_id})")
+            return first_end_checked
+        if decision == "complete" and final is not None:
+            rec.state, rec.value, rec.message = "complete", final, None
+            study.tell(trial, final)
+            self._say(f"trial {rec.number} done: {self.metric} {final:.6g} ({rec.run_id})")
+        else:
+            rec.state = "failed"
+            rec.message = message if decision == "fail" else f"it never reported {self.metric}"
+            study.tell(trial, state=TrialState.FAIL)
+            self._say(f"trial {rec.number} {state}: {rec.message}")
+        if not first_end_checked:
+            if decision == "unreported" and self.metric not in keys:
+                have = ", ".join(k for k in keys) or "none"
+                raise UserError(
+                    f"the script never reports the objective {self.metric!r} "
+                    f"(trial {rec.number} reported: {have}); pass --objective METRIC:min|max"
+                )
+            if decision == "fail" and state == "failed":
+                raise UserError(f"the first trial failed ({rec.message}): fix the script first")
+        return True
+
+    def _write_table(self, state: str, **extra: Any) -> None:
+        if self.table_path is None:
+            return
+        best = self.best()
+        data = table_data(
+            self.name,
+            self.spec,
+            state,
+            [r.row() for r in sorted(self._records, key=lambda r: r.number)],
+            metric=self.metric,
+            direction=self.direction,
+            best=best.number if best else None,
+            **extra,
+        )
+        with contextlib.suppress(OSError):
+            write_sweep_file(self.table_path, data)
 
     def _say(self, line: str) -> None:
         self.on_event(f"  {self.clock() - self._start:6.1f}s  {line}")
+        self._write_table("running")
 
     def _report(self, launcher: Launcher, trial: Any, rec: TrialRecord, job: TrialJob) -> bool:
         """Give Optuna the trial's new intermediate values; True when it says prune."""
@@ -249,6 +468,15 @@ class Sweep:
             return None
         series = launcher.metrics(rec.run_id, self.metric)
         return series[-1][2] if series else None
+
+
+def _pick(free: list[list[str]], avoid: list[str]) -> list[str]:
+    """A free group, one without the nodes of the trial's last attempt when there is one."""
+    for group in free:
+        if not set(group) & set(avoid):
+            free.remove(group)
+            return group
+    return free.pop(0)
 
 
 def _groups(nodes: Sequence[str], per: int) -> list[list[str]]:

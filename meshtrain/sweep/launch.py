@@ -42,6 +42,9 @@ class _LocalTrial:
     def cancel(self, reason: str) -> None:
         self.runner.cancel(reason)
 
+    def abandon(self) -> None:
+        pass  # the in-process runner ends with the local mesh
+
     async def wait(self) -> tuple[str, str | None]:
         result = await self.task
         return str(result.state), result.message
@@ -99,6 +102,17 @@ class LocalLauncher:
     async def settled(self, run_id: str) -> None:
         await _settled(self._stores, run_id)
 
+    async def live_nodes(self) -> list[str]:
+        coordinator = self.agents[0]
+        return sorted(c.name for c in coordinator.candidates() if c.state == "alive")
+
+    def stores(self) -> list[RunStore]:
+        return self._stores()
+
+    def checkpoint_stores(self) -> list[Any]:
+        """Every node's checkpoint store (they are all on this machine)."""
+        return [a.checkpoints.store for a in self.agents if getattr(a, "checkpoints", None) is not None]
+
 
 class _AgentTrial:
     def __init__(self, conn: Any) -> None:
@@ -114,6 +128,11 @@ class _AgentTrial:
     def cancel(self, reason: str) -> None:
         with contextlib.suppress(Exception):
             asyncio.ensure_future(self.conn.send("request", {"op": "cancel"}))
+
+    def abandon(self) -> None:
+        self._reader.cancel()  # its `finally` closes the connection
+        if not self._done.done():
+            self._done.set_result(("failed", "abandoned: its nodes left the mesh"))
 
     async def _read(self) -> None:
         try:
@@ -155,10 +174,7 @@ class AgentLauncher:
             raise UserError(
                 "no agent is running on this machine: `meshtrain join`, or sweep --local N"
             ) from None
-        nodes = (reply.get("snapshot") or {}).get("nodes") or []
-        self.nodes = sorted(
-            str(n["name"]) for n in nodes if n.get("state") == "alive" and n.get("role") != "viewer"
-        )
+        self.nodes = _alive(reply)
         if not self.nodes:
             raise UserError("the mesh has no live node to run trials on")
         return self
@@ -197,6 +213,30 @@ class AgentLauncher:
 
     async def settled(self, run_id: str) -> None:
         await _settled(lambda: [s for s in [self._runs()] if s is not None], run_id)
+
+    async def live_nodes(self) -> list[str]:
+        from meshtrain.agent.control import call
+
+        try:
+            reply = await asyncio.wait_for(call(self.socket, "status"), 10.0)
+        except (OSError, asyncio.TimeoutError, WireError):
+            raise UserError("the agent on this machine stopped answering: the sweep stops") from None
+        return _alive(reply)
+
+    def stores(self) -> list[RunStore]:
+        store = self._runs()
+        return [store] if store is not None else []
+
+    def checkpoint_stores(self) -> list[Any]:
+        """This machine's store: the agent's own, which holds the trials it ran and the replicas it got."""
+        from meshtrain.checkpoints.store import CheckpointStore
+
+        return [CheckpointStore()]
+
+
+def _alive(reply: dict[str, Any]) -> list[str]:
+    nodes = (reply.get("snapshot") or {}).get("nodes") or []
+    return sorted(str(n["name"]) for n in nodes if n.get("state") == "alive" and n.get("role") != "viewer")
 
 
 async def _settled(stores: Any, run_id: str, timeout: float = SETTLE_S) -> None:
