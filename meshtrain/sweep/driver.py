@@ -186,7 +186,7 @@ class Sweep:
 
         unfinished: list[tuple[TrialRecord, dict[int, float]]] = []
         for prior in self.priors:
-            rec = TrialRecord(prior.number, dict(prior.params), [], run_id=prior.run_ids[-1])
+            rec = TrialRecord(prior.number, dict(prior.params), list(prior.nodes), run_id=prior.run_ids[-1])
             rec.runs = list(prior.run_ids)
             rec.value = prior.value if prior.verdict == "complete" else None
             if prior.intermediate:

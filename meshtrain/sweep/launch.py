@@ -107,7 +107,11 @@ class LocalLauncher:
         return sorted(c.name for c in coordinator.candidates() if c.state == "alive")
 
     def stores(self) -> list[RunStore]:
-        return self._stores()
+        """Every node's run store as on disk (an agent opens its own at its first job)."""
+        from meshtrain.tracking.recorder import db_path_for
+
+        paths = [db_path_for(a) for a in self.agents]
+        return [RunStore(p) for p in paths if p.is_file()]
 
     def checkpoint_stores(self) -> list[Any]:
         """Every node's checkpoint store (they are all on this machine)."""

@@ -141,6 +141,7 @@ class Prior:
     run_ids: list[str]
     state: str
     reason: str | None
+    nodes: list[str] = field(default_factory=list)  # where its newest run was pinned
 
 
 _TRIAL = re.compile(r"-t(\d+)$")
@@ -190,6 +191,7 @@ def prior_trials(stores: Iterable[Any], sweep: str, params: Sequence[Param], met
                 run_ids=[r.id for r in attempts],
                 state=newest.state,
                 reason=newest.reason,
+                nodes=[n for n in str(newest.options.get("nodes") or "").split(",") if n],
             )
         )
     return out
