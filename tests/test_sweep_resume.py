@@ -90,7 +90,6 @@ def test_a_killed_sweep_resumes_from_its_records(tmp_path: Path) -> None:
     out = mt(home, "sweep", "--resume", "again", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "(resumed: " in out.stdout, out.stdout
-    print(out.stdout)
     after = trial_runs(home, "again")
     assert sorted(after) == [f"again-t{k}" for k in range(4)], after  # 4 trials in all, numbered on
     for name in done_before:
@@ -101,7 +100,13 @@ def test_a_killed_sweep_resumes_from_its_records(tmp_path: Path) -> None:
             assert {tuple(r[4]) for r in after[name]} == {tuple(runs[0][4])}, after[name]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("best model: ") and Path(last.split()[2]).is_file(), last
-    tables = sweep_tables(home)  # what the dashboard reads
+    from meshtrain.dashboard.source import AgentSource
+    from meshtrain.dashboard.source import sweep_tables as dashboard_tables
+
+    tables = sweep_tables(home)
+    assert (
+        dashboard_tables(AgentSource(home / "agent.sock", home / "checkpoints")) == tables
+    )  # the page's data
     assert [t["name"] for t in tables] == ["again"] and tables[0]["state"] == "done"
     assert {r["trial"] for r in tables[0]["trials"]} == {0, 1, 2, 3} and tables[0]["best"] is not None
 
