@@ -47,6 +47,10 @@ SNAPSHOT_INTERVAL_S = 0.5
 PREPARE_TIMEOUT_S = 120.0
 EXIT_WAIT_S = 10.0
 MAX_INCARNATIONS = 4  # workers started on one node for one job (the first and three replacements)
+# automatic roll-backs to the newest checkpoint (a sharded job losing a node): at most MAX_ROLLBACKS
+# within ROLLBACK_WINDOW_S, so a job whose every attempt fails stops, one whose laptops sleep at night goes on
+MAX_ROLLBACKS = 3
+ROLLBACK_WINDOW_S = 600.0
 LOG_KEPT = 2000  # output lines of a job kept on every node of it (for `logs` and `attach`)
 
 
@@ -185,7 +189,7 @@ class _Participant:
     left_mesh: bool = False  # lost because its node left the mesh (not only its worker)
 
     def to_record(self) -> dict[str, Any]:
-        crash = {k: self.crash.get(k) for k in ("summary", "secondary")} if self.crash else None
+        crash = {k: self.crash.get(k) for k in ("summary", "secondary", "rollback")} if self.crash else None
         return {
             "name": self.name,
             "rank": self.rank,
@@ -272,6 +276,13 @@ class JobRunner:
         self.succession = Succession(self.me or self.origin)
         self.succession.observe(self.me or self.origin, time.monotonic(), first=True)
         self._tasks: list[asyncio.Task[Any]] = []
+        # a roll-back to the newest checkpoint (a worker's crash asked for one): why, until it is done
+        self._rollback: str | None = None
+        self.rollbacks = 0
+        self._rollback_times: list[float] = []  # when each roll-back began (self.clock)
+        self._retired: list[_Participant] = []  # the workers of the attempts before the last roll-back
+        self._issued: dict[str, int] = {}  # member ids handed out per node, admissions in flight included
+        self._attempt = 0  # bumped by each roll-back: an admission begun before it is void
 
     # the replicated record
 
@@ -297,6 +308,9 @@ class JobRunner:
             "snapshot": self.state.snapshot(now),
             "result": self.result.to_record() if self.result is not None else None,
             "log_seq": self.log_seq,
+            "rollbacks": self.rollbacks,
+            "rollback_times": list(self._rollback_times),
+            "retired": [[p.name, p.member] for p in self._retired],
             "updated": now,
         }
 
@@ -340,6 +354,12 @@ class JobRunner:
         if record.get("cancel"):
             runner.cancel(str(record["cancel"]))
         runner._cancelling = bool(record.get("cancelling"))
+        runner.rollbacks = int(record.get("rollbacks") or 0)
+        runner._rollback_times = [float(t) for t in record.get("rollback_times") or []]
+        runner._retired = [
+            _Participant(name=str(n), rank=-1, host="", control_port=0, member=str(m))
+            for n, m in record.get("retired") or []
+        ]
         runner.term = int(record.get("term") or 0) + 1
         runner.seq = int(record.get("seq") or 0)
         runner.log.extend(log)
@@ -481,8 +501,9 @@ class JobRunner:
             endpoint = self.membership.endpoint(name)
             if endpoint is None:
                 return f"node {name} left the mesh before the job started"
+            member = self._next_member(name)
             self._parts.append(
-                _Participant(name=name, rank=rank, host=endpoint[0], control_port=endpoint[1], member=name)
+                _Participant(name=name, rank=rank, host=endpoint[0], control_port=endpoint[1], member=member)
             )
         results = await asyncio.gather(*(self._prepare_one(p) for p in self._parts))
         return next((r for r in results if r is not None), None)
@@ -530,8 +551,24 @@ class JobRunner:
         A worker lost (its process killed, its node dead in gossip) leaves the
         view and the others go on (elastic training); a node that joins the mesh
         gets a worker, which enters the view once it can train. A worker's own
-        exception ends the job: every worker would hit it.
+        exception ends the job: every worker would hit it -- unless it asks for
+        a roll-back (a sharded job whose shard holder was lost, `ShardLost`):
+        with checkpoints, every worker is then ended and the job starts again
+        on the nodes there are now, from the run's newest complete checkpoint.
         """
+        while True:
+            if not await self._follow_workers():
+                return None
+            if self._rollback is None or self._failures or self._cancel.is_set():
+                return await self._end(self._verdict())
+            error = await self._roll_back()
+            if error is not None:
+                if self._cancel.is_set():
+                    return await self._end(JobResult("cancelled", self._cancel_reason))
+                return await self._end(JobResult("failed", error))
+
+    async def _follow_workers(self) -> bool:
+        """Follow this attempt's workers until all have exited; False if coordination moved away."""
         if self._cancelling:
             self._cancel_all()
         next_snapshot = self.clock() + SNAPSHOT_INTERVAL_S
@@ -540,7 +577,7 @@ class JobRunner:
             while any(p.exit_code is None and not p.lost for p in self._parts):
                 if self._stepped_down:
                     await self._publish()
-                    return None
+                    return False
                 self._wake.clear()
                 waker = asyncio.create_task(self._wake.wait())
                 timeout = max(0.0, next_snapshot - self.clock())
@@ -548,12 +585,12 @@ class JobRunner:
                 waker.cancel()
                 if change.done():
                     change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
-                if not self._cancelling:
+                if not (self._cancelling or self._failures or self._rollback):
                     self._watch_membership()
                     self._update_view()
                     if self._finished_any():
                         self._end_stragglers()
-                if not self._cancelling and (self._failures or self._cancel.is_set()):
+                if not self._cancelling and (self._failures or self._cancel.is_set() or self._rollback):
                     self._cancelling = True
                     self._cancel_all()
                 if self.clock() >= next_snapshot:
@@ -561,9 +598,65 @@ class JobRunner:
                     await self._publish()
         finally:
             change.cancel()
-        if self._stepped_down:
-            return None
-        return await self._end(self._verdict())
+        return not self._stepped_down
+
+    def _next_member(self, name: str) -> str:
+        """A new worker's member id on node `name`: the name, then ``name~k`` (never reused in a job,
+        so a view, a report cursor or a checkpoint ack of an ended worker never names a new one)."""
+        earlier = max(
+            sum(1 for p in (*self._retired, *self._parts) if p.name == name), self._issued.get(name, 0)
+        )
+        self._issued[name] = earlier + 1
+        return name if earlier == 0 else f"{name}~{earlier}"
+
+    def _may_roll_back(self) -> bool:
+        options = self.request.options
+        recent = [t for t in self._rollback_times if self.clock() - t < ROLLBACK_WINDOW_S]
+        return bool(options.checkpoint_every and options.run) and len(recent) < MAX_ROLLBACKS
+
+    async def _roll_back(self) -> str | None:
+        """Start the job again from the run's newest complete checkpoint on the nodes there are now.
+
+        Every worker of the attempt has exited. The new attempt is the job's own
+        `--resume`: each node fetches the newest complete checkpoint before its
+        worker starts (a sharded one's parts are on every writer), the sampler
+        goes on from the checkpoint's step, so from there each sample is trained
+        once per epoch; the steps after it are trained again. None when the
+        new workers run, else the one line why the job cannot go on.
+        """
+        reason, self._rollback = str(self._rollback), None
+        self.rollbacks += 1
+        self._rollback_times.append(self.clock())
+        run = self.request.options.run
+        recent = sum(1 for t in self._rollback_times if self.clock() - t < ROLLBACK_WINDOW_S)
+        detail = (
+            f"{reason}; rolling back to the newest complete checkpoint of {run} (roll-back "
+            f"{self.rollbacks}; {recent} of at most {MAX_ROLLBACKS} within {ROLLBACK_WINDOW_S / 60:.0f} min)"
+        )
+        self.add_event({"t": self.clock(), "kind": "rollback", "node": self.me, "detail": detail})
+        self.state.set_state("starting", f"rolling back to the newest checkpoint of {run}", self.clock())
+        self._retired.extend(self._parts)
+        self._parts = []
+        self._attempt += 1
+        self._view, self._formed, self._view_dirty = None, None, False
+        self._cancelling = False
+        self._joining.clear()
+        self.request = self.request.with_options(self.request.options.replace(resume=True))
+        await self._publish()
+        decision = await self._place()
+        if decision.kind != "ready":
+            return f"cannot roll back ({reason}): {decision.message}"
+        self.state.assign(list(decision.nodes))
+        error = await self._prepare(list(decision.nodes))
+        if error is not None:
+            self._cancel_all()
+            return f"cannot roll back ({reason}): {error}"
+        for p in self._parts:
+            p.in_view = True
+        self._send_view()
+        self.state.set_state("running", f"rolled back: {reason}", self.clock())
+        await self._publish()
+        return None
 
     def _finished_any(self) -> bool:
         return any(p.exit_code == 0 for p in self._parts)
@@ -683,12 +776,13 @@ class JobRunner:
             endpoint = self.membership.endpoint(name)
             if endpoint is None:
                 return
-            incarnations = sum(1 for p in self._parts if p.name == name)
-            member = name if incarnations == 0 else f"{name}~{incarnations}"
+            member = self._next_member(name)
             index = max((p.rank for p in self._parts), default=-1) + 1
             p = _Participant(name=name, rank=index, host=endpoint[0], control_port=endpoint[1], member=member)
+            attempt = self._attempt
             error = await self._prepare_one(p, joiner=True)
-            if error is not None or self._finished_any() or self._stepped_down or self._cancelling:
+            void = attempt != self._attempt or self._rollback is not None  # a roll-back began meanwhile
+            if error is not None or self._finished_any() or self._stepped_down or self._cancelling or void:
                 if error is None and self.links is not None:
                     self.links.tell(name, "job.kill", job=self.job, member=member, by=self.me)
                 return
@@ -731,6 +825,10 @@ class JobRunner:
             primary = not header.get("secondary")
             if not primary and not p.killed:
                 self._lose(p, str(header.get("summary") or "lost its ring"))
+            elif primary and header.get("rollback") and (self._rollback or self._may_roll_back()):
+                if self._rollback is None and not self._failures and not self._cancel.is_set():
+                    why = header.get("summary") or "asked to roll back"
+                    self._rollback = f"{p.name} (rank {p.rank}): {why}"
             elif primary:  # a worker's own exception counts even while we cancel
                 summary = str(header.get("summary") or "crashed")
                 self._fail(

@@ -295,7 +295,7 @@ async def _serve(
                         "type": "crash",
                         "rank": hosted.rank,
                         "node": node,
-                        **{k: message.get(k) for k in ("summary", "traceback", "secondary")},
+                        **{k: message.get(k) for k in ("summary", "traceback", "secondary", "rollback")},
                     },
                 )
 

@@ -47,7 +47,12 @@ MiB = 1 << 20
 
 
 class ShardLost(UserError):
-    """A member holding optimizer state left (or one joined): the sharded job cannot go on correctly."""
+    """A member holding optimizer state left (or one joined): the sharded job cannot go on correctly.
+
+    `rolls_back` tells the worker's runtime to ask the coordinator for a roll-back rather than a
+    failure: a job with checkpoints starts again from its newest complete one (agent/jobs.py)."""
+
+    rolls_back = True
 
 
 class _Replicated:
@@ -317,8 +322,9 @@ class ShardedOptimizer:
             what = f"{exc.peer} was lost ({exc.reason})" if exc is not None else "the members changed"
         return ShardLost(
             f"sharded training (stage {self.stage}) stopped after {self._steps} steps: {what}; each shard "
-            "of the optimizer state is held by one node (--shard-replicas and re-sharding are not yet "
-            "built), so the job stops instead of training on without it"
+            "of the optimizer state is held by one node (--shard-replicas is not yet built), so the job "
+            "stops instead of training on without it (with --checkpoint-every it rolls back to its newest "
+            "checkpoint and goes on)"
         )
 
 

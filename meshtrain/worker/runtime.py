@@ -137,6 +137,7 @@ def run(spec: WorkerSpec) -> int:
                 "summary": summary,
                 "traceback": _user_traceback(exc, script),
                 "secondary": secondary,
+                "rollback": bool(getattr(exc, "rolls_back", False)),  # meshtrain.shard's ShardLost
             }
         )
         code = EXIT_CRASH
