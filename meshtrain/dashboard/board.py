@@ -10,7 +10,9 @@ output, and keeps finished jobs after the agent forgets them.
 `view(cursor)` is what one page is sent: everything on first contact, then
 only points and output lines newer than that page's cursor, so a live page
 costs a few hundred bytes per update however long the job has run (the
-checkpoint and recorded-run lists, too, are sent only when they change).
+checkpoint and recorded-run lists, too, are sent only when they change, and
+so are the sweeps' live tables, on a version of their own: a running sweep
+rewrites its table on every trial event, which need not resend the lists).
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class JobRecord:
 
 Cursor = dict[str, tuple[int, int]]
 LISTS = ""  # the cursor's entry for the checkpoint and run lists (no job is called "")
+SWEEPS = "\x00sweeps"  # the cursor's entry for the sweeps' tables (job ids are printable)
 
 
 class Board:
@@ -163,6 +166,8 @@ class Board:
         self.checkpoints: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []  # recorded runs (meshtrain.dashboard.history), newest first
         self._lists_version = 0  # bumped when the checkpoints or the runs change: sent only then
+        self.sweeps: list[dict[str, Any]] = []  # the sweeps' tables (meshtrain.sweep.resume), newest first
+        self._sweeps_version = 0
         self.agent_error: str | None = None
         self.version = 0  # bumped on every change a page would show
 
@@ -224,6 +229,12 @@ class Board:
         self._lists_version += changed
         return self._bump(changed)
 
+    def set_sweeps(self, sweeps: list[dict[str, Any]]) -> bool:
+        changed = sweeps != self.sweeps
+        self.sweeps = sweeps
+        self._sweeps_version += changed
+        return self._bump(changed)
+
     def touch(self) -> None:
         """Something shown beside the snapshots changed (an export): the pages are due an update."""
         self._bump(True)
@@ -236,6 +247,8 @@ class Board:
         cursor = dict(cursor or {})
         lists_sent = cursor.get(LISTS) != (self._lists_version, 0)
         cursor[LISTS] = (self._lists_version, 0)
+        sweeps_sent = cursor.get(SWEEPS) != (self._sweeps_version, 0)
+        cursor[SWEEPS] = (self._sweeps_version, 0)
         jobs = []
         for job, record in self.jobs.items():  # _fold takes no job called "": LISTS is free
             view, cursor[job] = record.view(cursor.get(job, (0, 0)))
@@ -247,6 +260,7 @@ class Board:
             "mesh": {k: v for k, v in self.mesh.items() if k != "jobs"},
             "jobs": jobs,
             **({"checkpoints": self.checkpoints, "runs": self.runs} if lists_sent else {}),
+            **({"sweeps": self.sweeps} if sweeps_sent else {}),
             **(extra or {}),
         }
         return body, cursor

@@ -10,7 +10,10 @@ itself, and it is plain HTTP that any proxy passes.
 Routes (JSON unless said): GET / (the page), /static/* (the page's files,
 uPlot included: no CDN), /api/session, POST /api/login, POST /api/logout,
 GET /api/state, GET /api/jobs/{job}, GET /api/runs/{job} (a recorded job's
-points, from the run store), GET /api/events (SSE), POST
+points, from the run store), GET /api/sweeps (the live tables of the sweeps
+started on this machine, `$MESHTRAIN_HOME/sweeps/*.json`, read-only like the
+other views; the stream carries them too, re-read every SWEEPS_EVERY_S: a few
+small files), GET /api/events (SSE), POST
 /api/jobs/{job}/cancel, POST /api/checkpoints/{run}/{step}/export, GET
 /api/exports/{name} (the exported file). Security is `auth`'s: open on
 loopback (Host header checked), a login everywhere else; cancel and export
@@ -43,7 +46,7 @@ from meshtrain.dashboard.auth import (
 from meshtrain.dashboard.board import Board
 from meshtrain.dashboard.exports import Exports
 from meshtrain.dashboard.history import recorded_points, recorded_runs
-from meshtrain.dashboard.source import Source
+from meshtrain.dashboard.source import Source, sweep_tables
 from meshtrain.errors import UserError
 from meshtrain.status import FINISHED_JOB_STATES
 
@@ -51,6 +54,7 @@ log = logging.getLogger("meshtrain.dashboard")
 
 POLL_S = 0.25
 CHECKPOINTS_EVERY_S = 5.0  # and the recorded runs: both are file reads, in a thread
+SWEEPS_EVERY_S = 1.0  # a sweep rewrites its table on every trial event
 HEARTBEAT_S = 15.0
 STATIC_FILES = {
     "app.js": "application/javascript",
@@ -143,6 +147,7 @@ class Dashboard:
         app.router.add_get("/api/jobs/{job}", self._job)
         app.router.add_post("/api/jobs/{job}/cancel", self._cancel)
         app.router.add_get("/api/runs/{job}", self._run_history)
+        app.router.add_get("/api/sweeps", self._sweeps)
         app.router.add_post("/api/checkpoints/{run}/{step}/export", self._export)
         app.router.add_get("/api/exports/{name}", self._download)
         app.router.add_get("/api/events", self._events)
@@ -166,6 +171,7 @@ class Dashboard:
             self.port = int(sockets[0].getsockname()[1])
         self._tasks.append(asyncio.create_task(self._poll_forever()))
         self._tasks.append(asyncio.create_task(self._checkpoints_forever()))
+        self._tasks.append(asyncio.create_task(self._sweeps_forever()))
         return self.url
 
     @property
@@ -234,6 +240,17 @@ class Dashboard:
             self._lists_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._lists_now.wait(), CHECKPOINTS_EVERY_S)
+
+    async def _sweeps_forever(self) -> None:
+        while True:
+            try:
+                tables = await asyncio.to_thread(sweep_tables, self.source)
+            except Exception as exc:  # noqa: BLE001 - an unreadable sweeps folder shows as no sweeps
+                log.debug("sweep listing failed: %r", exc)
+                tables = []
+            if self.board.set_sweeps(tables):
+                await self._notify()
+            await asyncio.sleep(SWEEPS_EVERY_S)
 
     def _exports_changed(self) -> None:
         self.board.touch()
@@ -388,6 +405,14 @@ class Dashboard:
         if found is None:
             return _error(404, f"no recorded run {job!r} on this node")
         return _json(found)
+
+    async def _sweeps(self, request: web.Request) -> web.Response:
+        """The sweeps' tables as on disk now (not the board's copy, which is up to SWEEPS_EVERY_S old)."""
+        try:
+            tables = await asyncio.to_thread(sweep_tables, self.source)
+        except (UserError, OSError) as exc:
+            return _error(503, f"cannot read this machine's sweeps: {exc}")
+        return _json({"sweeps": tables})
 
     async def _export(self, request: web.Request) -> web.Response:
         refused = self._may_act(request)

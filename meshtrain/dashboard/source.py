@@ -66,7 +66,7 @@ def _listing(store: Any) -> list[dict[str, Any]]:
 
 def sweep_tables(source: Source) -> list[dict[str, Any]]:
     """The live tables of the sweeps started on this machine, newest first (meshtrain.sweep.resume:
-    ``$MESHTRAIN_HOME/sweeps/NAME.json``, beside the run store): data for the page, not yet drawn."""
+    ``$MESHTRAIN_HOME/sweeps/NAME.json``, beside the run store): the page's Sweeps tables."""
     from meshtrain.sweep.resume import sweep_tables as tables
 
     return tables(source.runs_db().parent)

@@ -3,7 +3,7 @@
 "use strict";
 
 const S = { csrf: null, loginRequired: false, loggedIn: false, open: true, body: null, jobs: new Map(),
-            selected: null, charts: new Map(), chartJob: null, es: null, checkpoints: [], runs: [], exports: [],
+            selected: null, charts: new Map(), chartJob: null, es: null, checkpoints: [], runs: [], sweeps: [], exports: [],
             history: new Map(), xaxis: "step" };
 const $ = (id) => document.getElementById(id);
 const LOG_KEPT = 500;
@@ -92,6 +92,7 @@ function apply(body) {
   S.body = body; S.open = body.open;
   if (body.checkpoints !== undefined) S.checkpoints = body.checkpoints;  // sent only when they change
   if (body.runs !== undefined) S.runs = body.runs;
+  if (body.sweeps !== undefined) S.sweeps = body.sweeps;  // the sweeps' live tables, also only when they change
   S.exports = body.exports || [];
   const present = new Set();
   for (const v of body.jobs) {
@@ -341,6 +342,50 @@ function renderHistory() {
   }
 }
 
+// ---------------------------------------------------------------- sweeps ($MESHTRAIN_HOME/sweeps/NAME.json)
+
+function paramCell(v) { return num(v) ? (Number.isInteger(v) ? String(v) : v.toPrecision(4)) : v === null || v === undefined ? "—" : String(v); }
+
+function renderSweeps() {
+  if (!changed("sweeps", S.sweeps, S.selected, S.runs.length)) return;
+  const box = $("sweeps"); box.replaceChildren();
+  $("no-sweeps").hidden = S.sweeps.length > 0;
+  for (const sw of S.sweeps) {
+    const trials = sw.trials || [];
+    const spec = sw.spec || {};
+    const keys = (spec.params || []).map((p) => String(p).split("=")[0]).filter(Boolean);  // the --param order
+    for (const t of trials) for (const k of Object.keys(t.params || {})) if (!keys.includes(k)) keys.push(k);
+    const metric = sw.metric || "objective";
+    const best = trials.find((t) => t.trial === sw.best) || null;
+    const counts = {};
+    for (const t of trials) counts[t.state] = (counts[t.state] || 0) + 1;
+    const head = el("h3", {}, `sweep ${sw.name}`, el("span", { class: "pill s-" + sw.state, "data-state": sw.state }, sw.state || "—"),
+      el("span", { class: "muted" }, [spec.script, `${sw.direction || ""} ${metric}`.trim(),
+        `${trials.length}${num(spec.trials) ? " of " + spec.trials : ""} trials`,
+        Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", "),
+        best ? `best: trial ${best.trial} (${metric} ${fmt.loss(best.value)})` : null,
+        `updated ${fmt.clock(sw.updated)}`].filter(Boolean).join(" · ")));
+    const cols = ["trial", ...keys, "state", metric, "node", "run"];
+    const table = el("table", { "data-sweep": sw.name }, el("thead", {}, el("tr", {},
+      ...cols.map((c, i) => el("th", { class: (i > 0 && i <= keys.length) || c === metric ? "num" : null }, c)))));
+    const tbody = el("tbody");
+    for (const t of trials) {
+      const isBest = best !== null && t.trial === best.trial;
+      const opens = t.run && (S.jobs.has(t.run) || recorded(t.run));
+      const why = t.message && t.state !== "complete" ? `${t.state}: ${t.message}` : t.state;
+      const row = el("tr", { class: [isBest ? "best" : "", opens ? "clickable" : "", t.run && t.run === S.selected ? "selected" : ""].join(" ").trim(),
+                             "data-trial": t.trial, "data-best": isBest ? "1" : null, title: isBest ? "the best trial" : null },
+        el("td", {}, t.trial), ...keys.map((k) => el("td", { class: "num" }, paramCell((t.params || {})[k]))),
+        el("td", { class: "s-" + t.state, "data-state": t.state, title: why }, t.state + (t.retries ? ` (retried ${t.retries}×)` : "")),
+        el("td", { class: "num" }, fmt.loss(t.value)), el("td", {}, (t.nodes || []).join(", ") || "—"), el("td", {}, t.run || "—"));
+      if (opens) row.addEventListener("click", () => { S.selected = t.run; location.hash = "job=" + encodeURIComponent(t.run); render(); });
+      tbody.append(row);
+    }
+    table.append(tbody);
+    box.append(el("div", { class: "sweep", "data-sweep": sw.name }, head, table));
+  }
+}
+
 function render() {
   const b = S.body; if (!b) return;
   $("banner").hidden = !b.agent_error; $("banner").textContent = b.agent_error ? `agent unreachable: ${b.agent_error}` : "";
@@ -350,6 +395,7 @@ function render() {
   const mev = $("mesh-events"); mev.replaceChildren();
   for (const e of ((b.mesh || {}).events || []).slice().reverse()) mev.append(eventItem(e));
   renderHistory();
+  renderSweeps();
   renderCheckpoints(S.checkpoints);
   const drops = Object.entries((b.mesh || {}).drops || {}).filter(([, v]) => v).map(([k, v]) => `${k} ${v}`);
   const logins = b.logins || {};
