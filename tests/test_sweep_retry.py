@@ -10,17 +10,21 @@ sweep completes every trial, exports the best model, and its live table says so.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 import pytest
 
+from meshtrain.errors import UserError
 from meshtrain.sweep.outcome import LOST, decide, node_lost, recorded
 
 pytest.importorskip("optuna")
@@ -82,6 +86,89 @@ def test_which_endings_are_retried() -> None:
     assert recorded("failed", "b (rank 0) failed: RuntimeError: boom", None) == "fail"
     for state, reason in (("failed", lost), ("cancelled", "the submitter went away"), ("running", None)):
         assert recorded(state, reason, None) == "unfinished"
+
+
+class GoneJob:
+    """A trial's job whose nodes are gone: it never ends by itself."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @property
+    def run_id(self) -> str | None:
+        return "j0b1"
+
+    def cancel(self, reason: str) -> None:
+        self.calls.append(f"cancel: {reason}")
+
+    def abandon(self) -> None:
+        self.calls.append("abandon")
+
+    async def wait(self) -> tuple[str, str | None]:
+        await asyncio.Event().wait()
+        return "running", None
+
+
+class GoneLauncher:
+    """Only node a is left; the mesh-wide cancel is recorded, or refused."""
+
+    nodes = ["a", "b"]
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.cancelled: list[tuple[str, str]] = []
+
+    async def live_nodes(self) -> list[str]:
+        return ["a"]
+
+    async def mesh_cancel(self, job: str, reason: str) -> str:
+        if self.refuse:
+            raise UserError(f"no job {job} in the mesh (`meshtrain jobs` lists them)")
+        self.cancelled.append((job, reason))
+        return f"cancelling job {job}"
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_a_trial_given_up_on_lost_nodes_is_cancelled_in_the_mesh(
+    refuse: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from meshtrain.sweep.driver import LOST_GRACE_S, Sweep, TrialRecord
+
+    now = [0.0]
+    sweep = Sweep("s1", [], [], "loss", "minimize", 1, clock=lambda: now[0], on_event=lambda _: None)
+    launcher, job = GoneLauncher(refuse), GoneJob()
+
+    async def go() -> Sequence[tuple[object, str, str]]:
+        task = asyncio.ensure_future(job.wait())
+        running = {task: (None, TrialRecord(0, {}, ["b"]), job)}
+        assert await sweep._watch_nodes(launcher, running, set()) == []  # type: ignore[arg-type]
+        now[0] = LOST_GRACE_S + 0.1
+        lost = await sweep._watch_nodes(launcher, running, set())  # type: ignore[arg-type]
+        await sweep.cancels_sent()
+        return lost
+
+    with caplog.at_level(logging.INFO, logger="meshtrain.sweep"):
+        lost = asyncio.run(go())
+    assert len(lost) == 1 and lost[0][1] == "failed" and LOST in lost[0][2], lost
+    assert job.calls == ["cancel: its nodes left the mesh", "abandon"]  # its own stream, then let go
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    if refuse:  # best effort: one line, and the sweep goes on
+        assert launcher.cancelled == [] and len(warnings) == 1, caplog.records
+        assert "could not cancel trial 0's abandoned job j0b1: no job j0b1" in warnings[0].getMessage()
+    else:
+        assert launcher.cancelled == [("j0b1", "its nodes left the mesh")] and not warnings
+
+
+def test_the_mesh_cancel_of_an_agent_launcher_goes_to_its_socket(tmp_path: Path) -> None:
+    from meshtrain.sweep.driver import mesh_cancel
+
+    class NoAgent:  # AgentLauncher's shape: this machine's agent, at a socket nobody listens on
+        nodes: list[str] = []
+        socket = tmp_path / "agent.sock"
+
+    with pytest.raises(OSError):
+        asyncio.run(mesh_cancel(NoAgent(), "j0b1", "its nodes left the mesh"))  # type: ignore[arg-type]
+    assert asyncio.run(mesh_cancel(object(), "j0b1", "x")) is None  # type: ignore[arg-type]  # --local
 
 
 def worker_pids(proc: subprocess.Popen[str]) -> list[int]:

@@ -21,7 +21,10 @@ A trial whose node was lost is run again on another node, from its newest
 checkpoint (``--checkpoint-every``: the trial's checkpoints are filed under
 its run name ``NAME-tK``, so a retry's ``--resume`` finds them wherever the
 mesh replicated them), at most twice; a trial the script ended is a failed
-trial (outcome.py draws that line, unit-tested). The study is an in-memory
+trial (outcome.py draws that line, unit-tested). A trial given up because
+every node of it left the mesh has its job cancelled through the mesh (the
+``mesh.cancel`` that ``meshtrain cancel JOB`` sends; its coordinator would
+otherwise keep it paused for ever), best effort. The study is an in-memory
 Optuna study: ``sweep --resume`` rebuilds it from the sweep's recorded runs
 (resume.py says why that, and not an Optuna storage file), and the live table
 goes to ``$MESHTRAIN_HOME/sweeps/NAME.json`` on every event.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import time
@@ -50,6 +54,10 @@ POLL_S = 0.25
 LIVENESS_S = 1.0  # how often running trials' nodes are looked up
 LOST_GRACE_S = 5.0  # a trial none of whose nodes has been alive this long is lost (see _watch_nodes)
 SWEEP_EXTRA = "pip install 'meshtrain[sweep]'"
+MESH_CANCEL_S = 10.0  # how long one abandoned job's mesh-wide cancel may take (it runs beside the sweep)
+ABANDONED_REASON = "its nodes left the mesh"
+
+log = logging.getLogger("meshtrain.sweep")
 
 
 def new_sweep_name() -> str:
@@ -158,6 +166,7 @@ class Sweep:
     spec: SweepSpec | None = None
     _start: float = 0.0
     _records: list[TrialRecord] = field(default_factory=list)
+    _cancels: set[asyncio.Task[None]] = field(default_factory=set)  # abandoned jobs' mesh-wide cancels
 
     def study(self) -> Any:
         try:
@@ -303,6 +312,7 @@ class Sweep:
             for task in list(running):
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(task, 30.0)
+            await self.cancels_sent()
             if stopped:
                 self._write_table("stopped")
         end = self.clock()
@@ -337,12 +347,38 @@ class Sweep:
             rec.gone_since = rec.gone_since if rec.gone_since is not None else now
             if now - rec.gone_since >= LOST_GRACE_S:
                 rec.gone_since = None
-                job.cancel("its nodes left the mesh")
+                job.cancel(ABANDONED_REASON)
                 job.abandon()
                 task.cancel()
+                if job.run_id:
+                    cancel = asyncio.ensure_future(self._cancel_abandoned(launcher, rec.number, job.run_id))
+                    self._cancels.add(cancel)
+                    cancel.add_done_callback(self._cancels.discard)
                 names = ",".join(rec.nodes)
                 lost.append((task, "failed", f"{LOST}: {names} left the mesh (the sweep stopped waiting)"))
         return lost
+
+    async def _cancel_abandoned(self, launcher: Launcher, number: int, job: str) -> None:
+        """Cancel a given-up trial's job wherever the mesh coordinates it; a failure is one log line.
+
+        The job's own stream (``job.cancel`` above) reaches only the agent this sweep talks to, and the
+        connection is closed at once; the mesh-wide cancel finds the job's coordinator on any node.
+        """
+        try:
+            note = await asyncio.wait_for(mesh_cancel(launcher, job, ABANDONED_REASON), MESH_CANCEL_S)
+        except Exception as exc:  # noqa: BLE001 - best effort: the sweep goes on either way
+            why = str(exc) or exc.__class__.__name__
+            log.warning(
+                "sweep %s: could not cancel trial %d's abandoned job %s: %s", self.name, number, job, why
+            )
+            return
+        if note:
+            log.info("sweep %s: trial %d's abandoned job: %s", self.name, number, note)
+
+    async def cancels_sent(self, timeout: float = MESH_CANCEL_S) -> None:
+        """Wait (bounded) for the abandoned jobs' cancels still on their way (before the sweep returns)."""
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=timeout)
 
     def best(self) -> TrialRecord | None:
         complete = [r for r in self._records if r.state == "complete" and r.value is not None]
@@ -468,6 +504,25 @@ class Sweep:
             return None
         series = launcher.metrics(rec.run_id, self.metric)
         return series[-1][2] if series else None
+
+
+async def mesh_cancel(launcher: Launcher, job: str, reason: str) -> str | None:
+    """Cancel `job` on every node, as `meshtrain cancel JOB` does; the agent's one-line answer.
+
+    A launcher may do it itself (``mesh_cancel(job, reason)``); one that talks to this machine's agent
+    (``socket``) sends the agent's ``mesh.cancel`` control op; an in-process ``--local`` mesh has no
+    other coordinator than its runner, which the trial's own cancel already reached (None).
+    """
+    own = getattr(launcher, "mesh_cancel", None)
+    if own is not None:
+        return str(await own(job, reason) or "")
+    socket = getattr(launcher, "socket", None)
+    if socket is None:
+        return None
+    from meshtrain.agent.control import call
+
+    reply = await call(Path(socket), "mesh.cancel", job=job, reason=reason)
+    return str(reply.get("message") or f"cancelling job {job}")
 
 
 def _pick(free: list[list[str]], avoid: list[str]) -> list[str]:
