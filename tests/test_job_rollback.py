@@ -11,38 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from meshtrain import PROTOCOL_VERSION
 from meshtrain.agent.jobs import MAX_ROLLBACKS, ROLLBACK_WINDOW_S, JobRequest, JobRunner, _Participant
-from meshtrain.agent.placement import Candidate
 from meshtrain.jobspec import JobOptions
+from meshtrain.testing.coordinator import FakeLinks, FakeMesh
 
 NODES = ("h0", "h1", "h2")
 CHECKPOINTS = JobOptions(checkpoint_every="2", run="rb")
-
-
-class Mesh:
-    def __init__(self) -> None:
-        self.alive = set(NODES)
-
-    def candidates(self) -> list[Candidate]:
-        return [Candidate(n, "alive" if n in self.alive else "dead", PROTOCOL_VERSION) for n in NODES]
-
-    def endpoint(self, name: str) -> tuple[str, int] | None:
-        return ("127.0.0.1", 1) if name in self.alive else None
-
-    async def changed(self, timeout: float) -> None:
-        await asyncio.sleep(timeout)
-
-
-class Links:
-    def __init__(self) -> None:
-        self.told: list[tuple[str, str, dict[str, Any]]] = []
-
-    def tell(self, node: str, op: str, **fields: Any) -> None:
-        self.told.append((node, op, fields))
-
-    async def publish(self, runner: JobRunner) -> None:
-        return None
 
 
 class Clock:
@@ -53,8 +27,8 @@ class Clock:
         return self.t
 
 
-def runner_of(options: JobOptions, clock: Clock | None = None) -> tuple[JobRunner, Mesh, Links]:
-    mesh, links = Mesh(), Links()
+def runner_of(options: JobOptions, clock: Clock | None = None) -> tuple[JobRunner, FakeMesh, FakeLinks]:
+    mesh, links = FakeMesh(NODES), FakeLinks()
     runner = JobRunner(
         request=JobRequest("s.py", [], b"", options=options),
         membership=mesh,
