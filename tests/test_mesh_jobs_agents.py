@@ -51,6 +51,28 @@ def three(tmp_path: Path) -> Iterator[tuple[list[AgentProcess], Path, Path]]:
             agent.stop()
 
 
+def wait_for_line(home: Path, job: str, line: str, timeout: float) -> None:
+    """Follow `meshtrain attach JOB` on the node at `home` until `line` shows (then stop watching)."""
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "meshtrain", "attach", job],
+        env={**os.environ, "MESHTRAIN_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        assert watch.stdout is not None
+        for got in watch.stdout:
+            if line in got:
+                return
+            assert time.monotonic() < deadline, f"{line!r} not seen on {home.name} in {timeout}s"
+        raise AssertionError(f"attach ended before {line!r} showed")
+    finally:
+        watch.kill()
+        watch.wait()
+
+
 def steps_logged(ledger: Path) -> int:
     path = ledger / "ledger-b.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -62,7 +84,7 @@ def test_the_job_outlives_the_node_it_was_submitted_from(
 ) -> None:  # noqa: E501
     agents, ledger, out = three
     a, b, c = agents
-    epochs = 5
+    epochs = 8
     env = {**os.environ, "MESHTRAIN_HOME": str(a.home)}
     cmd = [sys.executable, "-m", "meshtrain", "run", str(SCRIPT), "--out", str(out)]
     cmd += ["--epochs", str(epochs), "--step-sleep", "0.05"]
@@ -72,6 +94,8 @@ def test_the_job_outlives_the_node_it_was_submitted_from(
         running = [r for r in jobs_on(c.home) if r["state"] == "running"]
         assert len(running) == 1, running
         job = running[0]["job"]
+        # a's line has reached c (records replicate every 0.5 s): what a printed and c holds must survive a
+        wait_for_line(c.home, job, "[a] epoch 1 done", timeout=60)
         for pid in [a.proc.pid, *worker_pids(a)]:  # the submitting machine, at once
             os.kill(pid, signal.SIGKILL)
         _, stderr = client.communicate(timeout=30)
