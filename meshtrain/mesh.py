@@ -37,6 +37,8 @@ class Mesh:
 
     _committed: int = 0
     _resumed_from: int | None = None
+    local_batch_size: int | None = None  # the size of the slice `batches` handed out last (stage 3's weight)
+    accumulating: int = 1  # K while `batches(..., accumulate=K)` yields micro-batches
 
     @property
     def is_main(self) -> bool:
@@ -122,13 +124,19 @@ class Mesh:
             from meshtrain.train.accumulate import check_accumulate, micro_batches
 
             whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
-            yield from micro_batches(whole, check_accumulate(accumulate))
+            self.accumulating = check_accumulate(accumulate)
+            try:
+                yield from micro_batches(whole, self.accumulating)
+            finally:
+                self.accumulating = 1
             return
         perm = np.random.default_rng([seed, epoch]).permutation(n_samples)
         stop = n_samples - (n_samples % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             global_batch = perm[start : start + batch_size]
-            yield np.array_split(global_batch, self.size)[self.rank]
+            mine = np.array_split(global_batch, self.size)[self.rank]
+            self.local_batch_size = len(mine)
+            yield mine
             self._committed += 1
 
     def config(self, **params: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Sharded training on real local meshes (`meshtrain run --local N`): equal to unsharded, or one clear line.
 
 Every run trains tests/scripts/sharded_train.py (a small transformer, synthetic data, float32 on the
-wire, equal batch shares) and each worker saves its parameters; stage 1 and 2 must end where the
-unsharded data-parallel run (stage 0) ends, to float tolerance, with every replica identical.
+wire, equal batch shares) and each worker saves its parameters (stage 3: gathered); stages 1, 2 and
+3 must end where the unsharded data-parallel run (stage 0) ends, to float tolerance, with every
+replica identical.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def test_sharded_stages_end_where_unsharded_data_parallel_ends(
 ) -> None:
     common = ["--steps", "6", "--optimizer", optimizer, "--clip", "0.5"]
     finals = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         extra = ["--free-mb", free_mb] if free_mb and stage else []
         proc = run(tmp_path, n, tmp_path / f"s{stage}", "--stage", str(stage), *common, *extra)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -66,6 +67,7 @@ def test_sharded_stages_end_where_unsharded_data_parallel_ends(
     scale = max(float(np.abs(v).max()) for v in base.values())
     assert max_diff(finals[1][0][0], base) == 0.0  # the very same all-reduce and update: bit-identical
     assert max_diff(finals[2][0][0], base) <= 1e-5 * scale  # the same sum in another order
+    assert max_diff(finals[3][0][0], base) <= 1e-5 * scale  # layer by layer: again another order
     sizes = finals[2][0][1]["sizes"]
     assert len(sizes) == n and sum(sizes) == sum(v.size for v in base.values())
     if free_mb:  # shard sizes follow free memory: 100 < 200 < 300 MiB
@@ -83,10 +85,17 @@ def test_a_job_that_cannot_fit_says_so_before_it_starts(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_stage_3_is_refused_as_not_yet_built(tmp_path: Path) -> None:
-    proc = run(tmp_path, 2, tmp_path / "o", "--stage", "3")
-    assert proc.returncode != 0
-    assert "shard stage 3 (sharded parameters, gathered layer by layer) is not yet built" in proc.stderr
+def test_stage_3_holds_about_half_the_memory_of_stage_0_on_two_nodes(tmp_path: Path) -> None:
+    """MLX's peak during the steps: the parameters, gradients and AdamW state split in two, one layer
+    gathered at a time (if every gathered layer stayed alive to the backward, it would exceed 0.75)."""
+    peaks = {}
+    for stage in (0, 3):
+        out = tmp_path / f"s{stage}"
+        proc = run(tmp_path, 2, out, "--stage", str(stage), "--steps", "3", "--dim", "128", "--layers", "8")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        peaks[stage] = max(meta["peak"] for _, meta in results(out, 2))
+    print(f"peak per worker: stage 0 {peaks[0] / 1e6:.1f} MB, stage 3 {peaks[3] / 1e6:.1f} MB")
+    assert peaks[3] < 0.75 * peaks[0], peaks
 
 
 @pytest.mark.timeout(300)

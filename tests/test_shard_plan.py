@@ -57,7 +57,7 @@ def test_when_proportional_cuts_overflow_a_node_the_plan_fills_in_order() -> Non
 
 def test_bad_stage_and_inputs() -> None:
     with pytest.raises(UserError, match="stage"):
-        per_element(3, ADAMW)
+        per_element(4, ADAMW)
     with pytest.raises(ValueError):
         plan_shards([1], ["a"], [1, 2], stage=1, state_bytes=ADAMW)
 
@@ -79,7 +79,7 @@ def feasible(leaves: list[int], caps: list[int], sharded: float) -> bool:
 @given(
     leaves=st.lists(st.integers(0, 5000), min_size=1, max_size=30),
     spare=st.lists(st.integers(0, 200_000), min_size=1, max_size=6),
-    stage=st.sampled_from([1, 2]),
+    stage=st.sampled_from([1, 2, 3]),
     reserve=st.integers(0, 1000),
 )
 def test_plans_partition_the_leaves_and_fit_or_refuse(

@@ -42,6 +42,7 @@ import numpy as np
 
 from meshtrain.errors import PeerLost, UserError
 from meshtrain.shard.plan import ShardPlan, plan_shards
+from meshtrain.shard.units import Units, group_leaves, owned_run, piece_sizes
 
 MiB = 1 << 20
 
@@ -102,11 +103,10 @@ class ShardedOptimizer:
         wire_dtype: str | None = "auto",
         free_memory: int | Callable[[], int] | None = None,
         reserve: int = 0,
+        layers: Any = None,
     ) -> None:
-        if stage == 3:
-            raise UserError("shard stage 3 (sharded parameters, gathered layer by layer) is not yet built")
-        if stage not in (1, 2):
-            raise UserError(f"shard stage must be 1 or 2 (got {stage!r})")
+        if stage not in (1, 2, 3):
+            raise UserError(f"shard stage must be 1, 2 or 3 (got {stage!r})")
         if max_grad_norm is not None and not max_grad_norm >= 0:
             raise UserError(f"max_grad_norm must be >= 0 (got {max_grad_norm})")
         if mesh is None:
@@ -125,42 +125,94 @@ class ShardedOptimizer:
         self._paths: list[str] = []
         self._shapes: list[tuple[int, ...]] = []
         self._offsets: list[int] = [0]
+        self._elems: list[int] = []
+        self._dtypes: list[Any] = []
         self._steps = 0
+        self.layers = layers  # stage 3: the modules gathered one at a time (default: model.layers)
+        self.units: Units | None = None
+        self.gathered: Any = None  # stage 3: meshtrain.shard.gathered.GatheredLayers
+        self._model: Any = None
 
     # --- setting up --------------------------------------------------------------------
     def register(self, model: Any) -> ShardPlan:
         """Agree on the parameters with the other replicas, plan the shards, initialise this one's state.
 
         Raises `DoesNotFit` (one line, the numbers per node) before training
-        starts when the state cannot fit the nodes' free memory.
+        starts when the state cannot fit the nodes' free memory. At stage 3 the
+        layers' parameters a member does not own are dropped from its model
+        before they are ever evaluated (MLX initialises lazily), so a model
+        built but not yet evaluated never exists whole on any node.
         """
         import mlx.core as mx
 
         from meshtrain.shard import saving  # checkpoints: each member writes its shard
 
         saving.attach(self)
-        self.mesh.register(model, _Replicated())
+        self._model = model
         leaves = [(p, v) for p, v in _flat(model.trainable_parameters()) if isinstance(v, mx.array)]
         self._paths = [p for p, _ in leaves]
         self._shapes = [tuple(v.shape) for _, v in leaves]
+        self._elems = [int(v.size) for _, v in leaves]
+        self._dtypes = [v.dtype for _, v in leaves]
         self._offsets = [0]
-        for _, v in leaves:
-            self._offsets.append(self._offsets[-1] + v.size)
+        for n in self._elems:
+            self._offsets.append(self._offsets[-1] + n)
+        layers: list[Any] = []
+        prefixes: list[str] = []
+        if self.stage == 3:
+            layers, prefixes = _stage3_layers(model, self.layers)
+            self.units = group_leaves(self._paths, prefixes)
+            self.mesh.register(_RootView(model, prefixes), _Replicated())
+        else:
+            self.mesh.register(model, _Replicated())
         members = tuple(self.mesh.roster)
         free = self._free_memory_of_all(len(members))
         self.plan = plan_shards(
-            [v.size for _, v in leaves],
+            self._elems,
             members,
             free,
             stage=self.stage,
             state_bytes=state_bytes_per_element(self.optimizer),
-            reserve=self.reserve,
+            reserve=self.reserve + self._gathered_reserve(),
         )
+        if self.stage == 3:
+            self._drop_unowned(model)
         mine = self._own_params(model)
         self.optimizer.init(mine)
         mx.eval(self.optimizer.state)
         saving.restore(self)  # a --resume: this member's new shard, re-sliced from the checkpoint's
+        if self.stage == 3:
+            from meshtrain.shard.gathered import GatheredLayers
+
+            self.gathered = GatheredLayers(self)
+            self.gathered.install(layers, prefixes)
         return self.plan
+
+    def _gathered_reserve(self) -> int:
+        """Stage 3's memory outside the shards: the root unit whole (parameters, gradient, buffers:
+        20 B an element) and the largest layer gathered with its recomputed gradient (16 B)."""
+        if self.units is None:
+            return 0
+        root = sum(self._elems[i] for i in self.units.root)
+        layer = max((sum(self._elems[i] for i in unit) for unit in self.units.layers), default=0)
+        return 20 * root + 16 * layer
+
+    def _drop_unowned(self, model: Any) -> None:
+        """Stage 3: the layers' arrays this member does not own become zero-sized placeholders."""
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        assert self.plan is not None and self.units is not None
+        lo, hi = self.plan.leaf_ranges[self.mesh.rank]
+        root = set(self.units.root)
+        dropped = [
+            (self._paths[i], mx.zeros((0,), self._dtypes[i]))
+            for i in range(len(self._paths))
+            if i not in root and not lo <= i < hi
+        ]
+        if dropped:
+            model.update(tree_unflatten(dropped), strict=False)
+        mx.eval(list(self._own_params(model).values()))
 
     def _free_memory_of_all(self, size: int) -> list[int]:
         """Every member's free memory (MiB granularity, exact in the float32 swap), in rank order."""
@@ -185,11 +237,14 @@ class ShardedOptimizer:
     def learning_rate(self) -> Any:
         return self.optimizer.learning_rate
 
-    def update(self, model: Any, grads: Any, weight: float = 1.0) -> None:
+    def update(self, model: Any, grads: Any, weight: float | None = None) -> None:
         """One data-parallel step: average `grads` over the mesh, update this shard, gather the rest.
 
         `weight` is this worker's share of the global batch (its local batch
-        size makes the mean exact), as for `mesh.allreduce`.
+        size makes the mean exact; default 1), as for `mesh.allreduce`. At
+        stage 3 the layers' gradients were already reduced in the backward,
+        weighted by the slice `mesh.batches` handed out, so `weight` may be
+        left out and must equal that slice's size when given.
         """
         import mlx.core as mx
 
@@ -204,8 +259,13 @@ class ShardedOptimizer:
         rank = self.mesh.rank
         lo_leaf, hi_leaf = plan.leaf_ranges[rank]
         wire = resolve_wire_dtype(grads, self.wire_dtype)
+        if self.stage == 3:
+            weight = self._check_weight(weight)
+        weight = 1.0 if weight is None else weight
         try:
-            if self.stage == 1:
+            if self.stage == 3:
+                mine, norm_sq = self._stage3_gradients(grads, weight, wire)
+            elif self.stage == 1:
                 reduced = self.mesh.allreduce(grads, weight=weight, wire_dtype=wire)
                 self._check_members(plan)
                 flat_grads = [g for _, g in _flat(reduced)]
@@ -226,11 +286,8 @@ class ShardedOptimizer:
                 mine = self._split(shard, plan, rank, layout.dtypes)
                 norm_sq = None
                 if self.max_grad_norm is not None:
-                    vec = np.zeros(len(plan.members), np.float32)
                     wide = shard.astype(np.float64)
-                    vec[rank] = float((wide * wide).sum())
-                    total = self.mesh.allreduce(vec, weight=1.0, wire_dtype="float32") * len(plan.members)
-                    norm_sq = mx.array(float(np.sum(total.astype(np.float64))), mx.float32)
+                    norm_sq = self._global_norm_sq(float((wide * wide).sum()))
             if norm_sq is not None:
                 assert self.max_grad_norm is not None
                 total_norm = mx.sqrt(norm_sq)
@@ -239,10 +296,144 @@ class ShardedOptimizer:
                 self.grad_norm = cast(float, total_norm.item())
             params = self._own_params(model)
             updated = self.optimizer.apply_gradients(mine, params)
-            self._gather(model, updated, plan, rank)
+            if self.stage == 3:
+                self._stage3_store(model, updated, plan, rank)
+            else:
+                self._gather(model, updated, plan, rank)
         except PeerLost as exc:
             raise self._lost(plan, exc) from None
         self._steps += 1
+
+    # --- stage 3 -----------------------------------------------------------------------------
+    def _check_weight(self, weight: float | None) -> float:
+        step_weight = self._step_weight()
+        if weight is not None and abs(float(weight) - step_weight) > 1e-9 * max(1.0, step_weight):
+            raise UserError(
+                f"stage 3 reduced this step's gradients in the backward with weight {step_weight:g} (the "
+                f"slice mesh.batches handed out), but update got weight={weight:g}: leave weight out"
+            )
+        return step_weight
+
+    def _step_weight(self) -> float:
+        """The weight of this step's reductions: the size of the slice mesh.batches handed out last."""
+        if getattr(self.mesh, "accumulating", 1) != 1:
+            raise UserError(
+                "stage 3 reduces the gradients in each backward: accumulate=K is not yet supported at stage 3"
+            )
+        size = getattr(self.mesh, "local_batch_size", None)
+        return 1.0 if size is None else float(size)
+
+    def _global_norm_sq(self, mine: float) -> Any:
+        """The squared global norm of the averaged gradient from each member's sum of squares (float32)."""
+        import mlx.core as mx
+
+        assert self.plan is not None
+        vec = np.zeros(len(self.plan.members), np.float32)
+        vec[self.mesh.rank] = mine
+        total = self.mesh.allreduce(vec, weight=1.0, wire_dtype="float32") * len(self.plan.members)
+        return mx.array(float(np.sum(total.astype(np.float64))), mx.float32)
+
+    def _stage3_gradients(self, grads: Any, weight: float, wire: str) -> tuple[dict[str, Any], Any]:
+        """This member's averaged gradients: the root's reduce-scattered now, the layers' as the
+        backward left them (already reduced: meshtrain.shard.gathered), and the global norm."""
+        import mlx.core as mx
+
+        assert self.plan is not None and self.units is not None
+        plan, rank = self.plan, self.mesh.rank
+        flat = dict(_flat(grads))
+        if set(flat) != set(self._paths):
+            raise UserError("the gradients must have the model's trainable parameters' structure")
+        root = self.units.root
+        sizes = piece_sizes(root, self._elems, plan.leaf_ranges)
+        buf = np.empty(sum(sizes), np.float32)
+        off = 0
+        for i in root:
+            g = flat[self._paths[i]]
+            buf[off : off + self._elems[i]] = np.asarray(g.astype(mx.float32)).reshape(-1)
+            off += self._elems[i]
+        piece = self.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
+        del buf
+        start, stop = owned_run(root, plan.leaf_ranges[rank])
+        mine: dict[str, Any] = {}
+        off = 0
+        for i in root[start:stop]:
+            g = mx.array(piece[off : off + self._elems[i]]).reshape(self._shapes[i])
+            mine[self._paths[i]] = g if self._dtypes[i] == mx.float32 else g.astype(self._dtypes[i])
+            off += self._elems[i]
+        lo, hi = plan.leaf_ranges[rank]
+        in_root = set(root)
+        for i in range(lo, hi):
+            if i in in_root:
+                continue
+            g = flat[self._paths[i]]
+            if tuple(g.shape) != self._shapes[i]:
+                raise UserError(
+                    f"stage 3: the gradient of {self._paths[i]!r} has shape {tuple(g.shape)}, not "
+                    f"{self._shapes[i]}: take the gradients with nn.value_and_grad of the sharded model"
+                )
+            mine[self._paths[i]] = g
+        norm_sq = None
+        if self.max_grad_norm is not None:
+            arrays = [mine[self._paths[i]] for i in range(lo, hi)]
+            squares = sum((_squared(g) for g in arrays), mx.array(0.0))
+            norm_sq = self._global_norm_sq(float(cast(Any, squares).item()))
+        return {self._paths[i]: mine[self._paths[i]] for i in range(lo, hi)}, norm_sq
+
+    def _stage3_store(self, model: Any, updated: dict[str, Any], plan: ShardPlan, rank: int) -> None:
+        """The updated arrays back into the model: the owned layer arrays stay here, the root unit is
+        all-gathered (float32) so every node holds it whole for the next step."""
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        assert self.units is not None
+        mx.eval(list(updated.values()), self.optimizer.state)
+        root = self.units.root
+        sizes = piece_sizes(root, self._elems, plan.leaf_ranges)
+        whole = np.empty(sum(sizes), np.float32)
+        start, stop = owned_run(root, plan.leaf_ranges[rank])
+        lo = sum(sizes[:rank])
+        off = lo
+        for i in root[start:stop]:
+            a = updated[self._paths[i]]
+            whole[off : off + self._elems[i]] = np.asarray(a.astype(mx.float32)).reshape(-1)
+            off += self._elems[i]
+        self.mesh.all_gather(whole[lo:off], sizes, wire_dtype="float32", out=whole)
+        self._check_members(plan)
+        root_paths = {self._paths[i] for i in root}
+        leaves = [(p, a) for p, a in updated.items() if p not in root_paths]
+        off = 0
+        for i in root:
+            a = mx.array(whole[off : off + self._elems[i]]).reshape(self._shapes[i])
+            leaves.append((self._paths[i], a if self._dtypes[i] == mx.float32 else a.astype(self._dtypes[i])))
+            off += self._elems[i]
+        model.update(tree_unflatten(leaves), strict=False)
+        mx.eval(model.parameters())
+        if self.gathered is not None:
+            self.gathered.calls = 0
+
+    def owned_parameters(self) -> dict[str, Any]:
+        """The whole arrays this member owns, by flat path (a stage-3 checkpoint part's parameters)."""
+        assert self._model is not None
+        return self._own_params(self._model)
+
+    def gather_parameters(self, model: Any) -> dict[str, Any]:
+        """Every trainable parameter whole, as a flat {path: array} (stage 3: gathered layer by layer,
+        a collective every member must call; stages 1 and 2: the model's own, already whole)."""
+        from mlx.utils import tree_flatten
+
+        flat = dict(tree_flatten(model.trainable_parameters()))
+        if self.stage != 3 or self.gathered is None:
+            return flat
+        assert self.units is not None
+        for u, unit in enumerate(self.units.layers):
+            try:
+                whole = self.gathered.gather(u, [flat[self._paths[i]] for i in unit])
+            except PeerLost as exc:
+                assert self.plan is not None
+                raise self._lost(self.plan, exc) from None
+            for i, a in zip(unit, whole, strict=True):
+                flat[self._paths[i]] = a
+        return flat
 
     # --- the pieces ------------------------------------------------------------------------
     def _own_params(self, model: Any) -> dict[str, Any]:
@@ -354,3 +545,58 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
     from mlx.utils import tree_flatten
 
     return cast(list[tuple[str, Any]], tree_flatten(tree))
+
+
+class _RootView:
+    """What `mesh.register` sees of a stage-3 model: the parameters outside its named layers.
+
+    Those are replicated (the root unit), so the mesh agrees on them, digests them and checkpoints
+    them as for any job; the layers' arrays are owned by one member each and never compared."""
+
+    def __init__(self, model: Any, prefixes: list[str]) -> None:
+        self.model = model
+        self.prefixes = prefixes
+
+    def _outside(self, tree: Any) -> Any:
+        from mlx.utils import tree_unflatten
+
+        keep = [(p, v) for p, v in _flat(tree) if not _under(p, self.prefixes)]
+        return tree_unflatten(keep)
+
+    def parameters(self) -> Any:
+        return self._outside(self.model.parameters())
+
+    def trainable_parameters(self) -> Any:
+        return self._outside(self.model.trainable_parameters())
+
+    def update(self, parameters: Any, strict: bool = False) -> Any:
+        return self.model.update(parameters, strict=False)
+
+
+def _stage3_layers(model: Any, layers: Any) -> tuple[list[Any], list[str]]:
+    """The modules stage 3 gathers one at a time and their paths in the model (default model.layers,
+    as nn.Sequential names its own); those without trainable parameters are called as they are."""
+    import mlx.nn as nn
+
+    chosen = layers if layers is not None else getattr(model, "layers", None)
+    how = (
+        "stage 3 gathers the model's layers one at a time: pass them, "
+        "mesh.shard(model, optimizer, stage=3, layers=model.blocks) "
+        "(a list of nn.Module; default model.layers)"
+    )
+    modules = isinstance(chosen, (list, tuple)) and all(isinstance(m, nn.Module) for m in chosen)
+    if not chosen or not modules:
+        raise UserError(how)
+    names = {id(m): name for name, m in model.named_modules()}
+    prefixes = []
+    chosen = [m for m in chosen if _flat(m.trainable_parameters())]  # GELU and kin: nothing to gather
+    for m in chosen:
+        name = names.get(id(m))
+        if not name:
+            raise UserError(f"stage 3 layers must be sub-modules of the model ({how})")
+        prefixes.append(name)
+    return list(chosen), prefixes
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == q or path.startswith(q + ".") for q in prefixes)

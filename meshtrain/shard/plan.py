@@ -15,6 +15,9 @@ Memory per node, in bytes per parameter element (float32 training):
              parameters 4); sharded: the optimizer state (AdamW: 8)
     stage 2: replicated 16 (no all-reduced copy of the whole gradient);
              sharded: the optimizer state and the gradient shard (4)
+    stage 3: replicated 0; sharded: the optimizer state, the parameters (4)
+             and their gradient (4); the caller's reserve holds the root unit
+             and one gathered layer (meshtrain.shard.units)
     stage 0, for comparison: 20 + the optimizer state, all replicated
 
 plus what the caller reserves (activations, the data). A node's capacity
@@ -31,9 +34,9 @@ from dataclasses import dataclass
 
 from meshtrain.errors import UserError
 
-REPLICATED_BYTES = {0: 20, 1: 20, 2: 16}  # per parameter element, see the module docstring
-SHARDED_GRAD_BYTES = {0: 0, 1: 0, 2: 4}
-STAGES = (1, 2)
+REPLICATED_BYTES = {0: 20, 1: 20, 2: 16, 3: 0}  # per parameter element, see the module docstring
+SHARDED_GRAD_BYTES = {0: 0, 1: 0, 2: 4, 3: 8}  # stage 3: the gradient and the parameter itself
+STAGES = (1, 2, 3)
 
 
 class DoesNotFit(UserError):
@@ -162,7 +165,9 @@ def _does_not_fit(
 ) -> str:
     even = fixed + need_sharded / len(members)
     nodes = "; ".join(f"{m} needs {gb(even)}, has {gb(f)} free" for m, f in zip(members, free, strict=True))
-    hint = " (stage 2 also shards the gradients)" if stage == 1 else ""
+    hint = {1: " (stage 2 also shards the gradients)", 2: " (stage 3 also shards the parameters)"}.get(
+        stage, ""
+    )
     return (
         f"the training state does not fit in memory at shard stage {stage}{hint}: "
         f"{total / 1e6:.1f}M parameters need {gb(fixed)} on every node (replicated: {replicated:g} B each, "

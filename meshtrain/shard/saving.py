@@ -51,9 +51,14 @@ def attach(opt: Any) -> None:
 
 
 def part_state(opt: Any, member: str, tree: Mapping[str, Any]) -> dict[str, Any]:
-    """The arrays this member's part holds: the parameters on rank 0 only, its optimizer shard."""
+    """The arrays this member's part holds: the parameters on rank 0 only (stage 3: the ones it
+    owns), its optimizer shard."""
     plan = opt.plan
     index = plan.members.index(member) if plan is not None and member in plan.members else 0
+    if opt.stage == 3:  # nobody holds them all: each part has the arrays its member owns
+        from mlx.utils import tree_unflatten
+
+        return {"params": tree_unflatten(list(opt.owned_parameters().items())), "opt": opt.optimizer.state}
     return {"params": tree["params"] if index == 0 else {}, "opt": opt.optimizer.state}
 
 
@@ -125,6 +130,7 @@ def restore(opt: Any) -> bool:
     if checkpoints is None or not checkpoints.options.resume or checkpoints.joiner:
         return False
     _same_step_everywhere(opt, getattr(checkpoints, "resumed_step", None))
+    _restore_owned_params(opt, checkpoints)
     source: Source | None = getattr(checkpoints, "resumed_opt", None)
     if source is None:
         return False
@@ -146,6 +152,40 @@ def restore(opt: Any) -> bool:
     mx.eval(opt.optimizer.state)
     checkpoints.resumed_opt = None
     return True
+
+
+def _restore_owned_params(opt: Any, checkpoints: Any) -> None:
+    """Stage 3: the layers' arrays this member owns under the new plan, read by name from the
+    checkpoint (the mesh adopted only the root unit's, which every node holds)."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    source: Source | None = getattr(checkpoints, "resumed_params", None)
+    if source is None or opt.stage != 3:
+        return
+    lo, hi = opt.plan.leaf_ranges[opt.mesh.rank]
+    root = set(opt.units.root)
+    loaded = []
+    for i in range(lo, hi):
+        if i in root:
+            continue
+        name = opt._paths[i]
+        try:
+            array = source(name)
+        except KeyError:
+            raise UserError(
+                f"the checkpoint has no parameter {name!r}: resume with the model it was saved with"
+            ) from None
+        if tuple(array.shape) != opt._shapes[i]:
+            raise UserError(
+                f"the checkpoint's parameter {name!r} has shape {tuple(array.shape)}, the model's "
+                f"{opt._shapes[i]}: resume with the model it was saved with"
+            )
+        loaded.append((name, array.astype(opt._dtypes[i])))
+    if loaded:
+        opt._model.update(tree_unflatten(loaded), strict=False)
+        mx.eval([a for _, a in loaded])
+    checkpoints.resumed_params = None
 
 
 def _same_step_everywhere(opt: Any, step: int | None) -> None:
@@ -199,6 +239,21 @@ def export_sharded(store: Any, run: str, step: int | None, path: Path) -> tuple[
     return info, path
 
 
+def _split_root(opt: Any, params: dict[str, Any], found: Any, kind: str) -> tuple[dict[str, Any], Source]:
+    """(the root unit's parameters, a reader of the rest by name) for a stage-3 resume."""
+    root = {opt._paths[i] for i in opt.units.root}
+    if kind == "plain":
+        rest = {k: v for k, v in params.items() if k not in root}
+        return {k: v for k, v in params.items() if k in root}, rest.__getitem__
+
+    def read(name: str) -> Any:
+        if ("params", name) not in found.tensors:
+            raise KeyError(name)
+        return to_mx(found.read("params", name), found.dtype("params", name))
+
+    return {k: v for k, v in params.items() if k in root}, read
+
+
 def resume_part(checkpoints: Any) -> tuple[dict[str, Any], dict[str, Any], int] | None:
     """WorkerCheckpoints.resume for what involves sharding; None leaves the plain resume to it.
 
@@ -224,13 +279,24 @@ def resume_part(checkpoints: Any) -> tuple[dict[str, Any], dict[str, Any], int] 
 
         saved = json.loads((found.dirs[0] / "state.json").read_text())
         step = found.step
-        params = assemble(found, "params")
+        wanted = checkpoints.sharded
+        if wanted is not None and wanted.stage == 3:  # the root unit only: restore() reads the rest
+            root = {wanted._paths[i] for i in wanted.units.root}
+            params = {
+                n: to_mx(found.read("params", n), found.dtype("params", n))
+                for n in root
+                if ("params", n) in found.tensors
+            }
+        else:
+            params = assemble(found, "params")
         source = sharded_source(found)
         opt = assemble(found, "opt") if checkpoints.sharded is None else {}
     checkpoints.resumed_step = step
     if checkpoints.sharded is not None:
         opt = {}
         checkpoints.resumed_opt = source
+        if checkpoints.sharded.stage == 3:  # the mesh adopts the root unit; restore() the owned layers
+            params, checkpoints.resumed_params = _split_root(checkpoints.sharded, params, found, kind)
     meta = dict(saved.get("meta") or {})
     meta.setdefault("cursor", saved.get("cursor"))
     meta.setdefault("generation", saved.get("generation", 0))

@@ -116,6 +116,7 @@ class WorkerCheckpoints:
         self._in_flight: tuple[int, int] | None = None  # (term, step) of the part being written
         self.sharded: Any = None  # a ShardedOptimizer (meshtrain.shard.saving.attach): parts are shards
         self.resumed_opt: Any = None  # its resume source, for meshtrain.shard.saving.restore
+        self.resumed_params: Any = None  # stage 3: the owned layers' source, for the same
         self.resumed_step: int | None = None
 
     @classmethod

@@ -283,7 +283,11 @@ class WorkerMesh(Mesh):
             from meshtrain.train.accumulate import check_accumulate, micro_batches
 
             whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
-            yield from micro_batches(whole, check_accumulate(accumulate))
+            self.accumulating = check_accumulate(accumulate)
+            try:
+                yield from micro_batches(whole, self.accumulating)
+            finally:
+                self.accumulating = 1
             return
         steps = self._steps
         steps.start_epoch(n_samples, batch_size, seed, epoch)
@@ -302,6 +306,7 @@ class WorkerMesh(Mesh):
                 self._timer.handed_out(len(batch.indices))
             _inject_fault(self.member, batch.step, "forward")
             yielded = True
+            self.local_batch_size = len(batch.indices)
             yield batch.indices
 
     def allreduce(self, tree: Any, weight: float = 1.0, *, wire_dtype: str | None = "auto") -> Any:

@@ -1,4 +1,4 @@
-"""A small model trained sharded (--stage 1, 2) or not (0) until the global step --steps, resumable.
+"""A small model trained sharded (--stage 1, 2, 3) or not (0) until the global step --steps, resumable.
 
 The loop keys everything on mesh.step (continued by --resume), so a run cut short and resumed on
 another number of nodes ends at the same step as one uninterrupted run. Rank 0 saves the parameters
@@ -61,9 +61,11 @@ for idx in mesh.batches(len(X), args.batch, epoch=0):
     time.sleep(args.sleep)
     mesh.report(loss=loss, samples=len(idx))
     done += 1
+    whole = opt.gather_parameters(model) if args.stage == 3 else dict(tree_flatten(model.parameters()))
     if mesh.is_main:
-        np.savez(out / f"params-{done}.npz", **{k: np.array(v) for k, v in tree_flatten(model.parameters())})
-params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+        np.savez(out / f"params-{done}.npz", **{k: np.array(v) for k, v in whole.items()})
+whole = opt.gather_parameters(model) if args.stage == 3 else dict(tree_flatten(model.parameters()))
+params = {k: np.array(v) for k, v in whole.items()}
 meta = {"resumed_from": mesh.resumed_from, "size": mesh.size, "step": mesh.step, "loss": loss}
 np.savez(out / f"result-{mesh.rank}.npz", meta=json.dumps(meta), **params)
 if mesh.is_main:

@@ -1,4 +1,4 @@
-"""A small transformer-like model trained data-parallel, unsharded (--stage 0) or sharded (1, 2).
+"""A small transformer-like model trained data-parallel, unsharded (--stage 0) or sharded (1, 2, 3).
 
 Synthetic data, seeded; float32 on the wire so sharded and unsharded runs can be compared to float
 tolerance. At the end every worker writes its parameters, a few figures and MLX's peak memory to
@@ -93,6 +93,8 @@ if args.stage:
     free = {}
     if args.free_mb:
         free["free_memory"] = int(args.free_mb.split(",")[mesh.rank]) << 20
+    if args.stage == 3:
+        free["layers"] = model.blocks
     sharded = mesh.shard(
         model, optimizer, stage=args.stage, max_grad_norm=args.clip or None, wire_dtype=args.wire, **free
     )
@@ -122,7 +124,8 @@ for epoch in range(-(-args.steps // (len(data) // args.batch))):
 
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+whole = sharded.gather_parameters(model) if args.stage else dict(tree_flatten(model.parameters()))
+params = {k: np.array(v) for k, v in whole.items()}
 meta = {
     "rank": mesh.rank,
     "size": mesh.size,

@@ -1,0 +1,232 @@
+"""Stage 3 on the worker: each named layer runs on parameters gathered for it, forward and backward.
+
+`GatheredLayers.install` gives every layer the stage names (``layers=model.layers``) a subclass whose
+`__call__` wraps the original in an `mx.custom_function`:
+
+- forward: all-gather the layer's parameters (each member contributes the whole arrays it owns,
+  meshtrain.shard.units), run the layer on them, evaluate its output, drop the gathered arrays;
+- backward (the custom VJP, which MLX calls layer by layer from the last one): gather again,
+  recompute the layer, take its VJP, and reduce-scatter the parameters' gradient at once, so the
+  owner of each array receives the mesh's weighted mean for it and nobody keeps the whole gradient.
+
+Why the layer's inputs are copied before it runs: inside `nn.value_and_grad` they are tracers, and
+MLX keeps an evaluated tracer's whole graph (the gathered parameters in it) until the backward. A
+copy starts a graph of its own; its evaluated output is detached, so one layer's gathered
+parameters are alive at a time (plus its recomputation in the backward). The price is the
+recomputation: one more forward per layer, the same trade as activation checkpointing.
+
+The parameters of layers a member does not own are zero-sized placeholders in its model, and
+their gradients come back zero-sized; owned ones get the reduced gradient as their own cotangent,
+so `opt.update(model, grads)` reads a plain gradient tree.
+
+Dropout: a layer holding a Dropout module is run with the same seed in its forward and its
+recomputation (per step, call and rank), so both see the same mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from meshtrain.errors import UserError
+from meshtrain.shard.units import owned_run, piece_sizes
+
+_RANDOM_MODULES = ("Dropout", "Dropout2d", "Dropout3d")
+
+
+class GatheredLayers:
+    """The stage-3 layers of one ShardedOptimizer: their gathers and reductions over its mesh."""
+
+    def __init__(self, opt: Any) -> None:
+        self.opt = opt
+        self.calls = 0  # layer calls this step (seeds the dropout of each)
+        self.gathers = 0
+        self.gathered_bytes = 0
+
+    # --- setting up ---------------------------------------------------------------------------
+    def install(self, layers: Sequence[Any], prefixes: Sequence[str]) -> None:
+        opt = self.opt
+        for u, (layer, prefix) in enumerate(zip(layers, prefixes, strict=True)):
+            names = [opt._paths[i][len(prefix) + 1 :] for i in opt.units.layers[u]]
+            _patch(layer, self, u, names)
+
+    # --- the collectives ----------------------------------------------------------------------
+    def _sizes(self, u: int) -> list[int]:
+        opt = self.opt
+        return piece_sizes(opt.units.layers[u], opt._elems, opt.plan.leaf_ranges)
+
+    def gather(self, u: int, leaves: Sequence[Any]) -> list[Any]:
+        """Layer `u`'s parameters, whole, in its leaf order (each member gives the arrays it owns)."""
+        import mlx.core as mx
+
+        opt = self.opt
+        unit = opt.units.layers[u]
+        start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
+        mine = [leaves[pos] for pos in range(start, stop)]
+        mx.eval(mine)
+        sizes = self._sizes(u)
+        whole = np.empty(sum(sizes), np.float32)
+        lo = sum(sizes[: opt.mesh.rank])
+        off = lo
+        for a in mine:
+            flat = np.asarray(a.astype(mx.float32) if a.dtype != mx.float32 else a).reshape(-1)
+            whole[off : off + flat.size] = flat
+            off += flat.size
+        opt._check_members(opt.plan)
+        opt.mesh.all_gather(whole[lo:off], sizes, wire_dtype="float32", out=whole)
+        self.gathers += 1
+        self.gathered_bytes += whole.nbytes
+        out, off = [], 0
+        for leaf in unit:
+            n = opt._elems[leaf]
+            arr = mx.array(whole[off : off + n]).reshape(opt._shapes[leaf])
+            dtype = opt._dtypes[leaf]
+            out.append(arr if dtype == mx.float32 else arr.astype(dtype))
+            off += n
+        del whole
+        return out
+
+    def reduce(self, u: int, grads: Sequence[Any]) -> list[Any]:
+        """Reduce-scatter layer `u`'s whole gradient: this member's owned arrays of the weighted mean;
+        a zero-sized array for each one it does not own (its placeholder's cotangent)."""
+        import mlx.core as mx
+
+        from meshtrain.ring.codecs import resolve as resolve_wire_dtype
+
+        opt = self.opt
+        unit = opt.units.layers[u]
+        sizes = self._sizes(u)
+        buf = np.empty(sum(sizes), np.float32)
+        off = 0
+        for g in grads:
+            flat = np.asarray(g.astype(mx.float32) if g.dtype != mx.float32 else g).reshape(-1)
+            buf[off : off + flat.size] = flat
+            off += flat.size
+        wire = resolve_wire_dtype(list(grads), opt.wire_dtype)
+        opt._check_members(opt.plan)
+        weight = opt._step_weight()
+        piece = opt.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
+        del buf
+        start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
+        out, off = [], 0
+        for pos, leaf in enumerate(unit):
+            dtype = opt._dtypes[leaf]
+            if start <= pos < stop:
+                n = opt._elems[leaf]
+                g = mx.array(piece[off : off + n]).reshape(opt._shapes[leaf])
+                out.append(g if dtype == mx.float32 else g.astype(dtype))
+                off += n
+            else:
+                out.append(mx.zeros((0,), dtype))
+        return out
+
+    # --- one layer call -----------------------------------------------------------------------
+    def call(
+        self,
+        u: int,
+        layer: Any,
+        names: list[str],
+        base: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        flat = dict(tree_flatten(layer.trainable_parameters()))
+        leaves = [flat[n] for n in names]
+        positions = [i for i, a in enumerate(args) if isinstance(a, mx.array)]
+        keys = sorted(k for k, v in kwargs.items() if isinstance(v, mx.array))
+        inputs = [args[i] for i in positions] + [kwargs[k] for k in keys]
+        seed = self._seed(layer)
+
+        def run(params: Sequence[Any], ins: Sequence[Any]) -> Any:
+            call_args = list(args)
+            for i, a in zip(positions, ins[: len(positions)], strict=True):
+                call_args[i] = a
+            call_kwargs = {**kwargs, **dict(zip(keys, ins[len(positions) :], strict=True))}
+            held = list(flat.items())
+            layer.update(tree_unflatten(list(zip(names, params, strict=True))), strict=False)
+            try:
+                if seed is not None:
+                    mx.random.seed(seed)
+                return base(layer, *call_args, **call_kwargs)
+            finally:
+                layer.update(tree_unflatten(held), strict=False)
+
+        def forward(leaves: list[Any], ins: list[Any]) -> Any:
+            out = run(self.gather(u, leaves), [_detached(a) for a in ins])
+            _check_output(out, layer)
+            mx.eval(out)
+            return out
+
+        def backward(primals: Any, cotangents: Any, _outputs: Any) -> Any:
+            leaves, ins = primals
+            params = self.gather(u, leaves)
+            fresh = [_detached(a) for a in ins]
+            n = len(params)
+            cots = list(cotangents) if isinstance(cotangents, (tuple, list)) else [cotangents]
+
+            def whole(*xs: Any) -> Any:
+                out = run(xs[:n], xs[n:])
+                return list(out) if isinstance(out, (tuple, list)) else [out]
+
+            _, grads = mx.vjp(whole, [*params, *fresh], cots)
+            mx.eval(grads)
+            del params
+            leaf_cots = self.reduce(u, grads[:n])
+            in_cots = [_detached(g) for g in grads[n:]]
+            return leaf_cots, in_cots
+
+        fn = mx.custom_function(forward)
+        fn.vjp(backward)
+        return fn(leaves, inputs)
+
+    def _seed(self, layer: Any) -> int | None:
+        """A seed for a layer with dropout in training mode (the same in its forward and backward)."""
+        self.calls += 1
+        if not getattr(layer, "training", False):
+            return None
+        if not any(type(m).__name__ in _RANDOM_MODULES for m in layer.modules()):
+            return None
+        opt = self.opt
+        return (opt._steps * 1_000_003 + self.calls * 7919 + opt.mesh.rank * 104_729) & 0x7FFFFFFF
+
+
+def _check_output(out: Any, layer: Any) -> None:
+    import mlx.core as mx
+
+    items = out if isinstance(out, (tuple, list)) else [out]
+    if not all(isinstance(x, mx.array) for x in items):
+        raise UserError(
+            f"a stage-3 layer ({type(layer).__mro__[1].__name__}) must return an array or a tuple of arrays"
+        )
+
+
+def _detached(a: Any) -> Any:
+    """A copy of `a` with no graph behind it (see the module docstring: why inputs are copied)."""
+    import mlx.core as mx
+
+    mx.eval(a)
+    if a.dtype == mx.bfloat16:
+        return mx.array(np.array(a.view(mx.uint16))).view(mx.bfloat16)
+    return mx.array(np.array(a))
+
+
+def _patch(layer: Any, engine: GatheredLayers, u: int, names: list[str]) -> None:
+    """Give `layer` a subclass of its own class whose calls go through `engine` (paths unchanged)."""
+    base_cls = type(layer)
+    if getattr(base_cls, "_meshtrain_stage3", False):
+        base_cls = base_cls.__mro__[1]
+    base = base_cls.__call__
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return engine.call(u, self, names, base, args, kwargs)
+
+    layer.__class__ = type(
+        base_cls.__name__,
+        (base_cls,),
+        {"__call__": __call__, "__module__": base_cls.__module__, "_meshtrain_stage3": True},
+    )
