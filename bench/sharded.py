@@ -1,4 +1,4 @@
-"""Peak memory per worker and tokens/s of sharded training (stages 1, 2) against unsharded (stage 0).
+"""Peak memory per worker and tokens/s of sharded training (stages 1, 2, 3) against unsharded (stage 0).
 
 Each cell is a real job, `meshtrain run --local N --shares equal bench/sharded.py --worker ...`: a
 GPT-style transformer (pre-norm blocks, learned positions, tied nothing) trained on random tokens
@@ -68,10 +68,13 @@ def worker(args: argparse.Namespace) -> None:
     mesh = meshtrain.init()
     mx.random.seed(0)
     model = GPT(args.vocab, args.dim, args.layers, args.seq)
-    mx.eval(model.parameters())
+    if args.stage < 3:  # stage 3 drops the layers' arrays a node does not own before MLX ever builds them
+        mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))  # type: ignore[str-unpack,union-attr]
     optimizer = optim.AdamW(learning_rate=1e-4)
-    if args.stage:
+    if args.stage == 3:
+        sharded = mesh.shard(model, optimizer, stage=3, wire_dtype=args.wire, layers=model.blocks)
+    elif args.stage:
         sharded = mesh.shard(model, optimizer, stage=args.stage, wire_dtype=args.wire)
     else:
         mesh.register(model, optimizer)
@@ -139,7 +142,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ns", default="1,2,4", help="world sizes, comma separated")
-    ap.add_argument("--stages", default="0,1,2")
+    ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)

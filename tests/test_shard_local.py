@@ -68,6 +68,10 @@ def test_sharded_stages_end_where_unsharded_data_parallel_ends(
     assert max_diff(finals[1][0][0], base) == 0.0  # the very same all-reduce and update: bit-identical
     assert max_diff(finals[2][0][0], base) <= 1e-5 * scale  # the same sum in another order
     assert max_diff(finals[3][0][0], base) <= 1e-5 * scale  # layer by layer: again another order
+    # from the second step on, every layer's gather but the first forward's and the last backward's
+    # was started while the layer before it computed (3 blocks: 4 of 6 a step; the final gather none)
+    meta3 = finals[3][0][1]
+    assert meta3["prefetched"] == 4 * (6 - 1), meta3
     sizes = finals[2][0][1]["sizes"]
     assert len(sizes) == n and sum(sizes) == sum(v.size for v in base.values())
     if free_mb:  # shard sizes follow free memory: 100 < 200 < 300 MiB

@@ -19,6 +19,15 @@ The parameters of layers a member does not own are zero-sized placeholders in it
 their gradients come back zero-sized; owned ones get the reduced gradient as their own cotangent,
 so `opt.update(model, grads)` reads a plain gradient tree.
 
+Prefetch: the collectives run on one thread of their own, in the order they are issued (the same
+on every member: the same program). The first step records the order the layers are called in;
+from then on, a layer's forward starts the next one's gather before it computes, and a layer's
+backward the previous one's, so the ring moves the next layer while MLX computes this one. At most
+one gather is ahead, and the optimizer waits for it before any collective of its own, so nothing
+else shares the ring meanwhile. A layer called out of the recorded order just waits for the
+prefetched gather and issues its own (every member alike); a layer called twice in one step turns
+prefetch off.
+
 Dropout: a layer holding a Dropout module is run with the same seed in its forward and its
 recomputation (per step, call and rank), so both see the same mask.
 """
@@ -26,11 +35,12 @@ recomputation (per step, call and rank), so both see the same mask.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
 import numpy as np
 
-from meshtrain.errors import UserError
+from meshtrain.errors import PeerLost, UserError
 from meshtrain.shard.units import owned_run, piece_sizes
 
 _RANDOM_MODULES = ("Dropout", "Dropout2d", "Dropout3d")
@@ -39,47 +49,117 @@ _RANDOM_MODULES = ("Dropout", "Dropout2d", "Dropout3d")
 class GatheredLayers:
     """The stage-3 layers of one ShardedOptimizer: their gathers and reductions over its mesh."""
 
-    def __init__(self, opt: Any) -> None:
+    def __init__(self, opt: Any, *, prefetch: bool = True) -> None:
         self.opt = opt
+        self.prefetch = prefetch
         self.calls = 0  # layer calls this step (seeds the dropout of each)
         self.gathers = 0
+        self.prefetched = 0  # gathers that were already under way when their layer asked
         self.gathered_bytes = 0
+        self.layers: list[Any] = []
+        self._order: list[int] = []  # the first step's forward order of the units
+        self._next: dict[int, int] | None = None  # recorded: unit -> the next one called forward
+        self._prev: dict[int, int] = {}
+        self._comm: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[np.ndarray]] | None = None  # (unit, its gather under way)
+        self._queued: list[Future[Any]] = []
 
     # --- setting up ---------------------------------------------------------------------------
     def install(self, layers: Sequence[Any], prefixes: Sequence[str]) -> None:
         opt = self.opt
+        self.layers = list(layers)
         for u, (layer, prefix) in enumerate(zip(layers, prefixes, strict=True)):
             names = [opt._paths[i][len(prefix) + 1 :] for i in opt.units.layers[u]]
             _patch(layer, self, u, names)
+
+    def step_done(self) -> None:
+        """After an update: the first step's order becomes the prefetch schedule."""
+        self.calls = 0
+        if self._next is None and self._order:
+            order = self._order
+            if len(set(order)) == len(order):
+                self._next = {a: b for a, b in zip(order, order[1:], strict=False)}
+                self._prev = {b: a for a, b in self._next.items()}
+            else:
+                self._next, self.prefetch = {}, False
 
     # --- the collectives ----------------------------------------------------------------------
     def _sizes(self, u: int) -> list[int]:
         opt = self.opt
         return piece_sizes(opt.units.layers[u], opt._elems, opt.plan.leaf_ranges)
 
-    def gather(self, u: int, leaves: Sequence[Any]) -> list[Any]:
-        """Layer `u`'s parameters, whole, in its leaf order (each member gives the arrays it owns)."""
+    def _submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        if self._comm is None:
+            self._comm = ThreadPoolExecutor(1, thread_name_prefix="meshtrain-stage3")
+        future = self._comm.submit(fn)
+        self._queued = [f for f in self._queued if not f.done()] + [future]
+        return future
+
+    def drain(self) -> None:
+        """Wait for every collective under way (before one the caller issues on this thread)."""
+        self._ahead = None
+        queued, self._queued = self._queued, []
+        for future in queued:
+            future.exception()  # finished either way; its own waiter reports a failure
+
+    def _result(self, future: Future[Any]) -> Any:
+        try:
+            return future.result()
+        except PeerLost as exc:
+            self.drain()
+            raise self.opt._lost(self.opt.plan, exc) from None
+
+    def _my_piece(self, u: int, leaves: Sequence[Any] | None = None) -> np.ndarray:
+        """This member's owned arrays of unit `u`, float32 and flat (read on the calling thread)."""
         import mlx.core as mx
 
         opt = self.opt
         unit = opt.units.layers[u]
         start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
+        if leaves is None:
+            from mlx.utils import tree_flatten
+
+            leaves = [
+                v for _, v in cast(list[tuple[str, Any]], tree_flatten(self.layers[u].trainable_parameters()))
+            ]
         mine = [leaves[pos] for pos in range(start, stop)]
         mx.eval(mine)
+        parts = [np.asarray(a.astype(mx.float32) if a.dtype != mx.float32 else a).reshape(-1) for a in mine]
+        return np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+    def _start_gather(self, u: int, piece: np.ndarray) -> Future[np.ndarray]:
+        opt = self.opt
         sizes = self._sizes(u)
-        whole = np.empty(sum(sizes), np.float32)
         lo = sum(sizes[: opt.mesh.rank])
-        off = lo
-        for a in mine:
-            flat = np.asarray(a.astype(mx.float32) if a.dtype != mx.float32 else a).reshape(-1)
-            whole[off : off + flat.size] = flat
-            off += flat.size
+
+        def run() -> np.ndarray:
+            whole = np.empty(sum(sizes), np.float32)
+            whole[lo : lo + piece.size] = piece
+            opt.mesh.all_gather(whole[lo : lo + piece.size], sizes, wire_dtype="float32", out=whole)
+            return whole
+
         opt._check_members(opt.plan)
-        opt.mesh.all_gather(whole[lo:off], sizes, wire_dtype="float32", out=whole)
+        return self._submit(run)
+
+    def gather(self, u: int, leaves: Sequence[Any], *, then: int | None = None) -> list[Any]:
+        """Layer `u`'s parameters, whole, in its leaf order (each member gives the arrays it owns);
+        with `then`, that layer's gather is started behind it (prefetch)."""
+        import mlx.core as mx
+
+        opt = self.opt
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == u:
+            future = ahead[1]
+            self.prefetched += 1
+        else:
+            future = self._start_gather(u, self._my_piece(u, leaves))
+        if then is not None and self.prefetch:
+            self._ahead = (then, self._start_gather(then, self._my_piece(then)))
+        whole = self._result(future)
         self.gathers += 1
         self.gathered_bytes += whole.nbytes
         out, off = [], 0
-        for leaf in unit:
+        for leaf in opt.units.layers[u]:
             n = opt._elems[leaf]
             arr = mx.array(whole[off : off + n]).reshape(opt._shapes[leaf])
             dtype = opt._dtypes[leaf]
@@ -105,10 +185,12 @@ class GatheredLayers:
             buf[off : off + flat.size] = flat
             off += flat.size
         wire = resolve_wire_dtype(list(grads), opt.wire_dtype)
-        opt._check_members(opt.plan)
         weight = opt._step_weight()
-        piece = opt.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
-        del buf
+        opt._check_members(opt.plan)
+        future = self._submit(
+            lambda: opt.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
+        )
+        piece = self._result(future)
         start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
         out, off = [], 0
         for pos, leaf in enumerate(unit):
@@ -156,15 +238,19 @@ class GatheredLayers:
             finally:
                 layer.update(tree_unflatten(held), strict=False)
 
+        if self._next is None:
+            self._order.append(u)
+
         def forward(leaves: list[Any], ins: list[Any]) -> Any:
-            out = run(self.gather(u, leaves), [_detached(a) for a in ins])
+            after = self._next.get(u) if self._next else None
+            out = run(self.gather(u, leaves, then=after), [_detached(a) for a in ins])
             _check_output(out, layer)
             mx.eval(out)
             return out
 
         def backward(primals: Any, cotangents: Any, _outputs: Any) -> Any:
             leaves, ins = primals
-            params = self.gather(u, leaves)
+            params = self.gather(u, leaves, then=self._prev.get(u))
             fresh = [_detached(a) for a in ins]
             n = len(params)
             cots = list(cotangents) if isinstance(cotangents, (tuple, list)) else [cotangents]

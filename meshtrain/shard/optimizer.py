@@ -104,6 +104,7 @@ class ShardedOptimizer:
         free_memory: int | Callable[[], int] | None = None,
         reserve: int = 0,
         layers: Any = None,
+        prefetch: bool = True,
     ) -> None:
         if stage not in (1, 2, 3):
             raise UserError(f"shard stage must be 1, 2 or 3 (got {stage!r})")
@@ -129,6 +130,7 @@ class ShardedOptimizer:
         self._dtypes: list[Any] = []
         self._steps = 0
         self.layers = layers  # stage 3: the modules gathered one at a time (default: model.layers)
+        self.prefetch = prefetch  # stage 3: the next layer's gather under way while this one computes
         self.units: Units | None = None
         self.gathered: Any = None  # stage 3: meshtrain.shard.gathered.GatheredLayers
         self._model: Any = None
@@ -184,7 +186,7 @@ class ShardedOptimizer:
         if self.stage == 3:
             from meshtrain.shard.gathered import GatheredLayers
 
-            self.gathered = GatheredLayers(self)
+            self.gathered = GatheredLayers(self, prefetch=self.prefetch)
             self.gathered.install(layers, prefixes)
         return self.plan
 
@@ -261,6 +263,8 @@ class ShardedOptimizer:
         wire = resolve_wire_dtype(grads, self.wire_dtype)
         if self.stage == 3:
             weight = self._check_weight(weight)
+            if self.gathered is not None:
+                self.gathered.drain()  # nothing of the backward's still on the ring
         weight = 1.0 if weight is None else weight
         try:
             if self.stage == 3:
@@ -409,7 +413,7 @@ class ShardedOptimizer:
         model.update(tree_unflatten(leaves), strict=False)
         mx.eval(model.parameters())
         if self.gathered is not None:
-            self.gathered.calls = 0
+            self.gathered.step_done()
 
     def owned_parameters(self) -> dict[str, Any]:
         """The whole arrays this member owns, by flat path (a stage-3 checkpoint part's parameters)."""
@@ -425,12 +429,9 @@ class ShardedOptimizer:
         if self.stage != 3 or self.gathered is None:
             return flat
         assert self.units is not None
+        self.gathered.drain()
         for u, unit in enumerate(self.units.layers):
-            try:
-                whole = self.gathered.gather(u, [flat[self._paths[i]] for i in unit])
-            except PeerLost as exc:
-                assert self.plan is not None
-                raise self._lost(self.plan, exc) from None
+            whole = self.gathered.gather(u, [flat[self._paths[i]] for i in unit])
             for i, a in zip(unit, whole, strict=True):
                 flat[self._paths[i]] = a
         return flat

@@ -132,6 +132,8 @@ meta = {
     "peak": mx.get_peak_memory(),
     "sizes": plan.sizes if plan is not None else None,
     "loss": loss,
+    "prefetched": sharded.gathered.prefetched if args.stage == 3 else 0,
+    "gathers": sharded.gathered.gathers if args.stage == 3 else 0,
 }
 np.savez(out / f"result-{mesh.rank}.npz", meta=json.dumps(meta), **params)
 if mesh.is_main:
