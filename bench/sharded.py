@@ -18,6 +18,7 @@ Training state in fp32 AdamW is 16 B a parameter (parameters 4, gradients 4, mom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,7 +31,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+CGROUP_PREFIX = "meshtrain-cap-"
+
+
+def _memory_cgroup() -> Path:
+    """This process's memory cgroup directory: cgroup v2 where it has the memory controller, else v1."""
+    root = Path("/sys/fs/cgroup")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v2 = root / "cgroup.controllers"
+    if v2.exists() and "memory" in v2.read_text().split():
+        return root  # v2: the root cgroup may hold processes and children alike
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return root / "memory" / path.lstrip("/")
+    raise SystemExit("bench/sharded.py --cap-mb: no memory cgroup here (cgroup v1 or v2 with memory)")
+
+
+def confine(cap_bytes: int) -> Path:
+    """Move this process into a cgroup of its own capped at `cap_bytes` (as root): v2 memory.max with
+    no swap, else v1 memory.limit_in_bytes (and memsw: no swap either). Over the cap the kernel's
+    out-of-memory killer ends the process, as it would on a machine that small."""
+    base = _memory_cgroup()
+    group = base / f"{CGROUP_PREFIX}{os.getpid()}"
+    try:
+        if (base / "cgroup.subtree_control").exists():  # v2
+            if "memory" not in (base / "cgroup.subtree_control").read_text().split():
+                (base / "cgroup.subtree_control").write_text("+memory")
+            group.mkdir(exist_ok=True)
+            (group / "memory.max").write_text(str(cap_bytes))
+            if (group / "memory.swap.max").exists():
+                (group / "memory.swap.max").write_text("0")
+        else:
+            group.mkdir(exist_ok=True)
+            (group / "memory.limit_in_bytes").write_text(str(cap_bytes))
+            if (group / "memory.memsw.limit_in_bytes").exists():
+                (group / "memory.memsw.limit_in_bytes").write_text(str(cap_bytes))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as exc:
+        raise SystemExit(f"bench/sharded.py --cap-mb: no memory cgroup under {base}: {exc}") from None
+    return group
+
+
+def remove_cgroups() -> None:
+    """The capped workers' cgroups, once their processes are gone (empty ones only)."""
+    try:
+        base = _memory_cgroup()
+    except (SystemExit, OSError):
+        return
+    for group in base.glob(f"{CGROUP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 def worker(args: argparse.Namespace) -> None:
+    if args.cap_mb:
+        confine(args.cap_mb << 20)
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -73,7 +129,10 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))  # type: ignore[str-unpack,union-attr]
     optimizer = optim.AdamW(learning_rate=1e-4)
     if args.stage == 3:
-        sharded = mesh.shard(model, optimizer, stage=3, wire_dtype=args.wire, layers=model.blocks)
+        prefetch = not args.no_prefetch
+        sharded = mesh.shard(
+            model, optimizer, stage=3, wire_dtype=args.wire, layers=model.blocks, prefetch=prefetch
+        )
     elif args.stage:
         sharded = mesh.shard(model, optimizer, stage=args.stage, wire_dtype=args.wire)
     else:
@@ -120,17 +179,22 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.out, f"r{mesh.rank}.json").write_text(json.dumps(result))
 
 
-def run_cell(args: argparse.Namespace, n: int, stage: int, home: str) -> list[dict]:
+def run_cell(args: argparse.Namespace, n: int, stage: int, home: str, prefetch: bool = True) -> list[dict]:
     out = tempfile.mkdtemp(prefix=f"sharded-n{n}-s{stage}-")
     cmd = [sys.executable, "-m", "meshtrain", "run"]
     cmd += ["--local", str(n), "--shares", "equal"] if n > 1 else []
     cmd += [str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--out", out]
-    for key in ("dim", "layers", "seq", "vocab", "batch", "steps", "wire"):
-        cmd += [f"--{key}", str(getattr(args, key))]
+    cmd += [] if prefetch else ["--no-prefetch"]
+    for key in ("dim", "layers", "seq", "vocab", "batch", "steps", "wire", "cap_mb"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if n == 1:  # plainly: world size 1, no agent
         cmd = [sys.executable, *cmd[4:]]
     env = {**os.environ, "MESHTRAIN_HOME": home}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    remove_cgroups()
+    if proc.returncode != 0 and args.cap_mb:  # under a cap a failure is a result: its one line
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        return [{"failed": last}]
     if proc.returncode != 0:
         raise SystemExit(f"N={n} stage {stage} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("r*.json"))]
@@ -141,8 +205,9 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ns", default="1,2,4", help="world sizes, comma separated")
-    ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--stages", default="0,1,2,3", help="3n: stage 3 without prefetch")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -150,6 +215,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
     ap.add_argument("--wire", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--cap-mb",
+        type=int,
+        default=0,
+        help="each worker in a memory cgroup of this many MiB (root; cgroup v2 memory.max or v1): "
+        "a cell over it is printed as its job's failure line",
+    )
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -158,7 +230,8 @@ def main() -> None:
     print(
         f"# sharded training: GPT dim {args.dim} x {args.layers} layers, vocab {args.vocab}, seq {args.seq}, "
         f"global batch {args.batch}, AdamW fp32, wire {args.wire}, {os.cpu_count()} cores; "
-        "per worker: max over workers",
+        + (f"each worker capped at {args.cap_mb} MiB (memory cgroup); " if args.cap_mb else "")
+        + "per worker: max over workers",
         flush=True,
     )
     print(
@@ -167,10 +240,15 @@ def main() -> None:
     )
     for n in [int(x) for x in args.ns.split(",")]:
         base: dict[str, float] = {}
-        for stage in [int(s) for s in args.stages.split(",")]:
+        for label in args.stages.split(","):
+            stage = int(label.rstrip("n"))
             if n == 1 and stage:
                 continue  # nothing to shard at world size 1
-            rows = run_cell(args, n, stage, home)
+            rows = run_cell(args, n, stage, home, prefetch=not label.endswith("n"))
+            if "failed" in rows[0]:
+                cap = f"under a {args.cap_mb} MiB cap per worker"
+                print(f"{n:>2} {label:>5} {cap}: {rows[0]['failed']}", flush=True)
+                continue
             mlx_peak = max(r["mlx_peak"] for r in rows)
             rss = max(r["rss_peak"] for r in rows)
             tps = sum(r["tokens"] for r in rows) / max(r["seconds"] for r in rows)
@@ -182,7 +260,7 @@ def main() -> None:
                 for k, v in (("mlx", mlx_peak), ("rss", rss), ("tps", tps))
             ]
             print(
-                f"{n:>2} {stage:>5} {rows[0]['params'] / 1e6:7.1f}M {shard / 1e6:7.1f}M "
+                f"{n:>2} {label:>5} {rows[0]['params'] / 1e6:7.1f}M {shard / 1e6:7.1f}M "
                 f"{mlx_peak / 2**20:12.0f} {ratios[0]:6.2f} {rss / 2**20:12.0f} {ratios[1]:6.2f} "
                 f"{tps:9.0f} {ratios[2]:6.2f}",
                 flush=True,

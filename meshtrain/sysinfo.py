@@ -168,3 +168,20 @@ def _broadcast(address: str, netmask: str | None, reported: str | None) -> str |
         return None
     network = ipaddress.ip_network(f"{address}/{netmask}", strict=False)
     return str(network.broadcast_address) if network.prefixlen < 31 else None
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (/proc/vmstat
+    ``oom_kill``, cgroup limits' kills included); None where the kernel does not say.
+
+    A worker that died by SIGKILL while this count rose was, almost surely, killed for memory: the
+    agent says so instead of a bare "signal 9"."""
+    try:
+        with open("/proc/vmstat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+

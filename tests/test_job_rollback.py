@@ -125,3 +125,47 @@ def test_the_job_rolls_back_on_the_nodes_there_are_and_finishes() -> None:
         assert h0.killed and h1.killed and h2.lost
 
     asyncio.run(body())
+
+
+OOM = {"kind": "event", "type": "exit", "code": -9, "oom": True}
+
+
+def _orphaned(options: JobOptions) -> tuple[JobRunner, Clock]:
+    """h0..h2 started; h1~1 joined; then every starter died of memory before h1~1 had the state."""
+    clock = Clock()
+    runner, _, _ = runner_of(options, clock)
+    runner._parts.append(
+        _Participant(name="h1", rank=3, host="127.0.0.1", control_port=1, member="h1~1", joiner=True)
+    )
+    for p in runner._parts[:3]:
+        runner._handle(p, OOM, [])
+    assert "out-of-memory killer" in runner._parts[2].why
+    return runner, clock
+
+
+def test_joiners_left_without_the_state_fail_the_job_after_a_grace_not_a_hang() -> None:
+    runner, clock = _orphaned(JobOptions())
+    runner._check_orphans()
+    assert not runner._failures  # the joiner's "adopted" may be on its way
+    clock.t += 6.0
+    runner._check_orphans()
+    message = runner._verdict().message or ""
+    assert message.startswith("every worker holding the training state was lost; the last, h2 (rank 2): ")
+    assert "out-of-memory killer" in message and "(h1~1) have no state to go on from" in message
+
+
+def test_a_joiner_that_adopted_the_state_carries_the_job_on() -> None:
+    runner, clock = _orphaned(JobOptions())
+    runner._check_orphans()
+    runner._handle(runner._parts[3], {"kind": "event", "type": "adopted"}, [])
+    clock.t += 6.0
+    runner._check_orphans()
+    assert not runner._failures and runner._rollback is None
+
+
+def test_orphaned_joiners_of_a_checkpointing_job_roll_it_back() -> None:
+    runner, clock = _orphaned(CHECKPOINTS)
+    runner._check_orphans()
+    clock.t += 6.0
+    runner._check_orphans()
+    assert not runner._failures and (runner._rollback or "").startswith("every worker holding the training")

@@ -1,6 +1,7 @@
 """A sharded job that loses a shard holder rolls back to its newest checkpoint and goes on (R=1).
 
-Real processes: `meshtrain run --local 3` trains tests/scripts/sharded_resume.py at stage 2 with
+Real processes: `meshtrain run --local 3` trains tests/scripts/sharded_resume.py at stage 3 (the
+parameters sharded too: the survivors' next gather, in the forward, is where they notice) with
 checkpoints every 2 steps; node2's worker is SIGKILLed in step 10's forward. Every worker then raises
 `ShardLost`, the coordinator ends them all and starts the job again on the nodes there are, from the
 newest complete checkpoint (agent/jobs.py `_roll_back`). The job must end where one uninterrupted
@@ -56,7 +57,7 @@ def test_losing_a_shard_holder_rolls_back_to_the_newest_checkpoint_and_finishes(
         3,
         tmp_path / "a",
         "--stage",
-        "2",
+        "3",
         "--steps",
         "14",
         "--sleep",
@@ -72,10 +73,10 @@ def test_losing_a_shard_holder_rolls_back_to_the_newest_checkpoint_and_finishes(
     assert meta["step"] == 14 and meta["size"] == 3, meta
     assert meta["resumed_from"] in (2, 4, 6, 8), meta  # the second attempt began at a checkpoint
     for other, _ in results[1:]:
-        assert max_diff(other, params) == 0.0, "replicas differ"
+        assert max_diff(other, params) == 0.0, "the gathered parameters differ"
 
     # the same job uninterrupted: the same global batches, the same reduction order
-    same = train(tmp_path, 3, tmp_path / "same", "--stage", "2", "--steps", "14")
+    same = train(tmp_path, 3, tmp_path / "same", "--stage", "3", "--steps", "14")
     assert same.returncode == 0, same.stderr[-3000:]
     reference, _ = final(tmp_path / "same", 0)
     scale = max(float(np.abs(v).max()) for v in reference.values())

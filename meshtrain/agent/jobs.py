@@ -44,6 +44,11 @@ from meshtrain.errors import WireError
 from meshtrain.jobspec import JobOptions, JobSpec
 
 SNAPSHOT_INTERVAL_S = 0.5
+ORPHAN_GRACE_S = 5.0  # joiners left alone: how long an "adopted" may take to arrive (it may be on its way)
+OUT_OF_MEMORY = (
+    "its worker ran out of memory (the kernel's out-of-memory killer stopped it): the job needs more "
+    "than this node has; mesh.shard(..., stage=3) splits the training state across the nodes"
+)
 PREPARE_TIMEOUT_S = 120.0
 EXIT_WAIT_S = 10.0
 MAX_INCARNATIONS = 4  # workers started on one node for one job (the first and three replacements)
@@ -187,6 +192,13 @@ class _Participant:
     crash: dict[str, Any] | None = None
     stderr: str = ""
     left_mesh: bool = False  # lost because its node left the mesh (not only its worker)
+    joiner: bool = False  # admitted into a running attempt: it holds the state once it adopted it
+    adopted: bool = False  # a joiner that received the state (its "adopted" event)
+    why: str = ""  # why it was lost
+
+    @property
+    def holds_state(self) -> bool:
+        return not self.joiner or self.adopted
 
     def to_record(self) -> dict[str, Any]:
         crash = {k: self.crash.get(k) for k in ("summary", "secondary", "rollback")} if self.crash else None
@@ -203,6 +215,9 @@ class _Participant:
             "killed": self.killed,
             "crash": crash,
             "left_mesh": self.left_mesh,
+            "joiner": self.joiner,
+            "adopted": self.adopted,
+            "why": self.why,
         }
 
     @staticmethod
@@ -220,6 +235,9 @@ class _Participant:
             killed=bool(data.get("killed")),
             crash=data.get("crash") if isinstance(data.get("crash"), dict) else None,
             left_mesh=bool(data.get("left_mesh")),
+            joiner=bool(data.get("joiner")),
+            adopted=bool(data.get("adopted")),
+            why=str(data.get("why") or ""),
         )
 
 
@@ -278,6 +296,7 @@ class JobRunner:
         self._tasks: list[asyncio.Task[Any]] = []
         # a roll-back to the newest checkpoint (a worker's crash asked for one): why, until it is done
         self._rollback: str | None = None
+        self._orphaned_at: float | None = None  # when only joiners without the state were left
         self.rollbacks = 0
         self._rollback_times: list[float] = []  # when each roll-back began (self.clock)
         self._retired: list[_Participant] = []  # the workers of the attempts before the last roll-back
@@ -586,6 +605,8 @@ class JobRunner:
                 if change.done():
                     change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
                 if not (self._cancelling or self._failures or self._rollback):
+                    self._check_orphans()
+                if not (self._cancelling or self._failures or self._rollback):
                     self._watch_membership()
                     self._update_view()
                     if self._finished_any():
@@ -712,6 +733,7 @@ class JobRunner:
         if p.lost:
             return
         p.lost = True
+        p.why = why
         if p.in_view:
             self._view_dirty = True
         self.state.remove_worker(p.rank)
@@ -720,6 +742,32 @@ class JobRunner:
             self.links.tell(p.name, "job.kill", job=self.job, member=p.member or p.name, by=self.me)
         if not any(not q.lost and q.exit_code is None for q in self._parts) and not self._finished_any():
             self._fail(False, f"every worker was lost; the last, {p.name} (rank {p.rank}): {why}", None)
+
+    def _check_orphans(self) -> None:
+        """Every worker holding the training state is gone and only joiners are left (they wait for a
+        state nobody can send: a silent hang). After ORPHAN_GRACE_S with none of them adopting it, the
+        job rolls back to its newest checkpoint if it has one, else fails with the reason."""
+        live = [q for q in self._parts if not q.lost and q.exit_code is None]
+        if not live or any(q.holds_state for q in live) or self._finished_any():
+            self._orphaned_at = None
+            return
+        if self._orphaned_at is None:
+            self._orphaned_at = self.clock()
+            return
+        if self.clock() - self._orphaned_at < ORPHAN_GRACE_S:
+            return
+        last = max((q for q in self._parts if q.lost and q.holds_state), key=lambda q: q.rank, default=None)
+        who = f"; the last, {last.name} (rank {last.rank}): {last.why or 'lost'}" if last is not None else ""
+        names = ", ".join(q.member or q.name for q in live)
+        message = (
+            f"every worker holding the training state was lost{who}; the workers that joined since "
+            f"({names}) have no state to go on from"
+        )
+        self._orphaned_at = None
+        if self._may_roll_back():
+            self._rollback = message
+        else:
+            self._fail(False, message, None)
 
     def _watch_membership(self) -> None:
         """Drop workers whose node is gone (given a quorum); start workers on nodes that joined."""
@@ -778,7 +826,9 @@ class JobRunner:
                 return
             member = self._next_member(name)
             index = max((p.rank for p in self._parts), default=-1) + 1
-            p = _Participant(name=name, rank=index, host=endpoint[0], control_port=endpoint[1], member=member)
+            p = _Participant(
+                name=name, rank=index, host=endpoint[0], control_port=endpoint[1], member=member, joiner=True
+            )
             attempt = self._attempt
             error = await self._prepare_one(p, joiner=True)
             void = attempt != self._attempt or self._rollback is not None  # a roll-back began meanwhile
@@ -805,6 +855,10 @@ class JobRunner:
             if not p.in_view and not p.lost:
                 p.in_view = True
                 self._view_dirty = True
+            return False
+        if kind == "event" and header.get("type") == "adopted":
+            p.adopted = True
+            self._orphaned_at = None
             return False
         if kind == "event" and header.get("type") == "formed":
             self._saw_formed(header.get("generation"), header.get("members"))
@@ -839,7 +893,9 @@ class JobRunner:
         elif kind == "event" and header.get("type") == "exit":
             p.exit_code = int(header.get("code", 1))
             p.stderr = str(header.get("stderr") or "")
-            if p.exit_code < 0 and not p.killed:  # killed by a signal: an elastic loss
+            if p.exit_code < 0 and not p.killed and header.get("oom"):
+                self._lose(p, OUT_OF_MEMORY)
+            elif p.exit_code < 0 and not p.killed:  # killed by a signal: an elastic loss
                 self._lose(p, f"its worker was killed (signal {-p.exit_code})")
             elif p.exit_code != 0 and p.crash is None and not p.killed and not p.lost:
                 tail = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []

@@ -35,6 +35,7 @@ from meshtrain.agent.control import Conn
 from meshtrain.agent.hang import CHECK_S, HangWatch, is_stopped
 from meshtrain.errors import WireError
 from meshtrain.jobspec import JobOptions, JobSpecError, WorkerSpec
+from meshtrain.sysinfo import oom_kills
 from meshtrain.wire import StreamClosed
 
 KILL_GRACE_S = 3.0
@@ -169,6 +170,7 @@ async def host_worker(
             return
     read_fd, write_fd = os.pipe()
     spec = dataclasses.replace(spec, report_fd=write_fd)
+    ooms_before = oom_kills()
     env = worker_env(dict(os.environ), {**extra_env, **data_env, **spec.to_env()})
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -194,7 +196,7 @@ async def host_worker(
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_read_pipe(lambda: _ReportProtocol(reports), os.fdopen(read_fd, "rb", 0))
     try:
-        await _serve(proc, conn, reports, hosted, node, on_report)
+        await _serve(proc, conn, reports, hosted, node, on_report, ooms_before)
     finally:
         transport.close()
         await _kill(proc)
@@ -240,6 +242,7 @@ async def _serve(
     hosted: HostedWorker,
     node: str,
     on_report: Callable[[HostedWorker, dict[str, Any]], None] | None = None,
+    ooms_before: int | None = None,
 ) -> None:
     assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
     stderr_tail: list[str] = []
@@ -286,6 +289,8 @@ async def _serve(
                 await conn.send("event", {"type": "formed", **formed})
             elif message.get("k") == "joinable":
                 await conn.send("event", {"type": "joinable", "rank": hosted.rank, "member": hosted.member})
+            elif message.get("k") == "adopted":  # a joiner holds the training state now
+                await conn.send("event", {"type": "adopted", "rank": hosted.rank, "member": hosted.member})
             elif message.get("k") == "ckpt" and on_report is not None:
                 on_report(hosted, message)
             elif message.get("k") == "crash":
@@ -334,6 +339,7 @@ async def _serve(
     try:
         await asyncio.gather(lines(proc.stdout, "stdout"), lines(proc.stderr, "stderr"), metrics())
         code = await proc.wait()
+        ooms_now = oom_kills() if code == -signal.SIGKILL else None
         await conn.send(
             "event",
             {
@@ -342,6 +348,7 @@ async def _serve(
                 "node": node,
                 "code": code,
                 "stderr": "\n".join(stderr_tail),
+                "oom": ooms_now is not None and ooms_before is not None and ooms_now > ooms_before,
             },
         )
     finally:

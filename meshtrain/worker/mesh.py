@@ -589,6 +589,8 @@ class WorkerMesh(Mesh):
         assign_leaves(self._optimizer.state, flat_leaves(tree["opt"]), what="optimizer state")
         mx.eval(self._model.parameters(), self._optimizer.state)
         self._steps.adopt(meta, joined=joined)
+        if joined:
+            self._reporter.send({"k": "adopted"})  # the coordinator counts it among the state's holders
         if meta.get("resumed_from") is not None:
             self._resumed_from = int(meta["resumed_from"])
 
