@@ -27,4 +27,5 @@ DATA_PATH = "MESHTRAIN_DATA_PATH"  # where `run --data PATH` put the data for th
 # --- debugging and tests -----------------------------------------------------------------------
 LEDGER_DIR = "MESHTRAIN_LEDGER_DIR"  # every worker logs the slices of each committed step there
 FAULT = "MESHTRAIN_FAULT"  # "MEMBER:STEP:forward|allreduce": SIGKILL that worker there (tests, benches)
+HANG_FLOOR = "MESHTRAIN_HANG_FLOOR_S"  # seconds a stopped worker is forgiven (default 15; tests shorten it)
 POWER_FILE = "MESHTRAIN_POWER_FILE"  # a JSON file standing in for the battery/thermal probe

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from meshtrain.agent.hang import FLOOR_S, HangWatch
+from meshtrain.agent.hang import HangWatch
+from meshtrain.env import HANG_FLOOR
 from tests.test_elastic_agents import check_ledger, finished_digests, run_job, start_agent, worker_pids
 from tests.test_mesh_agents import AgentProcess, alive_names, wait_for
+
+FLOOR_S = 4.0  # the agents' floor here ($MESHTRAIN_HANG_FLOOR_S): the default 15 s, shortened
 
 
 def test_hang_watch_bounds_by_recent_step_times_with_a_floor() -> None:
@@ -43,7 +46,8 @@ def _rows(ledger: Path, member: str) -> list[dict]:  # type: ignore[type-arg]
 
 
 @pytest.fixture()
-def three(tmp_path: Path) -> Iterator[tuple[list[AgentProcess], Path, Path]]:
+def three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[AgentProcess], Path, Path]]:
+    monkeypatch.setenv(HANG_FLOOR, str(FLOOR_S))  # inherited by the agents started below
     ledger, out = tmp_path / "ledger", tmp_path / "out"
     ledger.mkdir()
     out.mkdir()
@@ -63,7 +67,7 @@ def test_a_stopped_worker_leaves_the_job_and_its_node_rejoins(
     three: tuple[list[AgentProcess], Path, Path],
 ) -> None:
     agents, ledger, out = three
-    epochs = 40
+    epochs = 24
     job = run_job(agents[0].home, out, "--epochs", str(epochs), "--step-sleep", "0.05")
     victim = next(a for a in agents if a.name == "c")
     pids: list[int] = []

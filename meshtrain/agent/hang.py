@@ -12,14 +12,28 @@ go on without it from the interrupted step, and the node comes back as a
 joiner (a new worker that receives the training state). A worker busy for a
 long time in user code (an evaluation, a slow step) runs and is never removed.
 
-`HangWatch` is pure (the clock is passed in); `is_stopped` asks the OS.
+`HangWatch` is pure (the clock is passed in); `is_stopped` asks the OS;
+`floor_s` reads the floor ($MESHTRAIN_HANG_FLOOR_S, for tests; default FLOOR_S).
 """
 
 from __future__ import annotations
 
+import os
+
 FLOOR_S = 15.0  # never less than this: a short stop (a debugger, a suspended laptop lid) is forgiven
 STEPS = 4.0  # ... nor less than this many recent step times
 CHECK_S = 1.0  # how often the agent looks at its worker's process state
+
+
+def floor_s() -> float:
+    """The floor this agent uses: $MESHTRAIN_HANG_FLOOR_S when it is a positive number, else FLOOR_S."""
+    from meshtrain.env import HANG_FLOOR
+
+    try:
+        value = float(os.environ.get(HANG_FLOOR, ""))
+    except ValueError:
+        return FLOOR_S
+    return value if value > 0 else FLOOR_S
 
 
 def is_stopped(pid: int) -> bool:

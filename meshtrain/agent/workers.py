@@ -32,7 +32,7 @@ import msgpack
 from meshtrain import env as env_names
 from meshtrain.agent.bundle import Bundle
 from meshtrain.agent.control import Conn
-from meshtrain.agent.hang import CHECK_S, HangWatch, is_stopped
+from meshtrain.agent.hang import CHECK_S, HangWatch, floor_s, is_stopped
 from meshtrain.errors import WireError
 from meshtrain.jobspec import JobOptions, JobSpecError, WorkerSpec
 from meshtrain.sysinfo import oom_kills
@@ -246,7 +246,7 @@ async def _serve(
 ) -> None:
     assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
     stderr_tail: list[str] = []
-    hang = HangWatch()  # a stopped worker is removed from the job (meshtrain.agent.hang)
+    hang = HangWatch(floor_s())  # a stopped worker is removed from the job (meshtrain.agent.hang)
     first = await reports.get()
     if first is None or first.get("k") != "ready":
         code = await proc.wait()
