@@ -1,4 +1,4 @@
-"""`ShardedOptimizer`: any mlx.optimizers optimizer, its state split across the mesh (ZeRO 1 and 2).
+"""`ShardedOptimizer`: any mlx.optimizers optimizer, its state split across the mesh (ZeRO 1, 2, 3).
 
     opt = mesh.shard(model, optim.AdamW(learning_rate=1e-3), stage=2, max_grad_norm=1.0)
     for idx in mesh.batches(n, batch, epoch=e):
@@ -16,7 +16,14 @@ unchanged.
   which survives a lost peer like any data-parallel step), and each member
   reads its shard out of them;
 - stage 2: they are reduce-scattered: a member receives only its shard of the
-  mean, never the whole averaged gradient.
+  mean, never the whole averaged gradient;
+- stage 3: the parameters are sharded too (a member's model holds only the
+  layer arrays it owns, zero-sized placeholders for the rest): each named
+  layer is gathered for its forward and its backward, whose custom VJP
+  reduce-scatters the layer's gradient at once (meshtrain.shard.gathered);
+  the root unit -- every array outside the layers -- stays whole on every
+  node and goes through the update as at stage 2. No all-gather of the whole
+  model follows the update.
 
 Why the result equals unsharded data parallelism: every parameter array is
 updated by the same optimizer code on the same averaged gradient (stage 1:
@@ -26,10 +33,11 @@ whole averaged gradient (stage 2: the sum of every shard's squares, all-reduced
 exactly as float32), with mlx.optimizers.clip_grad_norm's formula. The
 parameters travel as float32, so the replicas stay bit-identical.
 
-Losing a member loses its shard of the optimizer state (one copy of each
-shard: replicas are not yet built); so does re-sharding for a joiner. The
-update then raises `ShardLost`, one line naming the members, rather than
-training on with state missing.
+Losing a member loses its shard of the optimizer state (and at stage 3 of
+the parameters: one copy of each shard, replicas are not yet built); so does
+re-sharding for a joiner. The update (stage 3: the next gather) then raises
+`ShardLost`, one line naming the members, rather than training on with state
+missing; a job with checkpoints rolls back to its newest one.
 """
 
 from __future__ import annotations
@@ -83,7 +91,9 @@ def state_bytes_per_element(optimizer: Any) -> float:
 class ShardedOptimizer:
     """`optimizer` (from mlx.optimizers, or any with its apply_gradients/init/state) on this member's shard.
 
-    `stage` 1 or 2 (3, sharding the parameters too, is not yet built).
+    `stage` 1, 2 or 3 (the parameters sharded too: `layers`, default
+    model.layers, are gathered one at a time, meshtrain.shard.gathered;
+    `prefetch` starts the next layer's gather while one computes).
     `max_grad_norm` clips by the global norm across shards. `wire_dtype`
     is what the gradients travel as ("auto": bfloat16 for float32 models,
     as `mesh.allreduce`; "float32" for sums equal to unsharded training);
