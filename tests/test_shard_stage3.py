@@ -161,3 +161,39 @@ def test_a_stage_3_model_still_evaluates_and_keeps_its_paths() -> None:
     assert [p for p, _ in tree_flatten(model.parameters())] == paths
     assert model(mx.ones((2, 4))).shape == (2, 1)
     assert isinstance(model.layers[0], Block)
+
+
+def test_an_mlx_lm_llama_shards_its_model_layers_by_default() -> None:
+    """mlx-lm's models name their blocks `model.layers` and call them with a mask and a cache that
+    are not arrays: stage 3 finds them and passes those through."""
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    config = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=50,
+        num_key_value_heads=2,
+    )
+
+    def train(stage3: bool) -> dict[str, np.ndarray]:
+        mx.random.seed(0)
+        model, mesh = llama.Model(config), Mesh()
+        opt: Any = optim.AdamW(learning_rate=1e-3)
+        if stage3:
+            opt = ShardedOptimizer(opt, mesh, stage=3, wire_dtype="float32")
+            opt.register(model)
+        step = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
+        tokens = mx.array(np.random.default_rng(0).integers(0, 50, (8, 9)))
+        for idx in mesh.batches(8, 4):
+            batch = tokens[mx.array(idx)]
+            _, grads = step(model, batch[:, :-1], batch[:, 1:])
+            opt.update(model, grads)
+            mx.eval(model.parameters())
+        whole = opt.gather_parameters(model) if stage3 else dict(tree_flatten(model.trainable_parameters()))
+        return {k: np.array(v) for k, v in whole.items()}
+
+    plain, sharded = train(False), train(True)
+    assert max(float(np.abs(plain[k] - sharded[k]).max()) for k in plain) <= 1e-6
