@@ -22,6 +22,15 @@ netem) and each N (`--nodes`), every mode trains `--steps` steps, and each
                                   DistributedDataParallel with gloo on the CPU (bf16:
                                   DDP's bf16_compress_hook); needs torch (`--torch-path`)
   local-sgd                       meshtrain's OuterOptimizer (DiLoCo), `--sync-every` H, bf16 wire
+  meshtrain-s2, meshtrain-s3      ZeRO (issue 19): the meshtrain worker with `mesh.shard(model,
+                                  optimizer, stage=2|3, wire_dtype="float32", max_grad_norm=--clip)`
+                                  instead of mesh.register + allreduce; stage 3 shards the
+                                  parameters over the GPT's blocks (`layers=model.blocks`: each
+                                  block gathered in its forward and again in its backward, its
+                                  gradient reduce-scattered there). Stage 3 runs the forward and
+                                  backward eagerly (its collectives cannot sit inside mx.compile),
+                                  stage 2 compiled like the others; the clip + update phase holds the
+                                  sharded update (stage 2: its reduce-scatter and all-gather)
 
 It prints, per run and then as tables: tokens/s and the median step time
 (the first `--warmup-steps` steps left out: compiling, ring start), the
@@ -67,10 +76,22 @@ HERE = Path(__file__).resolve().parent
 PREFIX = "mpr"  # this bench's namespaces (scaling.py's are "msb"): both can exist at once
 PEER_PORT = 29600
 RESULT = re.compile(r"RESULT (\{.*\})")
-MODES = ("meshtrain-bf16", "meshtrain-fp32", "mlx-fp32", "mlx-bf16", "ddp-fp32", "ddp-bf16", "local-sgd")
+MODES = (
+    "meshtrain-bf16",
+    "meshtrain-fp32",
+    "mlx-fp32",
+    "mlx-bf16",
+    "ddp-fp32",
+    "ddp-bf16",
+    "local-sgd",
+    "meshtrain-s2",
+    "meshtrain-s3",
+)
 FAMILY = {  # a mode's framework, and at N=1 (nothing on a wire) the one run that stands for it
     "meshtrain-bf16": "meshtrain",
     "meshtrain-fp32": "meshtrain",
+    "meshtrain-s2": "meshtrain",
+    "meshtrain-s3": "meshtrain",
     "local-sgd": "meshtrain",
     "mlx-fp32": "mlx",
     "mlx-bf16": "mlx",
@@ -78,6 +99,7 @@ FAMILY = {  # a mode's framework, and at N=1 (nothing on a wire) the one run tha
     "ddp-bf16": "ddp",
 }
 WIRE_BYTES = {"fp32": 4, "bf16": 2}
+STAGES = {"meshtrain-s2": 2, "meshtrain-s3": 3}  # the ZeRO modes' shard stage (fp32 wire)
 
 
 def load_module(path: Path, name: str) -> ModuleType:
@@ -174,12 +196,15 @@ def setup(args: argparse.Namespace) -> Setup:
     )
 
 
-def mlx_model(args: argparse.Namespace, s: Setup) -> tuple[Any, Any]:
+def mlx_model(args: argparse.Namespace, s: Setup, evaluate: bool = True) -> tuple[Any, Any]:
+    """The GPT and its optimizer; `evaluate=False` leaves the weights lazy (stage 3 drops the blocks'
+    arrays a node does not own before MLX builds them: the same values, never whole on a node)."""
     import mlx.core as mx
 
     mx.random.seed(args.seed)  # the same initial weights on every worker, in every mode
     model = s.lm.GPT(s.config)
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
     optimizer = s.lm.make_optimizer(s.lr, args.steps, args.lr_warmup, args.weight_decay)
     return model, optimizer
 
@@ -250,13 +275,56 @@ def phase_ms(step: Any, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def sharded_step(
+    args: argparse.Namespace, s: Setup, model: Any, opt: Any
+) -> Callable[[np.ndarray, int], float]:
+    """One ZeRO step: loss and gradients (stage 3: eager, its gathers and reduce-scatters inside),
+    then `opt.update` (the clip by global norm, this shard's AdamW, stage 2's reduce-scatter and
+    all-gather). No separate reduction time: the collectives are inside the two phases."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if args.stage == 3:
+        value_and_grad = nn.value_and_grad(model, s.lm.loss_fn)
+
+        def loss_and_grad(x: Any, y: Any) -> tuple[Any, Any]:
+            return value_and_grad(model, x, y)
+
+    else:  # stage 2: the forward and backward are the unsharded ones, compiled alike
+        loss_and_grad, _ = s.lm.train_functions(model, opt.optimizer)
+    block = s.config.block_size
+    phases: dict[str, list[float]] = {"compute": [], "update": []}
+
+    def step(idx: np.ndarray, i: int) -> float:
+        x, y = s.lm.windows(s.train, s.offset + idx * block, block)
+        began = time.perf_counter()
+        loss, grads = loss_and_grad(x, y)
+        mx.eval(loss, grads)
+        updating = time.perf_counter()
+        phases["compute"].append(updating - began)
+        # stage 3 reduced the blocks' gradients in the backward, weighted by mesh.batches' slice
+        opt.update(model, grads, weight=None if args.stage == 3 else len(idx))
+        mx.eval(model.parameters(), opt.state)
+        phases["update"].append(time.perf_counter() - updating)
+        return float(loss)
+
+    step.phases = phases  # type: ignore[attr-defined]
+    return step
+
+
 def worker_meshtrain(args: argparse.Namespace) -> None:
     import meshtrain
 
     mesh = meshtrain.init()  # first: on a Linux CPU this may re-exec with the fast BLAS
     s = setup(args)
-    model, optimizer = mlx_model(args, s)
-    mesh.register(model, optimizer)
+    model, optimizer = mlx_model(args, s, evaluate=args.stage != 3)
+    if args.stage:
+        layers = {"layers": model.blocks} if args.stage == 3 else {}
+        opt = mesh.shard(
+            model, optimizer, stage=args.stage, wire_dtype="float32", max_grad_norm=args.clip, **layers
+        )
+    else:
+        mesh.register(model, optimizer)
     outer = None
     wire = "bfloat16" if args.wire == "bf16" else "float32"
     if args.local_sgd:
@@ -273,7 +341,10 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
             return mesh.allreduce(grads, weight=n, wire_dtype=wire)
 
     comm_s: list[float] = []
-    inner = mlx_step(args, s, model, optimizer, None if outer is not None else reduce, comm_s)
+    if args.stage:
+        inner = sharded_step(args, s, model, opt)
+    else:
+        inner = mlx_step(args, s, model, optimizer, None if outer is not None else reduce, comm_s)
 
     def step(idx: np.ndarray, i: int) -> float:
         loss = inner(idx, i)
@@ -293,7 +364,13 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
     if outer is not None:
         outer.flush()
         out["mode"] = outer.describe()
-    if mesh.is_main:
+    if args.stage:
+        out["mode"] = f"ZeRO stage {args.stage}, fp32 wire"
+    if args.stage == 3:  # every forward gathers the blocks: every worker evaluates, the main one reports
+        loss = val_loss(args, s, model)
+        if mesh.is_main:
+            out["val_loss"] = loss
+    elif mesh.is_main:
         out["val_loss"] = val_loss(args, s, model)
     print("RESULT " + json.dumps(out), flush=True)
     mesh.close()
@@ -528,6 +605,8 @@ def run_meshtrain(
     scaling = sys.modules["peers_scaling"]
     wire = "bf16" if mode in ("meshtrain-bf16", "local-sgd") else "fp32"
     script = [*flags, "--worker", "meshtrain", "--wire", wire, "--threads", str(args.cores_per_node)]
+    if mode in STAGES:
+        script += ["--stage", str(STAGES[mode])]
     if mode == "local-sgd":
         script += ["--local-sgd", args.sync_every]
     if ns_prefix:
@@ -691,8 +770,11 @@ def bytes_per_token(out: Outcome, mode: str, n: int, link: str, args: argparse.N
         return "0"
     if link != "loopback":
         return f"{statistics.mean(r['tx_bytes'] for r in out.ranks) / tokens:.1f}"
-    wire = WIRE_BYTES["bf16" if mode in ("meshtrain-bf16", "local-sgd") else mode.rsplit("-", 1)[1]]
-    per_step = 2 * (n - 1) / n * args.params * wire
+    dtype = "fp32" if mode in STAGES else mode.rsplit("-", 1)[1]
+    wire = WIRE_BYTES["bf16" if mode in ("meshtrain-bf16", "local-sgd") else dtype]
+    # stage 3: each block's parameters gathered twice (forward, backward) and its gradient reduce-scattered,
+    # 3 x (N-1)/N of them (the root unit's 2 x, an all-reduce, is counted as 3 x: an upper bound)
+    per_step = (3 if STAGES.get(mode) == 3 else 2) * (n - 1) / n * args.params * wire
     if mode == "local-sgd":
         h = re.search(r"sync every (\d+)", out.main.get("mode", ""))
         per_step /= int(h[1]) if h else float(args.sync_every)
@@ -758,7 +840,7 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
     )
     print(
         f"{'link':<9} {'N':>2} {'fp32 wire':>20} {'bf16 wire':>20} {'best/best':>20} {'local SGD/best':>20}"
-        f" {'scaling best/best':>20}"
+        f" {'scaling best/best':>20} {'s2/DP fp32':>11} {'s3/DP fp32':>11}"
     )
     peers = ["mlx-fp32", "ddp-fp32", "mlx-bf16", "ddp-bf16"]
     ours = ["meshtrain-fp32", "meshtrain-bf16"]
@@ -780,10 +862,16 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
             (x, _), (y, who) = max(a), max(b)
             return f"{x / y:.2f}x ({who})"
 
+        def zero(mode: str, table: dict[str, float] = speed) -> str:  # a ZeRO stage over unsharded fp32
+            if mode not in table or "meshtrain-fp32" not in table:
+                return "-"
+            return f"{table[mode] / table['meshtrain-fp32']:.2f}x"
+
         print(
             f"{cell.link:<9} {cell.nodes:>2} {ratio(['meshtrain-fp32'], ['mlx-fp32', 'ddp-fp32']):>20} "
             f"{ratio(['meshtrain-bf16'], ['mlx-bf16', 'ddp-bf16']):>20} {ratio(ours, peers):>20} "
-            f"{ratio(['local-sgd'], peers):>20} {ratio(ours, peers, eff):>20}"
+            f"{ratio(['local-sgd'], peers):>20} {ratio(ours, peers, eff):>20} {zero('meshtrain-s2'):>11} "
+            f"{zero('meshtrain-s3'):>11}"
         )
 
 
@@ -872,6 +960,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--iface-prefix", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local-sgd", default=None, metavar="H", help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, default=0, choices=(0, 2, 3), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return args
