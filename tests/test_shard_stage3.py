@@ -197,3 +197,12 @@ def test_an_mlx_lm_llama_shards_its_model_layers_by_default() -> None:
 
     plain, sharded = train(False), train(True)
     assert max(float(np.abs(plain[k] - sharded[k]).max()) for k in plain) <= 1e-6
+
+
+def test_the_prefetch_schedule_is_the_first_pass_of_the_first_step() -> None:
+    from meshtrain.shard.gathered import schedule
+
+    assert schedule([0, 1, 2]) == {0: 1, 1: 2}
+    assert schedule([0, 1, 2, 0, 1, 2]) == {0: 1, 1: 2}  # an evaluation forward, then the training one
+    assert schedule([0, 1, 0, 2]) == {0: 1}  # a layer used twice: the pass ends there
+    assert schedule([]) == {}

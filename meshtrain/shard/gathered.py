@@ -25,8 +25,8 @@ from then on, a layer's forward starts the next one's gather before it computes,
 backward the previous one's, so the ring moves the next layer while MLX computes this one. At most
 one gather is ahead, and the optimizer waits for it before any collective of its own, so nothing
 else shares the ring meanwhile. A layer called out of the recorded order just waits for the
-prefetched gather and issues its own (every member alike); a layer called twice in one step turns
-prefetch off.
+prefetched gather and issues its own (every member alike); the schedule is the first step's calls
+up to the first layer called again (an evaluation pass before training, a layer used twice).
 
 Dropout: a layer holding a Dropout module is run with the same seed in its forward and its
 recomputation (per step, call and rank), so both see the same mask.
@@ -76,12 +76,8 @@ class GatheredLayers:
         """After an update: the first step's order becomes the prefetch schedule."""
         self.calls = 0
         if self._next is None and self._order:
-            order = self._order
-            if len(set(order)) == len(order):
-                self._next = {a: b for a, b in zip(order, order[1:], strict=False)}
-                self._prev = {b: a for a, b in self._next.items()}
-            else:
-                self._next, self.prefetch = {}, False
+            self._next = schedule(self._order)
+            self._prev = {b: a for a, b in self._next.items()}
 
     # --- the collectives ----------------------------------------------------------------------
     def _sizes(self, u: int) -> list[int]:
@@ -279,6 +275,19 @@ class GatheredLayers:
             return None
         opt = self.opt
         return (opt._steps * 1_000_003 + self.calls * 7919 + opt.mesh.rank * 104_729) & 0x7FFFFFFF
+
+
+def schedule(calls: Sequence[int]) -> dict[int, int]:
+    """Unit -> the unit called after it, from the first step's calls up to the first unit called
+    again (an evaluation before training, or a layer used twice, ends the pass there)."""
+    seen: set[int] = set()
+    order: list[int] = []
+    for u in calls:
+        if u in seen:
+            break
+        seen.add(u)
+        order.append(u)
+    return dict(zip(order, order[1:], strict=False))
 
 
 def _check_output(out: Any, layer: Any) -> None:
