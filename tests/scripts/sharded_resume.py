@@ -27,9 +27,17 @@ parser.add_argument("--stage", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds each step waits (checkpoints come due)")
+parser.add_argument("--times", default="", help="rank 0 logs step times here (bench/reshard.py)")
 args = parser.parse_args()
 
+def mark(event: str) -> None:
+    if args.times and mesh.is_main:
+        with open(args.times, "a") as f:
+            f.write(json.dumps({"event": event, "step": mesh.step, "t": time.time()}) + "\n")
+
+
 mesh = meshtrain.init()
+mark("started")
 mx.random.seed(0)
 model = nn.Sequential(nn.Linear(12, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 6))
 mx.eval(model.parameters())
@@ -42,6 +50,7 @@ if args.stage:
     opt = mesh.shard(model, optimizer, stage=args.stage, wire_dtype="float32")
 else:
     mesh.register(model, optimizer)
+mark("registered")
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 loss = float("nan")
@@ -61,6 +70,7 @@ for idx in mesh.batches(len(X), args.batch, epoch=0):
     time.sleep(args.sleep)
     mesh.report(loss=loss, samples=len(idx))
     done += 1
+    mark("step")
     whole = opt.gather_parameters(model) if args.stage == 3 else dict(tree_flatten(model.parameters()))
     if mesh.is_main:
         np.savez(out / f"params-{done}.npz", **{k: np.array(v) for k, v in whole.items()})
