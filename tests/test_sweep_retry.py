@@ -156,7 +156,7 @@ def test_a_trial_given_up_on_lost_nodes_is_cancelled_in_the_mesh(
         assert launcher.cancelled == [] and len(warnings) == 1, caplog.records
         assert "could not cancel trial 0's abandoned job j0b1: no job j0b1" in warnings[0].getMessage()
     else:
-        assert launcher.cancelled == [("j0b1", "its nodes left the mesh")] and not warnings
+        assert launcher.cancelled == [("j0b1", "its nodes left the mesh (by the sweep)")] and not warnings
 
 
 def test_the_mesh_cancel_of_an_agent_launcher_goes_to_its_socket(tmp_path: Path) -> None:

@@ -724,8 +724,14 @@ class MeshJobs:
         elif op == "mesh.jobs":
             await conn.reply(True, jobs=await self.listing())
         elif op == "mesh.cancel":
+            given = header.get("reason")  # a sweep says why it gives a trial up; `meshtrain cancel` does not
+            reason = (
+                f"cancelled: {given.strip()[:200]}"
+                if isinstance(given, str) and given.strip()
+                else "cancelled by the user (meshtrain cancel)"
+            )
             try:
-                note = await self.cancel(str(header.get("job")), "cancelled by the user (meshtrain cancel)")
+                note = await self.cancel(str(header.get("job")), reason)
             except UserError as exc:
                 await conn.reply(False, error="job", message=str(exc))
                 return

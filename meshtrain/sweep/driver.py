@@ -55,7 +55,7 @@ LIVENESS_S = 1.0  # how often running trials' nodes are looked up
 LOST_GRACE_S = 5.0  # a trial none of whose nodes has been alive this long is lost (see _watch_nodes)
 SWEEP_EXTRA = "pip install 'meshtrain[sweep]'"
 MESH_CANCEL_S = 10.0  # how long one abandoned job's mesh-wide cancel may take (it runs beside the sweep)
-ABANDONED_REASON = "its nodes left the mesh"
+ABANDONED_REASON = "its nodes left the mesh"  # the job's record: "cancelled: ... (by the sweep)"
 
 log = logging.getLogger("meshtrain.sweep")
 
@@ -365,7 +365,8 @@ class Sweep:
         connection is closed at once; the mesh-wide cancel finds the job's coordinator on any node.
         """
         try:
-            note = await asyncio.wait_for(mesh_cancel(launcher, job, ABANDONED_REASON), MESH_CANCEL_S)
+            why = f"{ABANDONED_REASON} (by the sweep)"
+            note = await asyncio.wait_for(mesh_cancel(launcher, job, why), MESH_CANCEL_S)
         except Exception as exc:  # noqa: BLE001 - best effort: the sweep goes on either way
             why = str(exc) or exc.__class__.__name__
             log.warning(
