@@ -206,3 +206,21 @@ def test_the_prefetch_schedule_is_the_first_pass_of_the_first_step() -> None:
     assert schedule([0, 1, 2, 0, 1, 2]) == {0: 1, 1: 2}  # an evaluation forward, then the training one
     assert schedule([0, 1, 0, 2]) == {0: 1}  # a layer used twice: the pass ends there
     assert schedule([]) == {}
+
+
+def test_a_gather_waited_for_says_why_it_may_be_stuck(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other workers alive but not calling the model (a main-only evaluation) would leave a
+    gather waiting with no word: every WAIT_WARN_S it says what every worker must do."""
+    import threading
+    from concurrent.futures import Future
+
+    from meshtrain.shard import gathered
+
+    monkeypatch.setattr(gathered, "WAIT_WARN_S", 0.05)
+    future: Future[int] = Future()
+    threading.Timer(0.3, future.set_result, (7,)).start()
+    assert gathered.GatheredLayers(None)._result(future, "gather") == 7
+    err = capsys.readouterr().err
+    assert "stage 3 has waited" in err and "every worker must call the model the same number of times" in err

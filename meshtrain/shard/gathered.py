@@ -34,8 +34,10 @@ recomputation (per step, call and rank), so both see the same mask.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, cast
 
 import numpy as np
@@ -44,6 +46,7 @@ from meshtrain.errors import PeerLost, UserError
 from meshtrain.shard.units import owned_run, piece_sizes
 
 _RANDOM_MODULES = ("Dropout", "Dropout2d", "Dropout3d")
+WAIT_WARN_S = 30.0  # a layer's gather or reduction waited this long: say why it may be stuck
 
 
 class GatheredLayers:
@@ -98,9 +101,23 @@ class GatheredLayers:
         for future in queued:
             future.exception()  # finished either way; its own waiter reports a failure
 
-    def _result(self, future: Future[Any]) -> Any:
+    def _result(self, future: Future[Any], what: str = "collective") -> Any:
+        """The collective's result; a line on stderr each WAIT_WARN_S it is still waited for (the
+        other workers alive but not calling the model: a main-only evaluation would hang quietly)."""
+        waited = 0.0
         try:
-            return future.result()
+            while True:
+                try:
+                    return future.result(timeout=WAIT_WARN_S)
+                except FutureTimeout:
+                    waited += WAIT_WARN_S
+                    print(
+                        f"meshtrain: stage 3 has waited {waited:.0f}s for the other workers in a layer's "
+                        f"{what}: every worker must call the model the same number of times (evaluate "
+                        "with mesh.evaluate on every worker, not on the main one only)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         except PeerLost as exc:
             self.drain()
             raise self.opt._lost(self.opt.plan, exc) from None
@@ -151,7 +168,7 @@ class GatheredLayers:
             future = self._start_gather(u, self._my_piece(u, leaves))
         if then is not None and self.prefetch:
             self._ahead = (then, self._start_gather(then, self._my_piece(then)))
-        whole = self._result(future)
+        whole = self._result(future, "gather")
         self.gathers += 1
         self.gathered_bytes += whole.nbytes
         out, off = [], 0
@@ -186,7 +203,7 @@ class GatheredLayers:
         future = self._submit(
             lambda: opt.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
         )
-        piece = self._result(future)
+        piece = self._result(future, "gradient reduction")
         start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
         out, off = [], 0
         for pos, leaf in enumerate(unit):
