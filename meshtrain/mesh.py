@@ -121,14 +121,8 @@ class Mesh:
         (and one all-reduce) per K (meshtrain.train.accumulate shows the loop).
         """
         if accumulate != 1:
-            from meshtrain.train.accumulate import check_accumulate, micro_batches
-
             whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
-            self.accumulating = check_accumulate(accumulate)
-            try:
-                yield from micro_batches(whole, self.accumulating)
-            finally:
-                self.accumulating = 1
+            yield from self._micro_batches(whole, accumulate)
             return
         perm = np.random.default_rng([seed, epoch]).permutation(n_samples)
         stop = n_samples - (n_samples % batch_size if drop_last else 0)
@@ -138,6 +132,16 @@ class Mesh:
             self.local_batch_size = len(mine)
             yield mine
             self._committed += 1
+
+    def _micro_batches(self, whole: Iterator[np.ndarray], accumulate: int) -> Iterator[np.ndarray]:
+        """Each slice of `whole` as `accumulate` micro-batches; `accumulating` says K meanwhile."""
+        from meshtrain.train.accumulate import check_accumulate, micro_batches
+
+        self.accumulating = check_accumulate(accumulate)
+        try:
+            yield from micro_batches(whole, self.accumulating)
+        finally:
+            self.accumulating = 1
 
     def config(self, **params: Any) -> dict[str, Any]:
         """Declare the run's hyper-parameters (`mesh.config(lr=1e-3, layers=4)`): recorded with the

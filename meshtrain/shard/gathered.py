@@ -43,6 +43,7 @@ from typing import Any, cast
 import numpy as np
 
 from meshtrain.errors import PeerLost, UserError
+from meshtrain.ring.tensors import flatten_tree
 from meshtrain.shard.units import owned_run, piece_sizes
 
 _RANDOM_MODULES = ("Dropout", "Dropout2d", "Dropout3d")
@@ -58,7 +59,6 @@ class GatheredLayers:
         self.calls = 0  # layer calls this step (seeds the dropout of each)
         self.gathers = 0
         self.prefetched = 0  # gathers that were already under way when their layer asked
-        self.gathered_bytes = 0
         self.layers: list[Any] = []
         self._order: list[int] = []  # the first step's forward order of the units
         self._next: dict[int, int] | None = None  # recorded: unit -> the next one called forward
@@ -124,7 +124,6 @@ class GatheredLayers:
 
     def _my_piece(self, u: int, leaves: Sequence[Any] | None = None) -> np.ndarray:
         """This member's owned arrays of unit `u`, float32 and flat (read on the calling thread)."""
-        import mlx.core as mx
 
         opt = self.opt
         unit = opt.units.layers[u]
@@ -135,10 +134,7 @@ class GatheredLayers:
             leaves = [
                 v for _, v in cast(list[tuple[str, Any]], tree_flatten(self.layers[u].trainable_parameters()))
             ]
-        mine = [leaves[pos] for pos in range(start, stop)]
-        mx.eval(mine)
-        parts = [np.asarray(a.astype(mx.float32) if a.dtype != mx.float32 else a).reshape(-1) for a in mine]
-        return np.concatenate(parts) if parts else np.empty(0, np.float32)
+        return flatten_tree([leaves[pos] for pos in range(start, stop)])[0]
 
     def _start_gather(self, u: int, piece: np.ndarray) -> Future[np.ndarray]:
         opt = self.opt
@@ -157,7 +153,6 @@ class GatheredLayers:
     def gather(self, u: int, leaves: Sequence[Any], *, then: int | None = None) -> list[Any]:
         """Layer `u`'s parameters, whole, in its leaf order (each member gives the arrays it owns);
         with `then`, that layer's gather is started behind it (prefetch)."""
-        import mlx.core as mx
 
         opt = self.opt
         ahead, self._ahead = self._ahead, None
@@ -170,16 +165,7 @@ class GatheredLayers:
             self._ahead = (then, self._start_gather(then, self._my_piece(then)))
         whole = self._result(future, "gather")
         self.gathers += 1
-        self.gathered_bytes += whole.nbytes
-        out, off = [], 0
-        for leaf in opt.units.layers[u]:
-            n = opt._elems[leaf]
-            arr = mx.array(whole[off : off + n]).reshape(opt._shapes[leaf])
-            dtype = opt._dtypes[leaf]
-            out.append(arr if dtype == mx.float32 else arr.astype(dtype))
-            off += n
-        del whole
-        return out
+        return cast(list[Any], opt.arrays(whole, opt.units.layers[u]))
 
     def reduce(self, u: int, grads: Sequence[Any]) -> list[Any]:
         """Reduce-scatter layer `u`'s whole gradient: this member's owned arrays of the weighted mean;
@@ -191,12 +177,7 @@ class GatheredLayers:
         opt = self.opt
         unit = opt.units.layers[u]
         sizes = self._sizes(u)
-        buf = np.empty(sum(sizes), np.float32)
-        off = 0
-        for g in grads:
-            flat = np.asarray(g.astype(mx.float32) if g.dtype != mx.float32 else g).reshape(-1)
-            buf[off : off + flat.size] = flat
-            off += flat.size
+        buf, _ = flatten_tree(list(grads))
         wire = resolve_wire_dtype(list(grads), opt.wire_dtype)
         weight = opt._step_weight()
         opt._check_members(opt.plan)
@@ -205,17 +186,12 @@ class GatheredLayers:
         )
         piece = self._result(future, "gradient reduction")
         start, stop = owned_run(unit, opt.plan.leaf_ranges[opt.mesh.rank])
-        out, off = [], 0
-        for pos, leaf in enumerate(unit):
-            dtype = opt._dtypes[leaf]
-            if start <= pos < stop:
-                n = opt._elems[leaf]
-                g = mx.array(piece[off : off + n]).reshape(opt._shapes[leaf])
-                out.append(g if dtype == mx.float32 else g.astype(dtype))
-                off += n
-            else:
-                out.append(mx.zeros((0,), dtype))
-        return out
+        mine = opt.arrays(piece, unit[start:stop])
+        return (
+            [mx.zeros((0,), opt._dtypes[leaf]) for leaf in unit[:start]]
+            + mine
+            + [mx.zeros((0,), opt._dtypes[leaf]) for leaf in unit[stop:]]
+        )
 
     # --- one layer call -----------------------------------------------------------------------
     def call(

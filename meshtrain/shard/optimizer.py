@@ -43,12 +43,13 @@ missing; a job with checkpoints rolls back to its newest one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
 
 from meshtrain.errors import PeerLost, UserError
+from meshtrain.ring.tensors import flatten_tree
 from meshtrain.shard.plan import ShardPlan, plan_shards
 from meshtrain.shard.units import Units, group_leaves, owned_run, piece_sizes
 
@@ -359,21 +360,12 @@ class ShardedOptimizer:
             raise UserError("the gradients must have the model's trainable parameters' structure")
         root = self.units.root
         sizes = piece_sizes(root, self._elems, plan.leaf_ranges)
-        buf = np.empty(sum(sizes), np.float32)
-        off = 0
-        for i in root:
-            g = flat[self._paths[i]]
-            buf[off : off + self._elems[i]] = np.asarray(g.astype(mx.float32)).reshape(-1)
-            off += self._elems[i]
+        buf, _ = flatten_tree([flat[self._paths[i]] for i in root])
         piece = self.mesh.reduce_scatter(buf, sizes, weight=weight, wire_dtype=wire, overwrite=True)
         del buf
         start, stop = owned_run(root, plan.leaf_ranges[rank])
-        mine: dict[str, Any] = {}
-        off = 0
-        for i in root[start:stop]:
-            g = mx.array(piece[off : off + self._elems[i]]).reshape(self._shapes[i])
-            mine[self._paths[i]] = g if self._dtypes[i] == mx.float32 else g.astype(self._dtypes[i])
-            off += self._elems[i]
+        owned_root = root[start:stop]
+        mine = dict(zip((self._paths[i] for i in owned_root), self.arrays(piece, owned_root), strict=True))
         lo, hi = plan.leaf_ranges[rank]
         in_root = set(root)
         for i in range(lo, hi):
@@ -405,25 +397,30 @@ class ShardedOptimizer:
         sizes = piece_sizes(root, self._elems, plan.leaf_ranges)
         whole = np.empty(sum(sizes), np.float32)
         start, stop = owned_run(root, plan.leaf_ranges[rank])
-        lo = sum(sizes[:rank])
-        off = lo
-        for i in root[start:stop]:
-            a = updated[self._paths[i]]
-            whole[off : off + self._elems[i]] = np.asarray(a.astype(mx.float32)).reshape(-1)
-            off += self._elems[i]
-        self.mesh.all_gather(whole[lo:off], sizes, wire_dtype="float32", out=whole)
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        flatten_tree([updated[self._paths[i]] for i in root[start:stop]], buffer=lambda n: whole[lo : lo + n])
+        self.mesh.all_gather(whole[lo:hi], sizes, wire_dtype="float32", out=whole)
         self._check_members(plan)
-        root_paths = {self._paths[i] for i in root}
-        leaves = [(p, a) for p, a in updated.items() if p not in root_paths]
-        off = 0
-        for i in root:
-            a = mx.array(whole[off : off + self._elems[i]]).reshape(self._shapes[i])
-            leaves.append((self._paths[i], a if self._dtypes[i] == mx.float32 else a.astype(self._dtypes[i])))
-            off += self._elems[i]
+        root_paths = [self._paths[i] for i in root]
+        in_root = set(root_paths)
+        leaves = [(p, a) for p, a in updated.items() if p not in in_root]
+        leaves += list(zip(root_paths, self.arrays(whole, root), strict=True))
         model.update(tree_unflatten(leaves), strict=False)
         mx.eval(model.parameters())
         if self.gathered is not None:
             self.gathered.step_done()
+
+    def arrays(self, buf: np.ndarray, leaves: Sequence[int]) -> list[Any]:
+        """MLX arrays of `leaves` (their shapes and dtypes), cut in order out of the float32 `buf`:
+        the inverse of meshtrain.ring.tensors.flatten_tree for a run of the model's leaves."""
+        import mlx.core as mx
+
+        out, off = [], 0
+        for i in leaves:
+            a = mx.array(buf[off : off + self._elems[i]]).reshape(self._shapes[i])
+            out.append(a if self._dtypes[i] == mx.float32 else a.astype(self._dtypes[i]))
+            off += self._elems[i]
+        return out
 
     def owned_parameters(self) -> dict[str, Any]:
         """The whole arrays this member owns, by flat path (a stage-3 checkpoint part's parameters)."""

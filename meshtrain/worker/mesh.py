@@ -280,14 +280,8 @@ class WorkerMesh(Mesh):
         yields each slice as K micro-batches (meshtrain.train.accumulate).
         """
         if accumulate != 1:
-            from meshtrain.train.accumulate import check_accumulate, micro_batches
-
             whole = self.batches(n_samples, batch_size, epoch=epoch, seed=seed, drop_last=drop_last)
-            self.accumulating = check_accumulate(accumulate)
-            try:
-                yield from micro_batches(whole, self.accumulating)
-            finally:
-                self.accumulating = 1
+            yield from self._micro_batches(whole, accumulate)
             return
         steps = self._steps
         steps.start_epoch(n_samples, batch_size, seed, epoch)
