@@ -606,7 +606,7 @@ class JobRunner:
                     change = asyncio.create_task(self.membership.changed(SNAPSHOT_INTERVAL_S))
                 if not (self._cancelling or self._failures or self._rollback):
                     self._check_orphans()
-                if not (self._cancelling or self._failures or self._rollback):
+                if not (self._cancelling or self._failures or self._rollback):  # it may have ended it
                     self._watch_membership()
                     self._update_view()
                     if self._finished_any():
@@ -857,8 +857,7 @@ class JobRunner:
                 self._view_dirty = True
             return False
         if kind == "event" and header.get("type") == "adopted":
-            p.adopted = True
-            self._orphaned_at = None
+            p.adopted = True  # a holder now: the next _check_orphans clears any countdown
             return False
         if kind == "event" and header.get("type") == "formed":
             self._saw_formed(header.get("generation"), header.get("members"))
