@@ -132,6 +132,7 @@ class JobOptions(Mapping[str, Any]):
     keep: int | None = None  # --keep
     resume: bool = False  # --resume
     shares: str | None = None  # perf | equal; None: the node's $MESHTRAIN_SHARES, else perf
+    shard_replicas: int | None = None  # --shard-replicas: nodes holding each optimizer shard (None: auto)
     tracking: dict[str, Any] | None = None  # the run's record (meshtrain.tracking.options)
     notify: tuple[str, ...] = ()  # --notify targets, in meshtrain.notify.targets' text form
     notify_when: tuple[str, ...] = ()  # --notify-when conditions, meshtrain.notify.condition's text form
@@ -146,6 +147,7 @@ class JobOptions(Mapping[str, Any]):
         "keep",
         "resume",
         "shares",
+        "shard_replicas",
         "tracking",
         "notify",
         "notify_when",
@@ -186,6 +188,7 @@ class JobOptions(Mapping[str, Any]):
             keep=_int(what, "keep", raw.get("keep"), minimum=1),
             resume=_bool(what, "resume", raw.get("resume", False)),
             shares=_str(what, "shares", raw.get("shares")),
+            shard_replicas=_int(what, "shard_replicas", raw.get("shard_replicas"), minimum=1),
             tracking=_table(what, "tracking", raw.get("tracking")),
             notify=_strings(what, "notify", raw.get("notify")),
             notify_when=_strings(what, "notify_when", raw.get("notify_when")),

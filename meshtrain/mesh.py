@@ -38,6 +38,7 @@ class Mesh:
     _committed: int = 0
     _resumed_from: int | None = None
     local_batch_size: int | None = None  # the size of the slice `batches` handed out last (stage 3's weight)
+    shard_replicas: int | None = None  # the job's --shard-replicas (None: auto, meshtrain.shard.replicas)
     accumulating: int = 1  # K while `batches(..., accumulate=K)` yields micro-batches
 
     @property

@@ -110,6 +110,13 @@ def add_parser(sub: Any) -> None:
         help="each node's share of the global batch: by measured speed (default) or equal",
     )
     run.add_argument(
+        "--shard-replicas",
+        type=positive,
+        metavar="R",
+        help="sharded training: nodes holding each shard of the optimizer state, so a lost node's "
+        "shards are taken over without a roll-back (default 2 at stage 1 on 3 or more nodes, else 1)",
+    )
+    run.add_argument(
         "--ledger",
         metavar="DIR",
         help="debug: every worker logs the sample indices of each committed step to DIR on its node",
@@ -186,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
 
     options = options.replace(
         shares=getattr(args, "shares", DEFAULT_SHARE_MODE),
+        shard_replicas=getattr(args, "shard_replicas", None),
         tracking=tracking_options(args.script, args.report_to, args.report_dir),
     )
     if getattr(args, "notify", None):

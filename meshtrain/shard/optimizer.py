@@ -33,24 +33,35 @@ whole averaged gradient (stage 2: the sum of every shard's squares, all-reduced
 exactly as float32), with mlx.optimizers.clip_grad_norm's formula. The
 parameters travel as float32, so the replicas stay bit-identical.
 
-Losing a member loses its shard of the optimizer state (and at stage 3 of
-the parameters: one copy of each shard, replicas are not yet built); so does
-re-sharding for a joiner. The update (stage 3: the next gather) then raises
-`ShardLost`, one line naming the members, rather than training on with state
-missing; a job with checkpoints rolls back to its newest one.
+Losing a member: at stage 1 with `replicas` R >= 2 (the default on 3 or more
+nodes, meshtrain.shard.replicas) every shard of the optimizer state is also
+held by the next R-1 members, whose backups take the same update each step.
+The step's reduction survives the loss like any data-parallel step's (the
+lost member's slice is carried into the next step), and the survivors then
+re-plan the shards among themselves, move the state each new holder lacks
+from a surviving copy, and go on: no roll-back, every sample once. Otherwise
+(stages 2 and 3, R = 1, a joiner, a loss inside the all-gather or the
+take-over itself, or every holder of a shard lost at once) the update (stage
+3: the next gather) raises `ShardLost`, one line naming the members, rather
+than training on with state missing; a job with checkpoints rolls back to
+its newest one.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import msgpack
 import numpy as np
 
 from meshtrain.errors import PeerLost, UserError
 from meshtrain.ring.tensors import flatten_tree
-from meshtrain.shard.plan import ShardPlan, plan_shards
+from meshtrain.shard import replicas as placement
+from meshtrain.shard.plan import DoesNotFit, ShardPlan, plan_shards
 from meshtrain.shard.units import Units, group_leaves, owned_run, piece_sizes
 
 MiB = 1 << 20
@@ -101,7 +112,9 @@ class ShardedOptimizer:
     parameters always travel as float32. `free_memory` overrides this
     node's free memory in bytes (a number, or a callable) for the plan;
     `reserve` is what each node keeps outside the training state
-    (activations, data), in bytes.
+    (activations, data), in bytes. `replicas`: how many members hold each
+    shard of the optimizer state (default: the job's --shard-replicas, else
+    2 at stage 1 on 3 or more nodes where it fits, else 1).
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class ShardedOptimizer:
         reserve: int = 0,
         layers: Any = None,
         prefetch: bool = True,
+        replicas: int | None = None,
     ) -> None:
         if stage not in (1, 2, 3):
             raise UserError(f"shard stage must be 1, 2 or 3 (got {stage!r})")
@@ -145,9 +159,14 @@ class ShardedOptimizer:
         self.units: Units | None = None
         self.gathered: Any = None  # stage 3: meshtrain.shard.gathered.GatheredLayers
         self._model: Any = None
+        self.replicas_asked = replicas if replicas is not None else getattr(mesh, "shard_replicas", None)
+        self.replicas = 1  # resolved at register (meshtrain.shard.replicas)
+        self.backups: dict[int, Any] = {}  # shard index -> an optimizer over that shard's state (a copy)
+        self.takeovers = 0
+        self.joining = False  # a joiner whose shards come with its first update (a take-over)
 
     # --- setting up --------------------------------------------------------------------
-    def register(self, model: Any) -> ShardPlan:
+    def register(self, model: Any) -> ShardPlan | None:
         """Agree on the parameters with the other replicas, plan the shards, initialise this one's state.
 
         Raises `DoesNotFit` (one line, the numbers per node) before training
@@ -178,21 +197,32 @@ class ShardedOptimizer:
             self.mesh.register(_RootView(model, prefixes), _Replicated())
         else:
             self.mesh.register(model, _Replicated())
+        if self.stage == 1 and hasattr(self.mesh, "keep_ring_for_joins"):
+            self.mesh.keep_ring_for_joins = True  # a join never re-forms the ring inside an update
         members = tuple(self.mesh.roster)
+        if not members:  # a joiner, before its first ring: its shards come in its first update
+            self._await_shards()
+            return None
         free = self._free_memory_of_all(len(members))
-        self.plan = plan_shards(
-            self._elems,
-            members,
-            free,
-            stage=self.stage,
-            state_bytes=state_bytes_per_element(self.optimizer),
-            reserve=self.reserve + self._gathered_reserve(),
-        )
+        self.replicas = placement.resolve(self.replicas_asked, self.stage, len(members))
+        try:
+            self.plan = self._plan(members, free, self.replicas)
+        except DoesNotFit:
+            if self.replicas == 1 or self.replicas_asked is not None:
+                raise
+            self.replicas = 1  # auto: the backups do not fit, one copy does
+            print(
+                "meshtrain: sharded training keeps one copy of each optimizer shard (a backup on a "
+                "second node does not fit in memory): a lost node rolls the job back",
+                file=sys.stderr,
+            )
+            self.plan = self._plan(members, free, 1)
         if self.stage == 3:
             self._drop_unowned(model)
         mine = self._own_params(model)
         self.optimizer.init(mine)
         mx.eval(self.optimizer.state)
+        self._init_backups(model)
         saving.restore(self)  # a --resume: this member's new shard, re-sliced from the checkpoint's
         if self.stage == 3:
             from meshtrain.shard.gathered import GatheredLayers
@@ -200,6 +230,52 @@ class ShardedOptimizer:
             self.gathered = GatheredLayers(self, prefetch=self.prefetch)
             self.gathered.install(layers, prefixes)
         return self.plan
+
+    def _await_shards(self) -> None:
+        """A joiner of a job already training: at stage 1 with replicas its first update takes part
+        in the others' take-over, which hands it its shards (not the whole optimizer state); at
+        stages 2 and 3 the job re-shards for it by a roll-back, which this asks for now."""
+        if self.stage != 1:
+            raise ShardLost(
+                f"a node joined a job sharded at stage {self.stage}: it is given its shards by a roll-back "
+                "(with --checkpoint-every the job starts again from its newest checkpoint on every node)"
+            )
+        self.joining = True
+        if hasattr(self.mesh, "on_zero_step"):
+            self.mesh.on_zero_step = self._zero_step
+
+    def _plan(self, members: tuple[str, ...], free: Sequence[int], replicas: int) -> ShardPlan:
+        """The shards by free memory; with replicas, each node's sharded state counts R times
+        (its own shard and the backups of the R-1 before it, near-equal in an even plan)."""
+        return plan_shards(
+            self._elems,
+            members,
+            free,
+            stage=self.stage,
+            state_bytes=state_bytes_per_element(self.optimizer) * replicas,
+            reserve=self.reserve + self._gathered_reserve(),
+        )
+
+    def _fresh_optimizer(self) -> Any:
+        """A copy of the optimizer (its hyper-parameters and schedules) with no per-array state yet."""
+        fresh = copy.copy(self.optimizer)
+        fresh._state = {k: v for k, v in self.optimizer.state.items() if not isinstance(v, dict)}
+        fresh._initialized = False
+        return fresh
+
+    def _init_backups(self, model: Any) -> None:
+        """The backups this member holds (meshtrain.shard.replicas): the shards of the R-1 before it."""
+        import mlx.core as mx
+
+        assert self.plan is not None
+        self.backups = {}
+        size = len(self.plan.members)
+        flat = dict(_flat(model.trainable_parameters()))
+        for k in placement.held_shards(self.mesh.rank, size, self.replicas)[1:]:
+            backup = self._fresh_optimizer()
+            backup.init({self._paths[i]: flat[self._paths[i]] for i in range(*self.plan.leaf_ranges[k])})
+            self.backups[k] = backup
+        mx.eval([b.state for b in self.backups.values()])
 
     def _gathered_reserve(self) -> int:
         """Stage 3's memory outside the shards: the root unit whole (parameters, gradient, buffers:
@@ -229,16 +305,19 @@ class ShardedOptimizer:
 
     def _free_memory_of_all(self, size: int) -> list[int]:
         """Every member's free memory (MiB granularity, exact in the float32 swap), in rank order."""
-        if self.free_memory is None:
-            import psutil
-
-            mine = int(psutil.virtual_memory().available)
-        else:
-            mine = int(self.free_memory() if callable(self.free_memory) else self.free_memory)
+        mine = self._free_here()
         vec = np.zeros(size, np.float32)
         vec[self.mesh.rank] = float(min(mine // MiB, 2**24))
         summed = self.mesh.allreduce(vec, weight=1.0, wire_dtype="float32") * size
         return [int(round(float(v))) * MiB for v in summed]
+
+    def _free_here(self) -> int:
+        """This node's free memory in bytes (psutil's `available`, or the `free_memory` given)."""
+        if self.free_memory is None:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        return int(self.free_memory() if callable(self.free_memory) else self.free_memory)
 
     # --- what the loop calls --------------------------------------------------------------
     @property
@@ -264,29 +343,43 @@ class ShardedOptimizer:
         from meshtrain.ring import tensors
         from meshtrain.ring.codecs import resolve as resolve_wire_dtype
 
-        if self.plan is None:
+        if self.plan is None and not self.joining:
             self.register(model)
         plan = self.plan
-        assert plan is not None
-        self._check_members(plan)
+        if self.stage != 1:
+            assert plan is not None
+            self._check_members(plan)  # stage 1: the step's all-reduce survives a change, then a take-over
         rank = self.mesh.rank
-        lo_leaf, hi_leaf = plan.leaf_ranges[rank]
+        lo_leaf, hi_leaf = plan.leaf_ranges[rank] if plan is not None else (0, 0)
         wire = resolve_wire_dtype(grads, self.wire_dtype)
         if self.stage == 3:
             weight = self._check_weight(weight)
             if self.gathered is not None:
                 self.gathered.drain()  # nothing of the backward's still on the ring
         weight = 1.0 if weight is None else weight
+        backup_grads: dict[int, dict[str, Any]] = {}
         try:
             if self.stage == 3:
                 mine, norm_sq = self._stage3_gradients(grads, weight, wire)
-            elif self.stage == 1:
+            elif self.stage == 1 or plan is None:
                 reduced = self.mesh.allreduce(grads, weight=weight, wire_dtype=wire)
-                self._check_members(plan)
+                owed = getattr(self.mesh, "owed_state", ())
+                if plan is not None and owed and set(self.mesh.roster) - set(plan.members) <= set(owed):
+                    plan = self._padded(plan)  # joined in this step: their shards come in the next
+                elif plan is None or tuple(self.mesh.roster) != plan.members:
+                    plan = self._take_over(plan)  # the survivors' shards, from the copies
+                    rank = self.mesh.rank
+                    lo_leaf, hi_leaf = plan.leaf_ranges[rank]
                 flat_grads = [g for _, g in _flat(reduced)]
                 if len(flat_grads) != len(self._paths):
                     raise UserError("the gradients must have the model's trainable parameters' structure")
                 mine = {self._paths[i]: flat_grads[i] for i in range(lo_leaf, hi_leaf)}
+                held = self.plan  # the backups are of its shards (a joined step's padded plan renumbers)
+                assert held is not None
+                backup_grads = {
+                    k: {self._paths[i]: flat_grads[i] for i in range(*held.leaf_ranges[k])}
+                    for k in self.backups
+                }
                 norm_sq = (
                     sum((_squared(g) for g in flat_grads), mx.array(0.0)) if self.max_grad_norm else None
                 )
@@ -308,16 +401,177 @@ class ShardedOptimizer:
                 total_norm = mx.sqrt(norm_sq)
                 normalizer = mx.minimum(self.max_grad_norm / (total_norm + 1e-6), 1.0)
                 mine = {k: _scaled(g, normalizer) for k, g in mine.items()}
+                backup_grads = {
+                    k: {p: _scaled(g, normalizer) for p, g in bg.items()} for k, bg in backup_grads.items()
+                }
                 self.grad_norm = cast(float, total_norm.item())
-            params = self._own_params(model)
-            updated = self.optimizer.apply_gradients(mine, params)
+            flat_params = dict(_flat(model.trainable_parameters()))
+            updated = self.optimizer.apply_gradients(mine, {p: flat_params[p] for p in mine})
+            if backup_grads:
+                self._update_backups(model, backup_grads)
+            assert plan is not None
             if self.stage == 3:
                 self._stage3_store(model, updated, plan, rank)
             else:
                 self._gather(model, updated, plan, rank)
         except PeerLost as exc:
-            raise self._lost(plan, exc) from None
+            raise self._lost(plan or _no_plan(tuple(self.mesh.roster), self.stage), exc) from None
         self._steps += 1
+
+    # --- replicas (meshtrain.shard.replicas) ----------------------------------------------------
+    def _update_backups(self, model: Any, grads: dict[int, dict[str, Any]]) -> None:
+        """Each backup takes the update its owner takes, from the same averaged gradient (the updated
+        parameters come from the owner through the all-gather; the backup's are dropped)."""
+        import mlx.core as mx
+
+        flat = dict(_flat(model.trainable_parameters()))
+        for k, backup in self.backups.items():
+            backup.apply_gradients(grads[k], {p: flat[p] for p in grads[k]})
+        mx.eval([b.state for b in self.backups.values()])
+
+    def _take_over(self, old: ShardPlan | None) -> ShardPlan:
+        """The members changed since `old` (None: this member is a joiner): cut a new plan over the
+        members there are now (each old one by the free memory it had at the start, a joiner by its
+        own) and move the state each new holder lacks from a surviving copy
+        (meshtrain.shard.replicas.moves). ShardLost where a shard lost every copy, or a peer is
+        lost meanwhile. Stage 1, after the step's all-reduce: every member is here, in step."""
+        import mlx.core as mx
+
+        now, rank = tuple(self.mesh.roster), self.mesh.rank
+        me = now[rank]
+        started = time.monotonic()
+        old, free = self._agree_on_old_plan(old, now)
+        gone = [m for m in old.members if m not in now]
+        joined = [m for m in now if m not in old.members]
+        if placement.lost_shards(old, now, self.replicas):
+            raise self._lost(old, None, now)
+        try:
+            new = self._plan(now, free, self.replicas)
+            todo = placement.moves(old, new, self.replicas)
+        except UserError as exc:  # DoesNotFit on fewer nodes
+            raise self._lost(old, None, now, because=str(exc)) from None
+        held: dict[int, Any] = {}  # leaf -> its optimizer state here
+        if me in old.members:
+            for k, opt in [(old.members.index(me), self.optimizer), *self.backups.items()]:
+                for leaf in range(*old.leaf_ranges[k]):
+                    held[leaf] = opt.state[self._paths[leaf]]
+        moved = 0
+        for source in new.members:  # every member walks the same list in the same order
+            group = [m for m in todo if m.source == source]
+            if not group:
+                continue
+            tree = {
+                self._paths[m.leaf]: held[m.leaf] if source == me else self._state_template(m.leaf)
+                for m in group
+            }
+            got = self.mesh.broadcast(tree, source == me)
+            for m in group:
+                if me in m.targets:
+                    held[m.leaf] = got[self._paths[m.leaf]]
+            moved += sum(self._elems[m.leaf] for m in group)
+        scalars = {k: v for k, v in self.optimizer.state.items() if not isinstance(v, dict)}
+        shards = placement.held_shards(rank, len(new.members), self.replicas)
+
+        def state_of(k: int) -> dict[str, Any]:
+            return {**scalars, **{self._paths[i]: held[i] for i in range(*new.leaf_ranges[k])}}
+
+        self.optimizer.state = state_of(rank)
+        backups = {}
+        for k in shards[1:]:
+            backup = self._fresh_optimizer()
+            backup.state = state_of(k)
+            backups[k] = backup
+        self.backups = backups
+        mx.eval(self.optimizer.state, [b.state for b in backups.values()])
+        self.plan, self.joining = new, False
+        self.takeovers += 1
+        what = []
+        if gone:
+            what.append(f"{', '.join(gone)} left")
+        if joined:
+            what.append(f"{', '.join(joined)} joined")
+        print(
+            f"meshtrain: {' and '.join(what) or 'the members changed'}: the optimizer shards re-planned "
+            f"over {len(now)} nodes (--shard-replicas {self.replicas}; {moved:,} elements moved in "
+            f"{time.monotonic() - started:.2f} s); training goes on without a roll-back",
+            file=sys.stderr,
+            flush=True,
+        )
+        return new
+
+    def _padded(self, plan: ShardPlan) -> ShardPlan:
+        """Members joined in this very step (they added zeros to its reduction and have no state
+        yet): this step still goes by `plan`, its all-gather on the new ring with an empty shard for
+        each joiner, who takes part from its step boundary (`_zero_step`). Their shards come with
+        their first update, a take-over. A member lost at the same time: ShardLost."""
+        now = tuple(self.mesh.roster)
+        if any(m not in now for m in plan.members):
+            raise self._lost(plan, None, now, because="a node joined while another left")
+        blob = None
+        source = now.index(plan.members[0])
+        if self.mesh.rank == source:
+            blob = _plan_blob(plan, {"step": int(getattr(self.mesh, "step", 0))})
+        self.mesh.broadcast_bytes(blob, self.mesh.rank == source)
+        return _pad(plan, now)
+
+    def _zero_step(self) -> None:
+        """A joiner, at the boundary of the step it joined in: the all-gather the others run to end
+        that step (with an empty shard of its own); the parameters come next with the job's state."""
+        info = msgpack.unpackb(self.mesh.broadcast_bytes(None, False))
+        padded = _pad(_plan_of(info, self.stage), tuple(self.mesh.roster))
+        out = np.empty(padded.bounds[-1][1], np.float32)
+        self.mesh.all_gather(
+            np.empty(0, np.float32), padded.sizes, wire_dtype="float32", out=out, step=int(info["step"])
+        )
+
+    def _agree_on_old_plan(self, old: ShardPlan | None, now: tuple[str, ...]) -> tuple[ShardPlan, list[int]]:
+        """The plan the members held before (a joiner receives it, with the replicas, the optimizer's
+        scalars and the step count, from the first member that has it), and every member's free
+        memory for the new one: an old member's as measured at the start, a joiner's now."""
+        import mlx.core as mx
+
+        size, rank = len(now), self.mesh.rank
+        vec = np.zeros(2 * size, np.float32)
+        vec[rank] = 1.0 if old is not None else 0.0
+        if old is None:
+            vec[size + rank] = float(min(self._free_here() // MiB, 2**24))
+        summed = self.mesh.allreduce(vec, weight=1.0, wire_dtype="float32") * size
+        has_plan = [bool(v > 0.5) for v in summed[:size]]
+        if not any(has_plan):
+            raise self._lost(old or _no_plan(now, self.stage), None, now, because="no member holds a shard")
+        if not all(has_plan):
+            source = has_plan.index(True)
+            blob = None
+            if rank == source:
+                assert old is not None
+                scalars = {
+                    k: [str(np.asarray(v).dtype), np.asarray(v).tolist()]
+                    for k, v in self.optimizer.state.items()
+                    if isinstance(v, mx.array)
+                }
+                blob = _plan_blob(old, {"replicas": self.replicas, "steps": self._steps, "scalars": scalars})
+            info = msgpack.unpackb(self.mesh.broadcast_bytes(blob, rank == source))
+            if old is None:
+                old = _plan_of(info, self.stage)
+                self.replicas, self._steps = int(info["replicas"]), int(info["steps"])
+                for k, (dtype, value) in info["scalars"].items():
+                    self.optimizer.state[k] = mx.array(np.asarray(value, dtype=np.dtype(dtype)))
+        assert old is not None
+        free = [
+            old.free[old.members.index(m)] if m in old.members else int(round(float(summed[size + i]))) * MiB
+            for i, m in enumerate(now)
+        ]
+        return old, free
+
+    def _state_template(self, i: int) -> Any:
+        """The structure and shapes of leaf `i`'s optimizer state, as zeros (what a broadcast's
+        receivers pass in: meshtrain.train.ring_broadcast)."""
+        import mlx.core as mx
+
+        path = self._paths[i]
+        probe = self._fresh_optimizer()
+        probe.init({path: mx.zeros(self._shapes[i], self._dtypes[i])})
+        return probe.state[path]
 
     # --- stage 3 -----------------------------------------------------------------------------
     def _check_weight(self, weight: float | None) -> float:
@@ -509,7 +763,13 @@ class ShardedOptimizer:
         if now != plan.members:
             raise self._lost(plan, None, now)
 
-    def _lost(self, plan: ShardPlan, exc: PeerLost | None, now: tuple[str, ...] | None = None) -> ShardLost:
+    def _lost(
+        self,
+        plan: ShardPlan,
+        exc: PeerLost | None,
+        now: tuple[str, ...] | None = None,
+        because: str | None = None,
+    ) -> ShardLost:
         now = tuple(self.mesh.roster) if now is None else now
         gone = [m for m in plan.members if m not in now]
         new = [m for m in now if m not in plan.members]
@@ -519,11 +779,19 @@ class ShardedOptimizer:
             what = f"{', '.join(new)} joined the job"
         else:
             what = f"{exc.peer} was lost ({exc.reason})" if exc is not None else "the members changed"
+        if because is not None:
+            why = because
+        elif new and not gone:
+            why = "a joiner is given its shards by a roll-back"
+        elif self.replicas == 1:
+            hint = " (--shard-replicas 2 keeps a second copy)" if self.stage == 1 else ""
+            why = f"each shard of the optimizer state is held by one node{hint}"
+        else:
+            why = "it happened while the shards were being updated or moved, so their copies may differ"
         return ShardLost(
-            f"sharded training (stage {self.stage}) stopped after {self._steps} steps: {what}; each shard "
-            "of the optimizer state is held by one node (--shard-replicas is not yet built), so the job "
-            "stops instead of training on without it (with --checkpoint-every it rolls back to its newest "
-            "checkpoint and goes on)"
+            f"sharded training (stage {self.stage}) stopped after {self._steps} steps: {what}; {why}, so "
+            "the job stops instead of training on without it (with --checkpoint-every it rolls back to "
+            "its newest checkpoint and goes on)"
         )
 
 
@@ -608,3 +876,64 @@ def _stage3_layers(model: Any, layers: Any) -> tuple[list[Any], list[str]]:
 
 def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == q or path.startswith(q + ".") for q in prefixes)
+
+
+def _no_plan(members: tuple[str, ...], stage: int) -> ShardPlan:
+    """An empty plan, for the message of a change nobody can take over from."""
+    empty = tuple((0, 0) for _ in members)
+    return ShardPlan(members, stage, empty, empty, tuple(0 for _ in members), tuple(0 for _ in members))
+
+
+def _plan_blob(plan: ShardPlan, extra: dict[str, Any]) -> bytes:
+    """A plan as msgpack bytes (what a joiner receives), with `extra` fields."""
+    return cast(
+        bytes,
+        msgpack.packb(
+            {
+                "members": list(plan.members),
+                "leaf_ranges": [list(r) for r in plan.leaf_ranges],
+                "bounds": [list(b) for b in plan.bounds],
+                "needed": list(plan.needed),
+                "free": list(plan.free),
+                **extra,
+            }
+        ),
+    )
+
+
+def _plan_of(info: dict[str, Any], stage: int) -> ShardPlan:
+    return ShardPlan(
+        tuple(info["members"]),
+        stage,
+        tuple((int(a), int(b)) for a, b in info["leaf_ranges"]),
+        tuple((int(a), int(b)) for a, b in info["bounds"]),
+        tuple(int(n) for n in info["needed"]),
+        tuple(int(n) for n in info["free"]),
+    )
+
+
+def _pad(plan: ShardPlan, members: tuple[str, ...]) -> ShardPlan:
+    """`plan` over `members` (its own and joiners), each joiner with an empty shard: the layout of
+    the joined step's all-gather on the new ring. ShardLost where the old members' shards would not
+    stay in rank order (the ring collectives cut the buffer in rank order)."""
+    ranges, bounds, needed, free = [], [], [], []
+    leaf, elem = 0, 0
+    for m in members:
+        if m in plan.members:
+            i = plan.members.index(m)
+            if plan.bounds[i][0] != elem:
+                raise ShardLost(
+                    "sharded training: the ring's new order puts the old members' shards out of order; "
+                    "the job re-shards by a roll-back"
+                )
+            ranges.append(plan.leaf_ranges[i])
+            bounds.append(plan.bounds[i])
+            needed.append(plan.needed[i])
+            free.append(plan.free[i])
+            leaf, elem = plan.leaf_ranges[i][1], plan.bounds[i][1]
+        else:
+            ranges.append((leaf, leaf))
+            bounds.append((elem, elem))
+            needed.append(0)
+            free.append(0)
+    return ShardPlan(members, plan.stage, tuple(ranges), tuple(bounds), tuple(needed), tuple(free))

@@ -134,22 +134,25 @@ def restore(opt: Any) -> bool:
     source: Source | None = getattr(checkpoints, "resumed_opt", None)
     if source is None:
         return False
-    wanted = flat_leaves(opt.optimizer.state)
-    arrays = {}
-    for name, current in wanted.items():
-        try:
-            arrays[name] = source(name)
-        except KeyError:
-            raise UserError(
-                f"the checkpoint has no optimizer state {name!r}: resume with the optimizer it was saved with"
-            ) from None
-        if tuple(arrays[name].shape) != tuple(current.shape):
-            raise UserError(
-                f"the checkpoint's optimizer state {name!r} has shape {tuple(arrays[name].shape)}, "
-                f"the optimizer's {tuple(current.shape)}: resume with the optimizer it was saved with"
-            )
-    assign_leaves(opt.optimizer.state, arrays, what="optimizer state")
-    mx.eval(opt.optimizer.state)
+    # this member's shard, and the backups it holds of the shards before it (meshtrain.shard.replicas)
+    for state in [opt.optimizer.state, *(b.state for b in getattr(opt, "backups", {}).values())]:
+        wanted = flat_leaves(state)
+        arrays = {}
+        for name, current in wanted.items():
+            try:
+                arrays[name] = source(name)
+            except KeyError:
+                raise UserError(
+                    f"the checkpoint has no optimizer state {name!r}: resume with the optimizer it was "
+                    "saved with"
+                ) from None
+            if tuple(arrays[name].shape) != tuple(current.shape):
+                raise UserError(
+                    f"the checkpoint's optimizer state {name!r} has shape {tuple(arrays[name].shape)}, "
+                    f"the optimizer's {tuple(current.shape)}: resume with the optimizer it was saved with"
+                )
+        assign_leaves(state, arrays, what="optimizer state")
+        mx.eval(state)
     checkpoints.resumed_opt = None
     return True
 

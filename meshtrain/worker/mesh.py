@@ -127,9 +127,14 @@ class WorkerMesh(Mesh):
         ledger_dir: str | None = None,
         checkpoints: Any = None,
         share_mode: str = DEFAULT_SHARE_MODE,
+        shard_replicas: int | None = None,
         on_battery: str = "reduce",
     ) -> None:
         self.member = member
+        self.shard_replicas = shard_replicas  # --shard-replicas (meshtrain.shard.replicas; None: auto)
+        # called on a joiner right after it added zeros to the step it joined in (meshtrain.shard)
+        self.on_zero_step: Any = None
+        self.keep_ring_for_joins = False  # set by a stage-1 sharded optimizer (see _ring_unusable)
         self.job = job
         self.node = node
         self._listener = listener
@@ -446,6 +451,11 @@ class WorkerMesh(Mesh):
             zeros = self._steps.zero_due()
             if zeros is not None:
                 self._add_zeros(zeros[0])
+                if self.on_zero_step is not None and self._ring is not None:
+                    try:
+                        self.on_zero_step()  # a sharded job's joiner: the others' gather of that step
+                    except RING_FAILURES:
+                        self._mark_broken()
                 self._send_due_state(zeros[1])
         self._report_ring_drops()  # every few seconds: what the ring port refused, for `status`
         if self._rebalance_due:
@@ -461,7 +471,7 @@ class WorkerMesh(Mesh):
                 f.write(json.dumps(row) + "\n")
 
     def _free_allreduce(self, tree: Any, weight: float, wire: str) -> Any:
-        if self._ring is None or self._stale_view():
+        if self._ring_unusable():
             self._recover(None)
         try:
             if isinstance(tree, np.ndarray) and tree.ndim == 1 and tree.dtype == np.float32:
@@ -484,6 +494,14 @@ class WorkerMesh(Mesh):
     def roster(self) -> tuple[str, ...]:
         """The members of the current generation in rank order (who holds which shard)."""
         return self._members_now()
+
+    @property
+    def owed_state(self) -> tuple[str, ...]:
+        """The members that joined in the open step, adding zeros to its reduction, and receive the
+        job's state at the next boundary (they take no part in the step's other collectives but the
+        ones `on_zero_step` runs on them)."""
+        due = self._steps.state_due
+        return tuple(due.zero) if due is not None else ()
 
     @property
     def checkpointing(self) -> bool:
@@ -513,9 +531,35 @@ class WorkerMesh(Mesh):
         *,
         wire_dtype: str | None = "float32",
         out: np.ndarray | None = None,
+        step: int | None = None,
     ) -> np.ndarray:
-        """Every worker's 1-D float32 shard concatenated in rank order (the same on every worker)."""
-        return self._collective("all_gather", shard, shards, 1.0, wire_dtype, False, out)
+        """Every worker's 1-D float32 shard concatenated in rank order (the same on every worker).
+
+        `step` labels the frames (default the global step; a joiner that has not adopted the state
+        yet takes part in the others' gather with theirs)."""
+        return self._collective("all_gather", shard, shards, 1.0, wire_dtype, False, out, step)
+
+    def broadcast(self, tree: Any, source: bool) -> Any:
+        """The source worker's MLX array tree on every worker of the ring (each passes a tree of the
+        same structure: meshtrain.train.ring_broadcast); a sharded job's take-over moves state so.
+        Not the step reduction: a lost peer raises PeerLost."""
+        if self._ring_unusable():
+            raise PeerLost(self.member, self._gen, "the job's members changed before a broadcast")
+        try:
+            return broadcast_tree(self._ring, tree, source)
+        except RING_FAILURES as exc:
+            self._mark_broken()
+            raise PeerLost(str(getattr(exc, "peer", "?")), self._gen, f"in a broadcast: {exc}") from exc
+
+    def broadcast_bytes(self, data: bytes | None, source: bool) -> bytes:
+        """The source worker's bytes on every worker of the ring (the others pass None)."""
+        if self._ring_unusable():
+            raise PeerLost(self.member, self._gen, "the job's members changed before a broadcast")
+        try:
+            return broadcast_bytes(self._ring, data, source)
+        except RING_FAILURES as exc:
+            self._mark_broken()
+            raise PeerLost(str(getattr(exc, "peer", "?")), self._gen, f"in a broadcast: {exc}") from exc
 
     def _collective(
         self,
@@ -526,10 +570,12 @@ class WorkerMesh(Mesh):
         wire_dtype: str | None,
         overwrite: bool = False,
         out: np.ndarray | None = None,
+        step: int | None = None,
     ) -> np.ndarray:
         wire = resolve_wire_dtype(buf, wire_dtype)
+        label = self.committed if step is None else step
         before = self._roster
-        if self._ring is None or self._stale_view():
+        if self._ring_unusable():
             self._recover(None)
         if before and self._roster != before:
             raise PeerLost(self.member, self._gen, f"the job's members changed before a {kind}")
@@ -539,7 +585,7 @@ class WorkerMesh(Mesh):
                     buf, shards, step=self.committed, weight=weight, wire_dtype=wire, overwrite=overwrite
                 )
             else:
-                result = self._ring.all_gather(buf, shards, step=self.committed, wire_dtype=wire, out=out)
+                result = self._ring.all_gather(buf, shards, step=label, wire_dtype=wire, out=out)
         except RING_FAILURES as exc:
             self._mark_broken()
             rank = getattr(exc, "rank", -1)
@@ -656,6 +702,18 @@ class WorkerMesh(Mesh):
         view = self._views.latest()
         return view is not None and view.version != self._gen
 
+    def _ring_unusable(self) -> bool:
+        """No ring, or one the newest view has moved past -- except, with `keep_ring_for_joins`, a
+        view that only adds members: the ring still has every member of the step under way, so the
+        step's other collectives end on it (a sharded step must not re-form mid-update); the
+        joiners come in at the next boundary or the next step's reduction."""
+        if self._ring is None:
+            return True
+        if not self._stale_view():
+            return False
+        view = self._views.latest()
+        return not (self.keep_ring_for_joins and view is not None and set(self._roster) <= set(view.members))
+
     def _abort_if_stale(self, view: View) -> None:
         """Reader thread: a newer view cancels a ring connect for an older one at once (it may wait
         for a member that is gone); one whose members differ from the ring's aborts the ring."""
@@ -665,6 +723,8 @@ class WorkerMesh(Mesh):
                 connecting[1].set()
             if ring is None or view.members == self._roster:
                 return
+            if self.keep_ring_for_joins and set(self._roster) <= set(view.members):
+                return  # only joiners: the ring still works (see _ring_unusable)
         ring.close()
 
     def _report_ring_drops(self, force: bool = False) -> None:

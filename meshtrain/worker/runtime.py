@@ -88,6 +88,7 @@ def _make_mesh(spec: WorkerSpec, reporter: Reporter) -> WorkerMesh:
         ledger_dir=spec.ledger_dir,
         checkpoints=checkpoints,
         share_mode=spec.share_mode,
+        shard_replicas=spec.options.shard_replicas,
         on_battery=spec.battery_policy,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +31,7 @@ parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "ad
 parser.add_argument("--clip", type=float, default=0.0, help="clip by global norm (0: no clipping)")
 parser.add_argument("--seed-by-rank", action="store_true", help="each worker initialises differently")
 parser.add_argument("--wire", default="float32", help="the gradients' wire dtype (parameters: float32)")
+parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step sleeps (a joiner's time)")
 parser.add_argument("--free-mb", default="", help="comma separated: this rank's free memory for the plan")
 args = parser.parse_args()
 
@@ -118,7 +120,10 @@ for epoch in range(-(-args.steps // (len(data) // args.batch))):
             mx.eval(model.parameters(), optimizer.state)
         loss = float(loss_value.item())
         mesh.report(step=step, loss=loss, samples=len(idx))
-        step += 1
+        # the global step where a joiner came in part-way (stages 2 and 3 commit at the next boundary)
+        step = max(step + 1, mesh.step)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
         if step >= args.steps:
             break
 
@@ -132,6 +137,8 @@ meta = {
     "peak": mx.get_peak_memory(),
     "sizes": plan.sizes if plan is not None else None,
     "loss": loss,
+    "takeovers": sharded.takeovers if args.stage else 0,
+    "plan_members": list(sharded.plan.members) if args.stage and sharded.plan is not None else None,
     "prefetched": sharded.gathered.prefetched if args.stage == 3 else 0,
     "gathers": sharded.gathered.gathers if args.stage == 3 else 0,
 }
