@@ -31,7 +31,7 @@ parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "ad
 parser.add_argument("--clip", type=float, default=0.0, help="clip by global norm (0: no clipping)")
 parser.add_argument("--seed-by-rank", action="store_true", help="each worker initialises differently")
 parser.add_argument("--wire", default="float32", help="the gradients' wire dtype (parameters: float32)")
-parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step sleeps (a joiner's time)")
+parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds a step sleeps")
 parser.add_argument("--free-mb", default="", help="comma separated: this rank's free memory for the plan")
 args = parser.parse_args()
 
