@@ -27,6 +27,8 @@ parser.add_argument("--stage", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds each step waits (checkpoints come due)")
+parser.add_argument("--hidden", type=int, default=48, help="the hidden layers' width")
+parser.add_argument("--no-step-params", action="store_true", help="do not save the parameters every step")
 parser.add_argument("--times", default="", help="rank 0 logs step times here (bench/reshard.py)")
 args = parser.parse_args()
 
@@ -39,7 +41,8 @@ def mark(event: str) -> None:
 mesh = meshtrain.init()
 mark("started")
 mx.random.seed(0)
-model = nn.Sequential(nn.Linear(12, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 6))
+H = args.hidden
+model = nn.Sequential(nn.Linear(12, H), nn.GELU(), nn.Linear(H, H), nn.GELU(), nn.Linear(H, 6))
 mx.eval(model.parameters())
 rng = np.random.default_rng(1)
 X = rng.standard_normal((512, 12)).astype(np.float32)
@@ -71,6 +74,8 @@ for idx in mesh.batches(len(X), args.batch, epoch=0):
     mesh.report(loss=loss, samples=len(idx))
     done += 1
     mark("step")
+    if args.no_step_params:
+        continue
     whole = opt.gather_parameters(model) if args.stage == 3 else dict(tree_flatten(model.parameters()))
     if mesh.is_main:
         np.savez(out / f"params-{done}.npz", **{k: np.array(v) for k, v in whole.items()})
