@@ -125,12 +125,18 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_a_node_killed_mid_step_is_taken_over_and_a_joiner_gets_its_shards(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["mid-step", "between-steps"])
+def test_a_node_killed_mid_step_is_taken_over_and_a_joiner_gets_its_shards(
+    tmp_path: Path, where: str
+) -> None:
     """node2's worker SIGKILLed in step 3's forward: the two survivors re-plan from the copies and go
     on; its agent starts a new worker, which joins and is handed its shards. 48 steps (3 epochs of
-    16), slowed down so the joiner is in well before the end."""
+    16), slowed down so the joiner is in well before the end. The joiner's view comes mid-step (it
+    adds zeros to that step's reduction and takes part in its all-gather with an empty shard) or
+    at a step boundary (it receives the parameters there), as the steps sleep."""
     ledger = tmp_path / "ledger"
-    proc = run(tmp_path, tmp_path / "o", ledger, 1, "--steps", "48", "--step-sleep", "0.05")
+    slow = ["--step-sleep", "0.05"] + (["--sleep-between"] if where == "between-steps" else [])
+    proc = run(tmp_path, tmp_path / "o", ledger, 1, "--steps", "48", *slow)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "node2 left: the optimizer shards re-planned over 2 nodes" in log, log[-3000:]

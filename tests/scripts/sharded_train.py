@@ -32,6 +32,7 @@ parser.add_argument("--clip", type=float, default=0.0, help="clip by global norm
 parser.add_argument("--seed-by-rank", action="store_true", help="each worker initialises differently")
 parser.add_argument("--wire", default="float32", help="the gradients' wire dtype (parameters: float32)")
 parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds a step sleeps")
+parser.add_argument("--sleep-between", action="store_true", help="sleep between steps, not before the update")
 parser.add_argument("--free-mb", default="", help="comma separated: this rank's free memory for the plan")
 args = parser.parse_args()
 
@@ -109,6 +110,9 @@ for epoch in range(-(-args.steps // (len(data) // args.batch))):
     for idx in mesh.batches(len(data), args.batch, epoch=epoch):
         xb, yb = X[mx.array(idx)], Y[mx.array(idx)]
         loss_value, grads = loss_and_grad(model, xb, yb)
+        if args.step_sleep and not args.sleep_between:  # a joiner's view comes mid-step, as in a big model
+            mx.eval(loss_value, grads)
+            time.sleep(args.step_sleep)
         if args.stage:
             sharded.update(model, grads, weight=len(idx))
             mx.eval(model.parameters(), sharded.state)
@@ -122,7 +126,7 @@ for epoch in range(-(-args.steps // (len(data) // args.batch))):
         mesh.report(step=step, loss=loss, samples=len(idx))
         # the global step where a joiner came in part-way (stages 2 and 3 commit at the next boundary)
         step = max(step + 1, mesh.step)
-        if args.step_sleep:
+        if args.step_sleep and args.sleep_between:  # ... or at a step boundary
             time.sleep(args.step_sleep)
         if step >= args.steps:
             break
