@@ -171,9 +171,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compress",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="local SGD: send the outer deltas as int8 with error feedback (default none)",
+        help="local SGD: send the outer deltas as int8 or int4 with error feedback (default none)",
     )
     parser.add_argument(
         "--evals-per-epoch",

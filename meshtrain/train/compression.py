@@ -25,6 +25,15 @@ shares, and the ring itself is lossless:
 Bytes: one byte an element plus 4 bytes per `CHUNK` elements and a few
 header words, a quarter of float32 and half of bf16. The delta's averaging
 is the only thing compressed: gradients (per-step mode) keep their wire.
+
+int4 (`compress="int4"`): the same grid with L = 7 - ceil(N/2) levels, so
+every partial sum of one element's integers stays within +-7, and two
+elements travel in one qint8 item as v = a + 16 b: the sum of such items is
+(sum a) + 16 (sum b), within +-119, and since |sum a| <= 7 < 8 the owner
+reads both back exactly (a = ((v + 8) mod 16) - 8, b = (v - a) / 16). Half
+a byte an element, on the same lossless ring; coarser steps, which error
+feedback carries into later syncs. Past 12 members L would be < 1: such a
+sync goes as int8 (every member decides alike from the ring's size).
 """
 
 from __future__ import annotations
@@ -47,11 +56,11 @@ __all__ = [
 
 CHUNK = 2048  # elements sharing one grid step (a 4-byte bound each: 0.2% of the int8 bytes)
 HEADER_FIXED = 5  # header words before the chunk bounds: count, samples, timed, compute, comm
-COMPRESS_MODES = ("none", "int8")
+COMPRESS_MODES = ("none", "int8", "int4")
 
 
 def parse_compress(value: str | None) -> str | None:
-    """`compress=` / `--compress` values: None or "none" (off), "int8"; ValueError otherwise."""
+    """`compress=` / `--compress` values: None or "none" (off), "int8", "int4"; ValueError otherwise."""
     if value is None or value == "none":
         return None
     if value not in COMPRESS_MODES:
@@ -59,9 +68,33 @@ def parse_compress(value: str | None) -> str | None:
     return value
 
 
-def levels(members: int) -> int:
-    """Grid levels each side of zero for a ring of `members`: partial sums stay within +-126."""
+def levels(members: int, bits: int = 8) -> int:
+    """Grid levels each side of zero for a ring of `members`: partial sums stay within +-126 (8 bits)
+    or +-7 (4 bits, where the result may be < 1: no 4-bit grid for that many members)."""
+    if bits == 4:
+        return 7 - math.ceil(members / 2)
     return max(1, 126 - math.ceil(members / 2))
+
+
+def sync_bits(compress: str | None, members: int) -> int:
+    """The integers' width for one sync: 4 for int4 where a 4-bit grid exists for `members`, else 8."""
+    return 4 if compress == "int4" and levels(members, 4) >= 1 else 8
+
+
+def pack4(q: np.ndarray) -> np.ndarray:
+    """Pairs of 4-bit grid integers as one qint8 item each, v = q[2j] + 16 q[2j+1] (float32)."""
+    if q.size % 2:
+        q = np.concatenate([q, np.zeros(1, np.float32)])
+    return (q[0::2] + np.float32(16.0) * q[1::2]).astype(np.float32)
+
+
+def unpack4(v: np.ndarray, count: int) -> np.ndarray:
+    """The `count` integers a sum of `pack4` items stands for (each digit's sum within +-7)."""
+    low = np.mod(v + np.float32(8.0), np.float32(16.0)) - np.float32(8.0)
+    out = np.empty(2 * v.size, np.float32)
+    out[0::2] = low
+    out[1::2] = (v - low) / np.float32(16.0)
+    return out[:count]
 
 
 def n_chunks(count: int) -> int:
@@ -83,13 +116,15 @@ class Grid:
 
     lsb: np.ndarray  # float32, one per chunk (0 where every member's chunk is zero)
     total_weight: float  # W, the samples behind the sync
+    bits: int = 8  # the integers' width: 8, or 4 (two to a qint8 item, `pack4`)
 
     @classmethod
-    def from_sums(cls, bounds_sum: np.ndarray, total_weight: float, members: int) -> Grid:
+    def from_sums(cls, bounds_sum: np.ndarray, total_weight: float, members: int, bits: int = 8) -> Grid:
         if not total_weight > 0:
-            return cls(np.zeros_like(bounds_sum, np.float32), 0.0)
-        lsb = (np.asarray(bounds_sum, np.float64) / total_weight / levels(members)).astype(np.float32)
-        return cls(lsb, float(total_weight))
+            return cls(np.zeros_like(bounds_sum, np.float32), 0.0, bits)
+        steps = levels(members, bits)
+        lsb = (np.asarray(bounds_sum, np.float64) / total_weight / steps).astype(np.float32)
+        return cls(lsb, float(total_weight), bits)
 
     def per_element(self, count: int) -> np.ndarray:
         return np.repeat(self.lsb, CHUNK)[:count]
@@ -102,7 +137,8 @@ class Grid:
         scale = np.float32(weight / self.total_weight)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(lsb > 0, np.rint(u * scale / lsb), 0.0)
-        return np.clip(q, -127.0, 127.0).astype(np.float32)
+        limit = 7.0 if self.bits == 4 else 127.0
+        return np.clip(q, -limit, limit).astype(np.float32)
 
     def sent(self, q: np.ndarray, weight: float) -> np.ndarray:
         """What q stands for in this member's delta units (q * LSB * W / weight)."""
@@ -136,11 +172,12 @@ class ErrorFeedback:
 
 
 def simulate_sync(
-    deltas: list[np.ndarray], weights: list[float], feedback: list[ErrorFeedback]
+    deltas: list[np.ndarray], weights: list[float], feedback: list[ErrorFeedback], bits: int = 8
 ) -> tuple[np.ndarray, int]:
     """The compressed sync of N members in one process, the ring's arithmetic included: the header
     sums, each member's integers, the hop-by-hop partial sums through the qint8 codec (asserted
-    lossless), the mean. Returns (the mean every member gets, int8 payload bytes one member sends)."""
+    lossless; with `bits=4` packed two to an item, every digit's partial sum checked within +-7),
+    the mean. Returns (the mean every member gets, payload bytes one member sends)."""
     from meshtrain.ring import codecs
 
     members = len(deltas)
@@ -149,18 +186,25 @@ def simulate_sync(
         (np.float32(w) * chunk_bounds(u) for u, w in zip(us, weights, strict=True)),
         np.zeros(n_chunks(us[0].size), np.float32),
     )
-    grid = Grid.from_sums(bounds, float(sum(weights)), members)
+    count = us[0].size
+    grid = Grid.from_sums(bounds, float(sum(weights)), members, bits)
     qs = [grid.quantize(u, w) for u, w in zip(us, weights, strict=True)]
     codec = codecs.codec("qint8")
-    partial = np.zeros(us[0].size, np.float32)
+    digits = np.zeros(count, np.float32)
+    partial = np.zeros(count if bits == 8 else (count + 1) // 2, np.float32)
     wire = np.empty(partial.size, np.int8)
     for q in qs:  # a ring's reduce-scatter: each hop adds one member and re-encodes the partial sum
-        partial = partial + q
+        partial = partial + (q if bits == 8 else pack4(q))
         codec.encode(partial, wire)
         back = np.empty(partial.size, np.float32)
         codec.decode(wire, back)
         assert np.array_equal(back, partial), "a partial sum left the qint8 range"
+        if bits == 4:
+            digits = digits + q
+            assert np.abs(digits).max(initial=0.0) <= 7, "a 4-bit digit's partial sum left +-7"
+            assert np.array_equal(unpack4(partial, count), digits), "a packed sum did not unpack"
     for fb, u, q, w in zip(feedback, us, qs, weights, strict=True):
         fb.keep(u, grid.sent(q, w), contributed=w > 0)
     per_member = 2 * (members - 1) / members * (partial.size + 4 * (HEADER_FIXED + bounds.size))
-    return grid.mean(partial), int(per_member)
+    q_sum = partial if bits == 8 else unpack4(partial, count)
+    return grid.mean(q_sum), int(per_member)

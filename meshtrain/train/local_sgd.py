@@ -41,8 +41,8 @@ enters at the next sync, and the sync is forced at each epoch's last step.
 In that mode the sampling, recovery and `sync_every="auto"` agreement ride
 the sync itself: the probe medians travel in its header (the 5th sync
 decides), and the probes time the sync as configured, so `compress="int8"`
-(meshtrain.train.compression) measures less communication and picks a
-smaller H.
+(meshtrain.train.compression; or "int4", half a byte an element) measures
+less communication and picks a smaller H.
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ class OuterOptimizer:
             from meshtrain.ring import tensors
 
             flat, layout = tensors.flatten_tree(delta)
-            wire = "qint8" if self.compress == "int8" else resolve_wire_dtype(delta, self.wire_dtype)
+            quantized = self.compress in ("int8", "int4")  # int4: two to a qint8 item (local_rounds)
+            wire = "qint8" if quantized else resolve_wire_dtype(delta, self.wire_dtype)
             timing = self._timing()
             before = self._rounds.recoveries
             got = self._rounds.sync(flat, float(self._samples_since), wire, self.feedback, timing)

@@ -31,7 +31,7 @@ recorded so far) and carries out the ring's part.
 The sync itself is two reductions with the step label of the interval's
 first step: a small float32 header (samples, the auto-H probe timings and,
 compressed, the per-chunk bounds; meshtrain.train.compression) and the delta
-(bf16/fp32, or qint8 integers on the agreed grid).
+(bf16/fp32, or qint8 integers on the agreed grid; int4 packs two to an item).
 """
 
 from __future__ import annotations
@@ -194,14 +194,17 @@ class LocalRounds:
             self.last_sent_bytes = sent
             return np.zeros(delta.size, np.float32), sums
         if quantized:
-            grid = compression.Grid.from_sums(sums[compression.HEADER_FIXED :], total, size)
+            bits = compression.sync_bits(getattr(self.outer, "compress", None), size)
+            grid = compression.Grid.from_sums(sums[compression.HEADER_FIXED :], total, size, bits)
             q = grid.quantize(u, samples)
-            q_sum = np.empty_like(q)
-            ring.reduce_into(q, q_sum, step=label, weight=samples / total, wire_dtype="qint8")
+            items = q if bits == 8 else compression.pack4(q)
+            summed = np.empty_like(items)
+            ring.reduce_into(items, summed, step=label, weight=samples / total, wire_dtype="qint8")
+            q_sum = summed if bits == 8 else compression.unpack4(summed, q.size)
             mean = grid.mean(q_sum)
             if feedback is not None:
                 feedback.keep(u, grid.sent(q, samples), contributed=samples > 0)
-            sent += _sent(size, q.size)
+            sent += _sent(size, items.size)
         else:
             mean = ring.allreduce(delta, step=label, weight=float(samples), wire_dtype=wire)
             sent += _sent(size, delta.size * np.dtype(_storage(wire)).itemsize)
@@ -220,6 +223,8 @@ class LocalRounds:
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
         if not float(np.rint(sums[1])) > 0:
             return
+        if quantized and compression.sync_bits(getattr(self.outer, "compress", None), size) == 4:
+            count = (count + 1) // 2  # the holders' items: two 4-bit integers each
         zeros = np.zeros(count, np.float32)
         if quantized:
             ring.reduce_into(zeros, np.empty_like(zeros), step=label, weight=0.0, wire_dtype="qint8")
