@@ -22,6 +22,7 @@ netem) and each N (`--nodes`), every mode trains `--steps` steps, and each
                                   DistributedDataParallel with gloo on the CPU (bf16:
                                   DDP's bf16_compress_hook); needs torch (`--torch-path`)
   local-sgd                       meshtrain's OuterOptimizer (DiLoCo), `--sync-every` H, bf16 wire
+  local-sgd-int8, local-sgd-int4  the same, its deltas compressed (int8 / 4-bit, error feedback)
   meshtrain-s2, meshtrain-s3      ZeRO (issue 19): the meshtrain worker with `mesh.shard(model,
                                   optimizer, stage=2|3, wire_dtype="float32", max_grad_norm=--clip)`
                                   instead of mesh.register + allreduce; stage 3 shards the
@@ -84,6 +85,8 @@ MODES = (
     "ddp-fp32",
     "ddp-bf16",
     "local-sgd",
+    "local-sgd-int8",
+    "local-sgd-int4",
     "meshtrain-s2",
     "meshtrain-s3",
 )
@@ -93,12 +96,14 @@ FAMILY = {  # a mode's framework, and at N=1 (nothing on a wire) the one run tha
     "meshtrain-s2": "meshtrain",
     "meshtrain-s3": "meshtrain",
     "local-sgd": "meshtrain",
+    "local-sgd-int8": "meshtrain",
+    "local-sgd-int4": "meshtrain",
     "mlx-fp32": "mlx",
     "mlx-bf16": "mlx",
     "ddp-fp32": "ddp",
     "ddp-bf16": "ddp",
 }
-WIRE_BYTES = {"fp32": 4, "bf16": 2}
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 STAGES = {"meshtrain-s2": 2, "meshtrain-s3": 3}  # the ZeRO modes' shard stage (fp32 wire)
 
 
@@ -330,7 +335,9 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
     if args.local_sgd:
         from meshtrain.train.local_sgd import OuterOptimizer, parse_sync_every
 
-        outer = OuterOptimizer(model, mesh, sync_every=parse_sync_every(args.local_sgd), wire_dtype=wire)
+        outer = OuterOptimizer(
+            model, mesh, sync_every=parse_sync_every(args.local_sgd), wire_dtype=wire, compress=args.compress
+        )
 
         def reduce(grads: Any, n: int) -> Any:
             return grads  # local steps: the outer step syncs the parameters every H
@@ -603,12 +610,14 @@ def run_meshtrain(
 ) -> Outcome:
     """`meshtrain run --nodes N` of this file's meshtrain worker from host 0."""
     scaling = sys.modules["peers_scaling"]
-    wire = "bf16" if mode in ("meshtrain-bf16", "local-sgd") else "fp32"
+    wire = "bf16" if mode == "meshtrain-bf16" or mode.startswith("local-sgd") else "fp32"
     script = [*flags, "--worker", "meshtrain", "--wire", wire, "--threads", str(args.cores_per_node)]
     if mode in STAGES:
         script += ["--stage", str(STAGES[mode])]
-    if mode == "local-sgd":
+    if mode.startswith("local-sgd"):
         script += ["--local-sgd", args.sync_every]
+        if mode != "local-sgd":
+            script += ["--compress", mode.rsplit("-", 1)[1]]
     if ns_prefix:
         script += ["--iface-prefix", f"{ns_prefix}h"]
     run_flags = ["--nodes", str(n), "--wait", "30", "--shares", args.shares]
@@ -771,11 +780,11 @@ def bytes_per_token(out: Outcome, mode: str, n: int, link: str, args: argparse.N
     if link != "loopback":
         return f"{statistics.mean(r['tx_bytes'] for r in out.ranks) / tokens:.1f}"
     dtype = "fp32" if mode in STAGES else mode.rsplit("-", 1)[1]
-    wire = WIRE_BYTES["bf16" if mode in ("meshtrain-bf16", "local-sgd") else dtype]
+    wire = WIRE_BYTES["bf16" if mode in ("meshtrain-bf16", "local-sgd") else dtype]  # int8, int4: theirs
     # stage 3: each block's parameters gathered twice (forward, backward) and its gradient reduce-scattered,
     # 3 x (N-1)/N of them (the root unit's 2 x, an all-reduce, is counted as 3 x: an upper bound)
     per_step = (3 if STAGES.get(mode) == 3 else 2) * (n - 1) / n * args.params * wire
-    if mode == "local-sgd":
+    if mode.startswith("local-sgd"):
         h = re.search(r"sync every (\d+)", out.main.get("mode", ""))
         per_step /= int(h[1]) if h else float(args.sync_every)
     return f"~{per_step / tokens_per_step(args):.1f}"
@@ -844,6 +853,7 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
     )
     peers = ["mlx-fp32", "ddp-fp32", "mlx-bf16", "ddp-bf16"]
     ours = ["meshtrain-fp32", "meshtrain-bf16"]
+    local = ["local-sgd", "local-sgd-int8", "local-sgd-int4"]  # the best of them
     for cell in cells:
         speed = {
             m: o.tokens_per_s(tps)
@@ -870,7 +880,7 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
         print(
             f"{cell.link:<9} {cell.nodes:>2} {ratio(['meshtrain-fp32'], ['mlx-fp32', 'ddp-fp32']):>20} "
             f"{ratio(['meshtrain-bf16'], ['mlx-bf16', 'ddp-bf16']):>20} {ratio(ours, peers):>20} "
-            f"{ratio(['local-sgd'], peers):>20} {ratio(ours, peers, eff):>20} {zero('meshtrain-s2'):>11} "
+            f"{ratio(local, peers):>20} {ratio(ours, peers, eff):>20} {zero('meshtrain-s2'):>11} "
             f"{zero('meshtrain-s3'):>11}"
         )
 
@@ -960,6 +970,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--iface-prefix", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local-sgd", default=None, metavar="H", help=argparse.SUPPRESS)
+    p.add_argument("--compress", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, choices=(0, 2, 3), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

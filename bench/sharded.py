@@ -179,10 +179,12 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.out, f"r{mesh.rank}.json").write_text(json.dumps(result))
 
 
-def run_cell(args: argparse.Namespace, n: int, stage: int, home: str, prefetch: bool = True) -> list[dict]:
+def run_cell(
+    args: argparse.Namespace, n: int, stage: int, home: str, prefetch: bool = True, replicas: int = 1
+) -> list[dict]:
     out = tempfile.mkdtemp(prefix=f"sharded-n{n}-s{stage}-")
     cmd = [sys.executable, "-m", "meshtrain", "run"]
-    cmd += ["--local", str(n), "--shares", "equal"] if n > 1 else []
+    cmd += ["--local", str(n), "--shares", "equal", "--shard-replicas", str(replicas)] if n > 1 else []
     cmd += [str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--out", out]
     cmd += [] if prefetch else ["--no-prefetch"]
     for key in ("dim", "layers", "seq", "vocab", "batch", "steps", "wire", "cap_mb"):
@@ -207,7 +209,11 @@ def main() -> None:
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ns", default="1,2,4", help="world sizes, comma separated")
-    ap.add_argument("--stages", default="0,1,2,3", help="3n: stage 3 without prefetch")
+    ap.add_argument(
+        "--stages",
+        default="0,1,2,3",
+        help="3n: stage 3 without prefetch; 1r: stage 1 with --shard-replicas 2 (the others: 1)",
+    )
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -241,10 +247,11 @@ def main() -> None:
     for n in [int(x) for x in args.ns.split(",")]:
         base: dict[str, float] = {}
         for label in args.stages.split(","):
-            stage = int(label.rstrip("n"))
+            stage = int(label.rstrip("nr"))
             if n == 1 and stage:
                 continue  # nothing to shard at world size 1
-            rows = run_cell(args, n, stage, home, prefetch=not label.endswith("n"))
+            copies = 2 if label.endswith("r") else 1
+            rows = run_cell(args, n, stage, home, prefetch=not label.endswith("n"), replicas=copies)
             if "failed" in rows[0]:
                 cap = f"under a {args.cap_mb} MiB cap per worker"
                 print(f"{n:>2} {label:>5} {cap}: {rows[0]['failed']}", flush=True)
