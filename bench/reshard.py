@@ -45,7 +45,7 @@ def one(mode: str, args: argparse.Namespace) -> dict[str, float | int | str]:
     cmd += ["--shard-replicas", "2" if takeover else "1"]
     cmd += [str(SCRIPT), "--out", str(home / "out"), "--stage", str(stage), "--steps", str(args.steps)]
     cmd += ["--sleep", str(args.sleep), "--times", str(times), "--hidden", str(args.hidden)]
-    cmd += ["--no-step-params"]
+    cmd += ["--no-step-params", "--forward-sleep", "0.02"]  # the kill lands in the forward
     env = {**os.environ, "MESHTRAIN_HOME": str(home), "MESHTRAIN_FAULT": f"node2:{args.kill_at}:forward"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode != 0:

@@ -158,7 +158,8 @@ def test_the_take_over_trains_as_unsharded_elastic_data_parallelism(tmp_path: Pa
     runs = {}
     for stage in (0, 1):
         ledger = tmp_path / f"ledger{stage}"
-        proc = run(tmp_path, tmp_path / f"o{stage}", ledger, stage, "--steps", "8")
+        # 10 ms of compute a step: the kill, 2 ms into step 3's forward, lands there in both runs
+        proc = run(tmp_path, tmp_path / f"o{stage}", ledger, stage, "--steps", "8", "--step-sleep", "0.01")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         steps = ledger_steps(ledger)
         check_once(steps, complete_epochs=0)
@@ -169,3 +170,31 @@ def test_the_take_over_trains_as_unsharded_elastic_data_parallelism(tmp_path: Pa
     if steps0 != steps1:
         pytest.skip("a new worker joined in one run and not the other: the steps differ, nothing to compare")
     assert max_diff(got0[0][0], got1[0][0]) == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_a_taken_over_job_checkpoints_under_its_new_plan_and_the_export_is_exact(tmp_path: Path) -> None:
+    """Checkpoints every 2 steps, node2 killed in step 5: no roll-back, and the newest checkpoint,
+    written by the survivors (and any joiner) under the re-planned shards, exports the parameters
+    rank 0 held at that step bit for bit. (Before the checkpoint leader learnt that a node's worker
+    was replaced, the round prepared for the killed worker waited out its 120 s ack timeout and no
+    checkpoint of this job was ever written.)"""
+    cmd = [sys.executable, "-m", "meshtrain", "run", "--local", "3", "--shares", "equal"]
+    cmd += ["--name", "rr", "--checkpoint-every", "2", "--keep", "10", "tests/scripts/sharded_resume.py"]
+    cmd += ["--out", str(tmp_path / "o"), "--stage", "1", "--steps", "12", "--sleep", "0.3"]
+    cmd += ["--forward-sleep", "0.02"]  # the kill, 2 ms into the forward, lands there (not in the gather)
+    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path), "MESHTRAIN_FAULT": "node2:5:forward"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "node2 left: the optimizer shards re-planned over 2 nodes" in log and "rolling back" not in log
+    export = [sys.executable, "-m", "meshtrain", "export", "rr", str(tmp_path / "model.safetensors")]
+    exported = subprocess.run(export, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    step = int(exported.stdout.strip().rsplit("step ", 1)[1])
+    assert step >= 6, exported.stdout  # written after the take-over
+    import mlx.core as mx
+
+    got = {k: np.array(v) for k, v in mx.load(str(tmp_path / "model.safetensors")).items()}
+    want = dict(np.load(tmp_path / "o" / f"params-{step}.npz"))
+    assert max_diff(got, want) == 0.0

@@ -148,6 +148,7 @@ class _LedJob:
     run: str
     leader: CheckpointLeader | None = None
     members: dict[str, str] = field(default_factory=dict)  # node name -> member id
+    workers: dict[str, str] = field(default_factory=dict)  # node name -> the newest member id seen there
     last_progress: float = 0.0
     last_step: int = 0
     aimed: bool = False
@@ -385,7 +386,15 @@ class NodeCheckpoints:
             )
         if step < led.last_step:
             return  # an older view of the job (two sources of progress): it would aim too early
-        led.members = {n: m for m, n in members}
+        current = {n: m for m, n in members}
+        for node, member in current.items():
+            seen = led.workers.get(node)
+            if seen is not None and seen != member and led.leader is not None:
+                # a new worker on that node: the one a round's Prepare went to has ended, and a round
+                # waiting on its ack would stall every later checkpoint until the ack timeout
+                led.leader.member_lost(node)
+            led.workers[node] = member
+        led.members = current
         now = time.monotonic()
         assert led.leader is not None
         if options.get("sharded"):

@@ -54,7 +54,12 @@ def part_state(opt: Any, member: str, tree: Mapping[str, Any]) -> dict[str, Any]
     """The arrays this member's part holds: the parameters on rank 0 only (stage 3: the ones it
     owns), its optimizer shard."""
     plan = opt.plan
-    index = plan.members.index(member) if plan is not None and member in plan.members else 0
+    if plan is None or tuple(opt.mesh.roster) != plan.members:
+        # a joiner before its shards, or members changed since the plan (its next update re-plans):
+        # a part written now would name holders that are not there; this round fails, the next one
+        # is written under the new plan
+        raise UserError("the optimizer shards are being re-planned (a node left or joined): not this step")
+    index = plan.members.index(member) if member in plan.members else 0
     if opt.stage == 3:  # nobody holds them all: each part has the arrays its member owns
         from mlx.utils import tree_unflatten
 

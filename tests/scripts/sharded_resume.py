@@ -27,6 +27,7 @@ parser.add_argument("--stage", type=int, default=2)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds each step waits (checkpoints come due)")
+parser.add_argument("--forward-sleep", type=float, default=0.0, help="seconds between backward and update")
 parser.add_argument("--hidden", type=int, default=48, help="the hidden layers' width")
 parser.add_argument("--no-step-params", action="store_true", help="do not save the parameters every step")
 parser.add_argument("--times", default="", help="rank 0 logs step times here (bench/reshard.py)")
@@ -62,6 +63,9 @@ for idx in mesh.batches(len(X), args.batch, epoch=0):
     if mesh.step >= args.steps:
         break
     loss_value, grads = loss_and_grad(model, mx.array(X[idx]), mx.array(Y[idx]))
+    if args.forward_sleep:  # a step's compute, so a fault "2 ms into the forward" lands in it
+        mx.eval(loss_value, grads)
+        time.sleep(args.forward_sleep)
     if args.stage:
         opt.update(model, grads, weight=len(idx))
         mx.eval(model.parameters(), opt.state)
