@@ -164,6 +164,7 @@ class Renderer:
         self.view = LiveJob(include_log=self.interactive)
         self.last: dict[str, Any] | None = None
         self.checkpointed = False  # a checkpoint of this job was committed somewhere in the mesh
+        self.aborted = 0  # checkpoint rounds of this job that were aborted (a writer lost, a failed write)
         self.stopped_by: int | None = None  # the signal (SIGTERM, SIGHUP; SIGINT alone) that cancelled it
 
     async def log(self, node: str, rank: int, stream: str, line: str) -> None:
@@ -174,10 +175,11 @@ class Renderer:
 
     async def snapshot(self, snap: dict[str, Any]) -> None:
         self.last = snap
-        self.checkpointed = self.checkpointed or any(
-            isinstance(e, dict) and e.get("kind") == "checkpoint" and "committed" in str(e.get("detail", ""))
-            for e in snap.get("events") or ()
-        )
+        events = snap.get("events") or ()
+        rounds = [e for e in events if isinstance(e, dict) and e.get("kind") == "checkpoint"]
+        self.checkpointed = self.checkpointed or any("committed" in str(e.get("detail", "")) for e in rounds)
+        aborted = [str(e.get("detail", "")) for e in rounds if " aborted" in str(e.get("detail", ""))]
+        self.aborted = max(self.aborted, sum("job ended" not in d for d in aborted))  # not the last one
         self.view.update(snap)
 
 
@@ -276,9 +278,15 @@ def main(args: argparse.Namespace) -> int:
     if result.state == "done" and slow is not None:
         print(slow, file=sys.stderr)  # again: the first one has scrolled away with the live view
     if result.state == "done" and options.checkpoint_every and not renderer.checkpointed:
+        why = (
+            f"{renderer.aborted} round{'s were' if renderer.aborted != 1 else ' was'} aborted (see the "
+            "events above) and the job ended before the next one"
+            if renderer.aborted
+            else "the job ended before its first checkpoint was due"
+        )
         print(
-            "meshtrain: warning: no checkpoint was written: the job ended before its first checkpoint "
-            f"was due (--checkpoint-every {options.checkpoint_every})",
+            f"meshtrain: warning: no checkpoint was written: {why} (--checkpoint-every "
+            f"{options.checkpoint_every})",
             file=sys.stderr,
         )
     return result.exit_code
