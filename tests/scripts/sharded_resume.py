@@ -34,7 +34,9 @@ parser.add_argument("--times", default="", help="rank 0 logs step times here (be
 args = parser.parse_args()
 
 def mark(event: str) -> None:
-    if args.times and mesh.is_main:
+    # node1's worker only (never the one killed): a restarted worker joining is rank 0 of no ring
+    # yet, so is_main alone would log its start as if the job had started again
+    if args.times and mesh.is_main and getattr(mesh, "node", "node1") == "node1":
         with open(args.times, "a") as f:
             f.write(json.dumps({"event": event, "step": mesh.step, "t": time.time()}) + "\n")
 
