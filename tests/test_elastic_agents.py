@@ -49,14 +49,21 @@ def worker_pids(agent: AgentProcess) -> list[int]:
     return [c.pid for c in children if "meshtrain.worker" in " ".join(c.cmdline())]
 
 
-def check_ledger(ledger: Path, epochs: int) -> int:
-    """Every index exactly once per epoch; members that logged the same step logged the same slices."""
+def ledger_steps(ledger: Path) -> dict[tuple[int, int], dict[str, list[int]]]:
+    """Every committed step's slices by member, from all the ledgers (members that logged the same
+    step must have logged the same slices)."""
     steps: dict[tuple[int, int], dict[str, list[int]]] = {}
     for path in ledger.glob("ledger-*.jsonl"):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             key = (row["epoch"], row["step"])
             assert steps.setdefault(key, row["slices"]) == row["slices"], f"members disagree on step {key}"
+    return steps
+
+
+def check_ledger(ledger: Path, epochs: int) -> int:
+    """Every index exactly once per epoch; members that logged the same step logged the same slices."""
+    steps = ledger_steps(ledger)
     for epoch in range(epochs):
         seen = Counter(i for (e, _), sl in steps.items() if e == epoch for v in sl.values() for i in v)
         assert sorted(seen) == list(range(N)), f"epoch {epoch}: missing {sorted(set(range(N)) - set(seen))}"

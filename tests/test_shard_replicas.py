@@ -9,7 +9,6 @@ data parallelism under the same loss.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from hypothesis import strategies as st
 from meshtrain.errors import UserError
 from meshtrain.shard import replicas
 from meshtrain.shard.plan import plan_shards
+from tests.test_elastic_agents import ledger_steps
+from tests.test_shard_local import max_diff
+from tests.test_shard_local import results as results_of_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "tests/scripts/sharded_train.py"
@@ -93,16 +95,6 @@ def run(home: Path, out: Path, ledger: Path, stage: int, *extra: str) -> subproc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
 
 
-def ledger_steps(ledger: Path) -> dict[tuple[int, int], dict[str, list[int]]]:
-    steps: dict[tuple[int, int], dict[str, list[int]]] = {}
-    for path in ledger.glob("ledger-*.jsonl"):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            key = (row["epoch"], row["step"])
-            assert steps.setdefault(key, row["slices"]) == row["slices"], f"members disagree on step {key}"
-    return steps
-
-
 def check_once(steps: dict[tuple[int, int], dict[str, list[int]]], complete_epochs: int) -> None:
     for epoch in {e for e, _ in steps}:
         seen = Counter(i for (e, _), sl in steps.items() if e == epoch for v in sl.values() for i in v)
@@ -112,16 +104,8 @@ def check_once(steps: dict[tuple[int, int], dict[str, list[int]]], complete_epoc
 
 
 def results(out: Path) -> list[tuple[dict[str, np.ndarray], dict]]:  # type: ignore[type-arg]
-    got = []
-    for path in sorted(out.glob("result-*.npz")):
-        z = np.load(path)
-        got.append(({k: z[k] for k in z.files if k != "meta"}, json.loads(str(z["meta"]))))
-    return got
-
-
-def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    """Every worker's final parameters and figures, however many finished (a joiner's too)."""
+    return results_of_ranks(out, len(list(out.glob("result-*.npz"))))
 
 
 @pytest.mark.timeout(300)

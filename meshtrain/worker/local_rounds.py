@@ -194,7 +194,7 @@ class LocalRounds:
             self.last_sent_bytes = sent
             return np.zeros(delta.size, np.float32), sums
         if quantized:
-            bits = compression.sync_bits(getattr(self.outer, "compress", None), size)
+            bits = compression.sync_bits(self.outer.compress, size)
             grid = compression.Grid.from_sums(sums[compression.HEADER_FIXED :], total, size, bits)
             q = grid.quantize(u, samples)
             items = q if bits == 8 else compression.pack4(q)
@@ -223,7 +223,7 @@ class LocalRounds:
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
         if not float(np.rint(sums[1])) > 0:
             return
-        if quantized and compression.sync_bits(getattr(self.outer, "compress", None), size) == 4:
+        if quantized and compression.sync_bits(self.outer.compress, size) == 4:
             count = (count + 1) // 2  # the holders' items: two 4-bit integers each
         zeros = np.zeros(count, np.float32)
         if quantized:

@@ -543,20 +543,17 @@ class WorkerMesh(Mesh):
         """The source worker's MLX array tree on every worker of the ring (each passes a tree of the
         same structure: meshtrain.train.ring_broadcast); a sharded job's take-over moves state so.
         Not the step reduction: a lost peer raises PeerLost."""
-        if self._ring_unusable():
-            raise PeerLost(self.member, self._gen, "the job's members changed before a broadcast")
-        try:
-            return broadcast_tree(self._ring, tree, source)
-        except RING_FAILURES as exc:
-            self._mark_broken()
-            raise PeerLost(str(getattr(exc, "peer", "?")), self._gen, f"in a broadcast: {exc}") from exc
+        return self._broadcast(broadcast_tree, tree, source)
 
     def broadcast_bytes(self, data: bytes | None, source: bool) -> bytes:
         """The source worker's bytes on every worker of the ring (the others pass None)."""
+        return bytes(self._broadcast(broadcast_bytes, data, source))
+
+    def _broadcast(self, how: Any, payload: Any, source: bool) -> Any:
         if self._ring_unusable():
             raise PeerLost(self.member, self._gen, "the job's members changed before a broadcast")
         try:
-            return broadcast_bytes(self._ring, data, source)
+            return how(self._ring, payload, source)
         except RING_FAILURES as exc:
             self._mark_broken()
             raise PeerLost(str(getattr(exc, "peer", "?")), self._gen, f"in a broadcast: {exc}") from exc
