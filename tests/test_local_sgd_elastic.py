@@ -167,3 +167,43 @@ def test_a_node_lost_with_its_agent_mid_interval_costs_only_its_unsynced_steps(t
     finally:
         for agent in agents:
             agent.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_the_next(
+    tmp_path: Path,
+) -> None:
+    """overlap=2: c's worker dies as its background sync starts (step 7, the second sync of an epoch
+    of 12 steps); a and b's reductions fail on their threads, they merge that interval into the open
+    one, and the epoch's last sync (foreground) recovers: c~1 enters, every sample once, replicas equal."""
+    ledger, out = tmp_path / "ledger", tmp_path / "out"
+    ledger.mkdir()
+    out.mkdir()
+    agents = [start_agent(tmp_path, "a", None, ledger)]
+    try:
+        for name in "bc":
+            agents.append(start_agent(tmp_path, name, agents[0].token, ledger))
+        wait_for(lambda: alive_names(agents[0].home) == set("abc"))
+        epochs = 3
+        job = run_job(
+            agents[0].home,
+            out,
+            *("--epochs", str(epochs), "--step-sleep", "0.03", "--sync-every", "4", "--overlap", "2"),
+            *("--die", "c:7:presync"),
+        )
+        try:
+            stdout, stderr = job.communicate(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        assert job.returncode == 0, stderr[-3000:]
+        digests = finished_digests(out)
+        assert {"a", "b"} <= set(digests) and "c" not in digests, digests
+        assert len(set(digests.values())) == 1, f"replicas diverged: {digests}"
+        assert check_ledger(ledger, epochs) >= epochs * (N // BATCH)
+        results = {p.stem.removeprefix("result-"): json.loads(p.read_text()) for p in out.glob("result-*")}
+        assert results["a"]["merges"] >= 1 and results["b"]["merges"] >= 1, results
+        assert all(r["overlapped"] >= 1 for r in results.values()), results
+    finally:
+        for agent in agents:
+            agent.stop()

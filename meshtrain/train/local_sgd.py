@@ -35,6 +35,18 @@ wrapper: `step` and `flush` leave the model exactly as the inner optimizer
 made it. Inside a job it syncs whatever the job's size, since workers may
 join: a job of one worker runs DiLoCo with one replica.
 
+`overlap=τ` (a job only, 1 <= τ < H): the sync runs on a thread while the
+next τ steps compute (the overlap of Streaming DiLoCo, arXiv:2501.18512, of
+the whole model rather than its fragments), and its outer step is applied
+at the τ-th step after: the new anchor, plus the progress this worker made
+in those τ steps (theta = anchor' + (theta_now - theta_at_sync)), so no
+sample's update is dropped and the anchor stays bit-identical on every
+replica (the parameters between syncs differ, as they always do in local
+SGD). A sync that ends an epoch, a `flush`, the first sync and one after a
+change of members run in the foreground. Cost: two more copies of the
+parameters while a sync is in flight (the ones it started from, and the
+flat delta the thread reduces).
+
 Inside a job the syncs are elastic (meshtrain.worker.local_rounds): a lost
 worker costs its unsynced steps (its slices are trained again), a joiner
 enters at the next sync, and the sync is forced at each epoch's last step.
@@ -50,6 +62,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -119,10 +132,12 @@ class OuterOptimizer:
         nesterov: bool = True,
         wire_dtype: str | None = "auto",
         compress: str | None = None,
+        overlap: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if sync_every != AUTO and not (isinstance(sync_every, int) and sync_every >= 1):
             raise UserError(f"sync_every must be a positive integer or 'auto' (got {sync_every!r})")
+        check_overlap(overlap, sync_every)
         try:
             self.compress = parse_compress(compress)
         except ValueError as exc:
@@ -147,6 +162,9 @@ class OuterOptimizer:
         self.bytes_sent = 0  # outer-sync bytes this worker sent (header + delta), all syncs
         self.last_bytes = 0  # ... in the last sync
         self.feedback = ErrorFeedback() if self.compress else None
+        self.overlap = int(overlap)
+        self.overlapped = 0  # syncs that ran in the background
+        self._flight: _Started | None = None
         params = model.trainable_parameters()
         self._anchor: dict[str, mx.array] = dict(tree_flatten(tree_map(mx.array, params)))
         self._velocity: dict[str, mx.array] = {k: mx.zeros_like(v) for k, v in self._anchor.items()}
@@ -169,21 +187,30 @@ class OuterOptimizer:
         self._last_tick = now
         self._steps_since += 1
         self._samples_since += int(samples)
-        due = self._steps_since >= self.sync_every
-        if not due and not (self._rounds is not None and self._rounds.epoch_ends()):
+        if self._flight is not None and self._steps_since >= self._overlap_now():
+            self.settle()
+        ends_epoch = self._rounds is not None and self._rounds.epoch_ends()
+        if self._steps_since < self.sync_every and not ends_epoch:
             return False
-        self.sync()
+        if not ends_epoch and self._may_overlap():
+            self._start()
+        else:
+            self.sync()
         return True
 
     def flush(self) -> bool:
         """Sync now if any step is pending (every worker must call it at the same point)."""
-        if not self.active or self._steps_since == 0:
+        if not self.active:
+            return False
+        self.settle()
+        if self._steps_since == 0:
             return False
         self.sync()
         return True
 
     def sync(self) -> None:
         """All-reduce the outer gradient, apply the outer step to the anchor, load it into the model."""
+        self.settle()
         current = dict(tree_flatten(self.model.trainable_parameters()))
         delta = {k: self._anchor[k] - current[k] for k in self._anchor}
         mx.eval(delta)
@@ -194,12 +221,11 @@ class OuterOptimizer:
             weight = float(self._samples_since)
             averaged = self.mesh.allreduce(delta, weight=weight, wire_dtype=self.wire_dtype)
         else:
-            from meshtrain.mesh import resolve_wire_dtype
             from meshtrain.ring import tensors
 
             flat, layout = tensors.flatten_tree(delta)
             quantized = self.compress in ("int8", "int4")  # int4: two to a qint8 item (local_rounds)
-            wire = "qint8" if quantized else resolve_wire_dtype(delta, self.wire_dtype)
+            wire = "qint8" if quantized else _wire(delta, self.wire_dtype)
             timing = self._timing()
             before = self._rounds.recoveries
             got = self._rounds.sync(flat, float(self._samples_since), wire, self.feedback, timing)
@@ -238,6 +264,58 @@ class OuterOptimizer:
             self.sync_every = choose_sync_every(*self.measured)
         elif not recovered:  # a sync that recovered timed the recovery, not the link
             self._probe.append((per_step, comm))
+
+    # --- the sync in the background (overlap=) ------------------------------------------------
+    def _overlap_now(self) -> int:
+        return min(self.overlap, self.sync_every - 1)
+
+    def _may_overlap(self) -> bool:
+        decided = not self.auto or self.measured is not None  # auto H's probes time foreground syncs
+        if self._overlap_now() < 1 or self._rounds is None or not decided:
+            return False
+        return bool(self._rounds.can_overlap())
+
+    def _start(self) -> None:
+        """Begin this interval's sync on a thread (meshtrain.worker.overlapped_sync); training goes on."""
+        from meshtrain.ring import tensors
+
+        current = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: kept as is
+        delta = {k: self._anchor[k] - current[k] for k in self._anchor}
+        mx.eval(delta)
+        flat, layout = tensors.flatten_tree(delta)
+        wire = "qint8" if self.compress in ("int8", "int4") else _wire(delta, self.wire_dtype)
+        self._rounds.start_sync(flat, float(self._samples_since), wire, self.feedback)
+        self._flight = _Started(current, layout, self._samples_since)
+        self._restart()
+
+    def settle(self) -> None:
+        """Wait for a sync in flight and apply it: the outer step to the anchor, then this worker's
+        progress since the sync started on top (a no-op without one). The mesh calls it before
+        anything else uses the ring (an evaluation, a free all-reduce)."""
+        started, self._flight = self._flight, None
+        if started is None:
+            return
+        got = self._rounds.join_sync()
+        if got is None:  # the ring broke: the interval is merged into this one, its samples too
+            self._samples_since += started.samples
+            return
+        from meshtrain.ring import tensors
+
+        averaged = tensors.unflatten_tree(started.params, got[0], started.layout)
+        mx.eval(averaged)
+        now = dict(tree_flatten(self.model.trainable_parameters()))
+        for k, d in averaged.items():
+            self._anchor[k], self._velocity[k] = outer_update(
+                self._anchor[k], self._velocity[k], d, self.outer_lr, self.momentum, self.nesterov
+            )
+        merged = {k: self._anchor[k] + (now[k] - started.params[k]) for k in self._anchor}
+        mx.eval(self._anchor, self._velocity, merged)
+        self.model.update(tree_unflatten(list(merged.items())))
+        mx.eval(self.model.parameters())
+        self.last_bytes = int(self._rounds.last_sent_bytes)
+        self.bytes_sent += self.last_bytes
+        self.syncs += 1
+        self.overlapped += 1
 
     def _restart(self) -> None:
         self._steps_since = 0
@@ -291,10 +369,39 @@ class OuterOptimizer:
         text = f"local SGD: sync every {self.sync_every} steps{' (auto)' if self.auto else ''}"
         if self.compress:
             text += f", {self.compress} deltas with error feedback"
+        if self.overlap:
+            text += f", each sync overlapped with the next {self._overlap_now()} steps"
         if self.measured is not None:
             compute, comm = self.measured
             text += f", compute {compute * 1e3:.2f} ms/step, all-reduce {comm * 1e3:.2f} ms"
         return text
+
+
+def check_overlap(overlap: Any, sync_every: int | str) -> None:
+    """`overlap` is an integer 0 <= τ < H (with H = "auto", any τ >= 0: it is capped at H - 1)."""
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
+        raise UserError(f"overlap must be a non-negative integer (got {overlap!r})")
+    if overlap and sync_every != AUTO and overlap >= int(sync_every):
+        raise UserError(
+            f"overlap must be less than sync_every (got overlap={overlap}, sync_every={sync_every}): "
+            "a sync is applied that many steps after it starts, before the next one starts"
+        )
+
+
+@dataclass
+class _Started:
+    """A sync in flight: the parameters it started from (its delta's tree shape too), the layout of
+    the flat delta the thread reduces, its samples."""
+
+    params: dict[str, mx.array]
+    layout: Any
+    samples: int
+
+
+def _wire(delta: dict[str, mx.array], wire_dtype: str | None) -> str:
+    from meshtrain.mesh import resolve_wire_dtype
+
+    return resolve_wire_dtype(delta, wire_dtype)
 
 
 def params_equal(a: Any, b: Any) -> bool:

@@ -402,11 +402,22 @@ class Stepper:
         the next steps, so each sample is still trained on exactly once per epoch."""
         last = self.local_step()
         done = [*steps, last] if last is not None else list(steps)
-        orphans = [v for s in done for m, v in s.slices.items() if m not in contributors]
-        self.advance(np.concatenate(orphans) if orphans else np.empty(0, np.int64))
+        self.advance(_orphans(done, contributors))
+        return self._interval_rows(done, contributors)
+
+    def commit_closed(self, steps: Sequence[LocalStep], contributors: Collection[str]) -> list[Committed]:
+        """An interval whose steps are all closed already (its sync ran in the background while the
+        next steps were handed out) is committed: rows as `commit_interval`'s, and the orphans go to
+        the sampler's carry, handed out first by the next steps (no open step is committed here)."""
+        orphans = _orphans(steps, contributors)
+        if self.sampler is not None and len(orphans):
+            self.sampler.carry = np.concatenate([self.sampler.carry, orphans])
+        return self._interval_rows(steps, contributors)
+
+    def _interval_rows(self, steps: Sequence[LocalStep], contributors: Collection[str]) -> list[Committed]:
         return [
             Committed(s.step, s.epoch, self.gen, {m: v for m, v in s.slices.items() if m in contributors})
-            for s in done
+            for s in steps
         ]
 
     def drop_state(self) -> None:
@@ -522,3 +533,9 @@ class Stepper:
         if decision.changed:
             self.weights[self.gen] = dict(decision.shares)
         self.share_reason = decision.reasons.get(self.member, "")
+
+
+def _orphans(steps: Sequence[LocalStep], contributors: Collection[str]) -> np.ndarray:
+    """The slices of `steps` whose members' deltas are not in the sync (trained again)."""
+    lost = [v for s in steps for m, v in s.slices.items() if m not in contributors]
+    return np.concatenate(lost).astype(np.int64) if lost else np.empty(0, np.int64)

@@ -20,7 +20,11 @@ SGD's members only meet at the outer sync:
 - the sync is forced at the step that ends an epoch, so an interval never
   spans two epochs and a carried slice stays in its epoch;
 - shares are re-planned and checkpoints offered only where an interval
-  starts (every member holds the same model there).
+  starts (every member holds the same model there);
+- with `overlap=` the sync may run on a thread while the next steps compute
+  (meshtrain.worker.overlapped_sync): `start_sync` begins it, `join_sync` commits
+  its interval when it returned, or merges the interval into the open one
+  when the ring broke (the next sync, in the foreground, recovers).
 
 The step bookkeeping -- recording a step's slices, committing an interval
 and carrying its orphans, dropping and adopting the state -- goes through
@@ -50,6 +54,7 @@ from meshtrain.train.outer_recovery import OuterPlan, plan_outer_sync
 from meshtrain.train.recovery import MemberStatus, Unrecoverable, decode_statuses, encode_status
 from meshtrain.train.ring_broadcast import broadcast_bytes, broadcast_tree
 from meshtrain.train.stepper import LocalStep, Stepper
+from meshtrain.worker.overlapped_sync import InFlight
 
 STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
@@ -76,6 +81,8 @@ class LocalRounds:
         self.checked = False  # the first sync compares the outer states
         self.recoveries = 0
         self.last_sent_bytes = 0  # what this worker sent in the last sync (header + delta)
+        self.inflight: InFlight | None = None  # a sync running on a thread (overlap=)
+        self.merges = 0  # background syncs the ring broke under (their intervals merged into the next)
 
     # --- the step boundary (WorkerMesh._boundary delegates here) -------------------------------
     def boundary(self) -> None:
@@ -94,8 +101,8 @@ class LocalRounds:
         while not steps.has_state:
             m._recover(None)  # a joiner: it enters at the holders' next sync (follow_plan)
         m._report_ring_drops()
-        if self.steps:
-            return  # inside an interval: nobody to meet
+        if self.steps or self.inflight is not None:
+            return  # inside an interval (or its sync still in flight): nobody to meet
         if steps.rebalance_due and m._ring is not None and not m._stale_view():
             m._rebalance()
         if m._checkpoints is not None and steps.sampler is not None:
@@ -153,9 +160,63 @@ class LocalRounds:
             break
         contributors = self.plan.holders if self.plan is not None else self.stepper.roster
         self._commit_interval(set(contributors))
+        m._note_stats()
         if m._timer is not None:
             m._timer.reduced()
         return out
+
+    # --- the sync in the background (overlap=) ---------------------------------------------------
+    def can_overlap(self) -> bool:
+        """Whether the open step's sync may run in the background: the ring is whole and current, the
+        first sync (which compares the replicas) is done, and nothing is owed at the next interval's
+        start (a share re-plan or a checkpoint: those need every member at the same model)."""
+        m, ck = self.mesh, self.mesh._checkpoints
+        owed = ck is not None and bool(ck.inbox or ck.participant.parts)
+        return (
+            self.inflight is None
+            and self.checked
+            and m._ring is not None
+            and not m._stale_view()
+            and not self.stepper.rebalance_due
+            and not owed
+        )
+
+    def start_sync(self, delta: np.ndarray, samples: float, wire: str, feedback: Any) -> None:
+        """Begin the open step's interval's sync on a thread (meshtrain.worker.overlapped_sync): the
+        sampler moves past the step now, the next interval opens, the ledger rows wait for the result."""
+        m, steps = self.mesh, self.stepper
+        m.wire_dtype = wire
+        opened = steps.local_step()
+        done = [*self.steps, opened] if opened is not None else list(self.steps)
+        steps.advance(np.empty(0, np.int64))  # the interval's last step: committed in the sampler
+        flight = InFlight(done, self.start, self.interval_gen)
+        label = self.start
+        flight.run(lambda: self._reduce(delta, samples, wire, feedback, None, label))
+        self.inflight = flight
+        self.steps, self.start, self.interval_gen = [], steps.committed, steps.gen
+        if m._timer is not None:  # the step's compute goes on to its boundary; the sync is not in it
+            m._timer.gradients_ready()
+            m._timer.reduced()
+
+    def join_sync(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Wait for the sync in flight: (mean, header sums) with its interval committed; None when
+        there was none, or the ring broke (its steps are merged into the open interval, which the next
+        foreground sync commits with the delta of both)."""
+        flight, self.inflight = self.inflight, None
+        if flight is None:
+            return None
+        flight.join()
+        if flight.error is not None:
+            if not isinstance(flight.error, RING_FAILURES):
+                raise flight.error
+            self.mesh._mark_broken()
+            self.merges += 1
+            self.steps = [*flight.steps, *self.steps]
+            self.start, self.interval_gen = flight.start, flight.generation
+            return None
+        self._write_rows(self.stepper.commit_closed(flight.steps, set(self.stepper.roster)))
+        self.mesh._note_stats()
+        return flight.result
 
     def finish(self) -> None:
         """After the outer step: the members the plan left out receive the state now."""
@@ -178,9 +239,12 @@ class LocalRounds:
         wire: str,
         feedback: compression.ErrorFeedback | None,
         timing: tuple[float, float] | None,
+        label: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The two reductions of one sync (on the training thread, or on a sync's own: `label`)."""
         m = self.mesh
-        ring, size, label = m._ring, len(self.stepper.roster), self.start
+        ring, size = m._ring, len(self.stepper.roster)
+        label = self.start if label is None else label
         if ring is None:
             raise PeerLost(m.member, self.stepper.gen, "the ring broke before the outer sync")
         quantized = wire == "qint8"
@@ -209,7 +273,6 @@ class LocalRounds:
             mean = ring.allreduce(delta, step=label, weight=float(samples), wire_dtype=wire)
             sent += _sent(size, delta.size * np.dtype(_storage(wire)).itemsize)
         self.last_sent_bytes = sent
-        m._note_stats()
         return mean, sums
 
     def _reduce_zeros(self, plan: OuterPlan) -> None:
@@ -233,16 +296,19 @@ class LocalRounds:
 
     def _commit_interval(self, contributors: set[str]) -> None:
         """The interval's steps are done: ledger rows of the contributors, orphans carried."""
-        m, steps = self.mesh, self.stepper
-        rows = steps.commit_interval(self.steps, contributors)
-        if m._ledger is not None and rows:
-            now = time.time()
-            with m._ledger.open("a") as f:
-                for done in rows:
-                    f.write(_json(done.row(now)) + "\n")
+        steps = self.stepper
+        self._write_rows(steps.commit_interval(self.steps, contributors))
         self.steps = []
         self.start = steps.committed
         self.interval_gen = steps.gen
+
+    def _write_rows(self, rows: list[Any]) -> None:
+        ledger = self.mesh._ledger
+        if ledger is not None and rows:
+            now = time.time()
+            with ledger.open("a") as f:
+                for done in rows:
+                    f.write(_json(done.row(now)) + "\n")
 
     # --- recovery (WorkerMesh._recover calls this on every new ring) ---------------------------
     def digest(self) -> str:

@@ -391,6 +391,7 @@ class WorkerMesh(Mesh):
         node joining) makes every worker evaluate the whole set locally instead:
         the same sums, no hang, and the next step boundary forms the new ring.
         """
+        self._settle_outer()
         if self._steps.missed_epoch:
             # the script's loop passed an epoch that ended before this worker took part (a joiner, a
             # resumed run): the others evaluated it long ago, so there is nobody to evaluate with and
@@ -470,7 +471,13 @@ class WorkerMesh(Mesh):
             with self._ledger.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _settle_outer(self) -> None:
+        """A local-SGD sync in flight on its thread (overlap=) finishes before the ring is used again."""
+        if self._outer is not None:
+            self._outer.outer.settle()
+
     def _free_allreduce(self, tree: Any, weight: float, wire: str) -> Any:
+        self._settle_outer()
         if self._ring_unusable():
             self._recover(None)
         try:

@@ -2,8 +2,9 @@
 an OuterOptimizer (H local steps, then the outer sync) instead of a per-step all-reduce.
 
 `--die MEMBER:STEP:forward` SIGKILLs that worker when global step STEP is handed out (mid-interval);
-`--die MEMBER:STEP:sync` 2 ms into the first outer sync at or after STEP. At the end every worker
-writes OUT/result-<member>.json: a digest of its parameters (identical after the final sync on every
+`--die MEMBER:STEP:sync` 2 ms into the first outer sync at or after STEP (with `--overlap` it may be
+a sync in the background); `--die MEMBER:STEP:presync` just before step STEP's `outer.step`. At
+the end every worker writes OUT/result-<member>.json: a digest of its parameters (identical after the final sync on every
 replica; the inner optimizers' states stay each worker's own), its step and sync count.
 """
 
@@ -35,6 +36,7 @@ parser.add_argument("--step-sleep", type=float, default=0.0)
 parser.add_argument("--hidden", type=int, default=64)
 parser.add_argument("--sync-every", type=int, default=4)
 parser.add_argument("--compress", default=None)
+parser.add_argument("--overlap", type=int, default=0)
 parser.add_argument("--die", action="append", default=[], metavar="MEMBER:STEP:WHERE")
 args = parser.parse_args()
 
@@ -54,7 +56,13 @@ model = nn.Sequential(
 optimizer = optim.Adam(learning_rate=1e-2)
 mesh.register(model, optimizer)
 outer = OuterOptimizer(
-    model, mesh, sync_every=args.sync_every, outer_lr=0.7, momentum=0.5, compress=args.compress
+    model,
+    mesh,
+    sync_every=args.sync_every,
+    outer_lr=0.7,
+    momentum=0.5,
+    compress=args.compress,
+    overlap=args.overlap,
 )
 loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
 zeros = tree_map(mx.zeros_like, model.trainable_parameters())
@@ -86,6 +94,8 @@ for epoch in range(args.epochs):
             _, step, where = spec.split(":")
             if where == "sync" and at >= int(step) and syncing:
                 kill_soon(0.002)
+            if where == "presync" and at == int(step):
+                kill_soon(0.0)
         outer.step(samples=len(idx))
         mesh.report(epoch=epoch, epochs=args.epochs, loss=float(loss), samples=len(idx))
     outer.flush()
@@ -96,6 +106,8 @@ result = {
     "committed": mesh.step,
     "syncs": outer.syncs,
     "bytes_sent": outer.bytes_sent,
+    "overlapped": outer.overlapped,
+    "merges": outer._rounds.merges if outer._rounds is not None else 0,
 }
 with open(os.path.join(args.out, f"result-{me}.json"), "w") as f:
     json.dump(result, f)
