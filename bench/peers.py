@@ -23,6 +23,9 @@ netem) and each N (`--nodes`), every mode trains `--steps` steps, and each
                                   DDP's bf16_compress_hook); needs torch (`--torch-path`)
   local-sgd                       meshtrain's OuterOptimizer (DiLoCo), `--sync-every` H, bf16 wire
   local-sgd-int8, local-sgd-int4  the same, its deltas compressed (int8 / 4-bit, error feedback)
+  local-sgd-overlap, local-sgd-int4-overlap
+                                  the same, each sync run in the background over the next
+                                  `--overlap` steps (OuterOptimizer(overlap=); default H/2)
   meshtrain-s2, meshtrain-s3      ZeRO (issue 19): the meshtrain worker with `mesh.shard(model,
                                   optimizer, stage=2|3, wire_dtype="float32", max_grad_norm=--clip)`
                                   instead of mesh.register + allreduce; stage 3 shards the
@@ -87,6 +90,8 @@ MODES = (
     "local-sgd",
     "local-sgd-int8",
     "local-sgd-int4",
+    "local-sgd-overlap",
+    "local-sgd-int4-overlap",
     "meshtrain-s2",
     "meshtrain-s3",
 )
@@ -98,6 +103,8 @@ FAMILY = {  # a mode's framework, and at N=1 (nothing on a wire) the one run tha
     "local-sgd": "meshtrain",
     "local-sgd-int8": "meshtrain",
     "local-sgd-int4": "meshtrain",
+    "local-sgd-overlap": "meshtrain",
+    "local-sgd-int4-overlap": "meshtrain",
     "mlx-fp32": "mlx",
     "mlx-bf16": "mlx",
     "ddp-fp32": "ddp",
@@ -105,6 +112,12 @@ FAMILY = {  # a mode's framework, and at N=1 (nothing on a wire) the one run tha
 }
 WIRE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 STAGES = {"meshtrain-s2": 2, "meshtrain-s3": 3}  # the ZeRO modes' shard stage (fp32 wire)
+
+
+def local_sgd_mode(mode: str) -> tuple[str | None, bool]:
+    """A local-sgd mode's (compression or None, whether its syncs run in the background)."""
+    parts = mode.split("-")[2:]
+    return next((p for p in parts if p in ("int8", "int4")), None), "overlap" in parts
 
 
 def load_module(path: Path, name: str) -> ModuleType:
@@ -336,7 +349,12 @@ def worker_meshtrain(args: argparse.Namespace) -> None:
         from meshtrain.train.local_sgd import OuterOptimizer, parse_sync_every
 
         outer = OuterOptimizer(
-            model, mesh, sync_every=parse_sync_every(args.local_sgd), wire_dtype=wire, compress=args.compress
+            model,
+            mesh,
+            sync_every=parse_sync_every(args.local_sgd),
+            wire_dtype=wire,
+            compress=args.compress,
+            overlap=args.overlap,
         )
 
         def reduce(grads: Any, n: int) -> Any:
@@ -616,8 +634,11 @@ def run_meshtrain(
         script += ["--stage", str(STAGES[mode])]
     if mode.startswith("local-sgd"):
         script += ["--local-sgd", args.sync_every]
-        if mode != "local-sgd":
-            script += ["--compress", mode.rsplit("-", 1)[1]]
+        compress, overlap = local_sgd_mode(mode)
+        if compress:
+            script += ["--compress", compress]
+        if overlap:
+            script += ["--overlap", str(overlap_steps(args))]
     if ns_prefix:
         script += ["--iface-prefix", f"{ns_prefix}h"]
     run_flags = ["--nodes", str(n), "--wait", "30", "--shares", args.shares]
@@ -779,8 +800,11 @@ def bytes_per_token(out: Outcome, mode: str, n: int, link: str, args: argparse.N
         return "0"
     if link != "loopback":
         return f"{statistics.mean(r['tx_bytes'] for r in out.ranks) / tokens:.1f}"
-    dtype = "fp32" if mode in STAGES else mode.rsplit("-", 1)[1]
-    wire = WIRE_BYTES["bf16" if mode in ("meshtrain-bf16", "local-sgd") else dtype]  # int8, int4: theirs
+    if mode.startswith("local-sgd"):
+        dtype = local_sgd_mode(mode)[0] or "bf16"
+    else:
+        dtype = "fp32" if mode in STAGES else mode.rsplit("-", 1)[1]
+    wire = WIRE_BYTES["bf16" if mode == "meshtrain-bf16" else dtype]
     # stage 3: each block's parameters gathered twice (forward, backward) and its gradient reduce-scattered,
     # 3 x (N-1)/N of them (the root unit's 2 x, an all-reduce, is counted as 3 x: an upper bound)
     per_step = (3 if STAGES.get(mode) == 3 else 2) * (n - 1) / n * args.params * wire
@@ -788,6 +812,13 @@ def bytes_per_token(out: Outcome, mode: str, n: int, link: str, args: argparse.N
         h = re.search(r"sync every (\d+)", out.main.get("mode", ""))
         per_step /= int(h[1]) if h else float(args.sync_every)
     return f"~{per_step / tokens_per_step(args):.1f}"
+
+
+def overlap_steps(args: argparse.Namespace) -> int:
+    """τ of the -overlap modes: `--overlap`, else half of H (4 when H is auto: capped at H - 1)."""
+    if args.overlap:
+        return int(args.overlap)
+    return 4 if args.sync_every == "auto" else max(1, int(args.sync_every) // 2)
 
 
 def best_outcome(runs: list[Outcome], args: argparse.Namespace) -> Outcome | None:
@@ -853,7 +884,7 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
     )
     peers = ["mlx-fp32", "ddp-fp32", "mlx-bf16", "ddp-bf16"]
     ours = ["meshtrain-fp32", "meshtrain-bf16"]
-    local = ["local-sgd", "local-sgd-int8", "local-sgd-int4"]  # the best of them
+    local = [m for m in MODES if m.startswith("local-sgd")]  # the best of them
     for cell in cells:
         speed = {
             m: o.tokens_per_s(tps)
@@ -918,7 +949,7 @@ def describe_setup(args: argparse.Namespace) -> str:
             + (f"; at N={','.join(map(str, shared))} nodes SHARE cores" if shared else ""),
             f"# links: {', '.join(args.links)} (namespaces: tc tbf rate, no delay); "
             f"modes {', '.join(args.modes)}; meshtrain run --shares {args.shares}; "
-            f"local SGD --sync-every {args.sync_every}; "
+            f"local SGD --sync-every {args.sync_every} (-overlap modes: τ = {overlap_steps(args)}); "
             f"{args.rounds} interleaved round(s), the tables take each mode's fastest",
             f"# load: 1-minute load average {os.getloadavg()[0]:.1f} at the start; the cell's idle meshtrain "
             "agents stay up while its peers run; other users' processes may share these cores",
@@ -971,6 +1002,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iface-prefix", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local-sgd", default=None, metavar="H", help=argparse.SUPPRESS)
     p.add_argument("--compress", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--overlap", type=int, default=0, help="the -overlap modes' τ: steps a sync runs under (default H/2)"
+    )
     p.add_argument("--stage", type=int, default=0, choices=(0, 2, 3), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -10,7 +10,8 @@ half the bytes of `--wire fp32`; `--sync-every H` (or `auto`) trains in the
 DiLoCo style, H local steps and then one all-reduce of the parameter delta
 with an outer Nesterov step (meshtrain.train.local_sgd); H = 1 is per-step
 gradient averaging. `--compress int8` sends local SGD's deltas as int8 with
-error feedback (half the bytes of bf16; meshtrain.train.compression).
+error feedback (half the bytes of bf16; meshtrain.train.compression);
+`--overlap N` runs each sync in the background while the next N steps train.
 
 Models: `cnn` (conv32-conv64-maxpool-fc128-fc10, the default on Metal and
 CUDA) and `mlp` (784-512-512-10, the default on a Linux CPU, where MLX's
@@ -176,6 +177,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="local SGD: send the outer deltas as int8 or int4 with error feedback (default none)",
     )
     parser.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="local SGD: run each sync in the background over the next N steps (N < H; default 0, off)",
+    )
+    parser.add_argument(
         "--evals-per-epoch",
         type=int,
         default=1,
@@ -201,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sync_every = parse_sync_every(args.sync_every)
     if args.compress != "none" and sync_every == 1:
         raise SystemExit("mnist.py: --compress compresses local SGD's deltas: add --sync-every H (or auto)")
+    if args.overlap and sync_every == 1:
+        raise SystemExit("mnist.py: --overlap overlaps local SGD's syncs: add --sync-every H (or auto)")
     wire = WIRE_DTYPES[args.wire]
     model_name = args.model or default_model()
 
@@ -230,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             momentum=args.outer_momentum,
             wire_dtype=wire,
             compress=args.compress,
+            overlap=args.overlap,
         )
 
     if mesh.is_main:

@@ -37,6 +37,16 @@ def test_auto_h_is_the_smallest_that_keeps_comm_under_ten_percent() -> None:
     assert choose_sync_every(compute_s=0.0, comm_s=0.004) == AUTO_MAX_SYNC_EVERY
 
 
+def test_auto_h_with_overlap_counts_only_the_sync_the_overlapped_steps_do_not_hide() -> None:
+    # a sync of 2 steps' compute: alone it wants H = 20; under min(τ, H - 1) steps it hides from H = 3
+    assert choose_sync_every(compute_s=0.002, comm_s=0.004, overlap=4) == 3
+    assert choose_sync_every(compute_s=0.002, comm_s=0.004, overlap=1) == 10  # 1 step hidden, 1 sticks out
+    assert choose_sync_every(compute_s=0.002, comm_s=0.040, overlap=0) == AUTO_MAX_SYNC_EVERY
+    assert choose_sync_every(compute_s=0.010, comm_s=0.001, overlap=3) == 1
+    for compute, comm in [(0.01, 0.0011), (0.002, 0.004), (0.003, 0.5)]:  # overlap never asks for a larger H
+        assert choose_sync_every(compute, comm, overlap=2) <= choose_sync_every(compute, comm)
+
+
 def test_sync_every_flag_values() -> None:
     assert parse_sync_every("auto") == "auto"
     assert parse_sync_every("4") == 4

@@ -59,11 +59,11 @@ def test_a_diverged_holder_is_outvoted_and_nobody_pending_hands_state_to_joiners
         )
 
 
-def run_job(home: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+def run_job(home: Path, out: Path, *extra: str, flags: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     env = {"MESHTRAIN_HOME": str(home)}
     import os
 
-    cmd = [sys.executable, "-m", "meshtrain", "run", str(SCRIPT), "--", "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", "meshtrain", "run", *flags, str(SCRIPT), "--", "--out", str(out), *extra]
     return subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -175,7 +175,8 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
 ) -> None:
     """overlap=2: c's worker dies as its background sync starts (step 7, the second sync of an epoch
     of 12 steps); a and b's reductions fail on their threads, they merge that interval into the open
-    one, and the epoch's last sync (foreground) recovers: c~1 enters, every sample once, replicas equal."""
+    one, and the epoch's last sync (foreground) recovers: c~1 enters, every sample once, replicas equal;
+    checkpoints asked for are still taken."""
     ledger, out = tmp_path / "ledger", tmp_path / "out"
     ledger.mkdir()
     out.mkdir()
@@ -190,6 +191,7 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
             out,
             *("--epochs", str(epochs), "--step-sleep", "0.03", "--sync-every", "4", "--overlap", "2"),
             *("--die", "c:7:presync"),
+            flags=("--checkpoint-every", "6", "--name", "overlap"),
         )
         try:
             stdout, stderr = job.communicate(timeout=120)
@@ -203,7 +205,13 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
         assert check_ledger(ledger, epochs) >= epochs * (N // BATCH)
         results = {p.stem.removeprefix("result-"): json.loads(p.read_text()) for p in out.glob("result-*")}
         assert results["a"]["merges"] >= 1 and results["b"]["merges"] >= 1, results
-        assert all(r["overlapped"] >= 1 for r in results.values()), results
+        overlapped = {m: r["overlapped"] for m, r in results.items()}
+        assert all(n >= 1 for n in overlapped.values()), overlapped
+        # a checkpoint asked for makes the next sync run in the foreground, so its interval start has one
+        from meshtrain.checkpoints.store import CheckpointStore
+
+        saved = CheckpointStore(agents[0].home / "checkpoints").checkpoints("overlap")
+        assert saved, "no checkpoint of the overlapped job was committed"
     finally:
         for agent in agents:
             agent.stop()

@@ -59,6 +59,7 @@ def test_a_replica_changed_after_register_stops_the_job_with_the_reason(tmp_path
     job = run(tmp_path, "--local", "2", str(SCRIPT), "--out", str(out), "--perturb-main")
     assert job.returncode != 0
     assert "the replicas differ at step 0" in job.stderr, job.stderr[-2000:]
+    assert "Traceback" not in job.stderr, job.stderr[-2000:]  # a UserError: its one line says it all
     assert not results(out, "result-")  # nobody trained on
 
 

@@ -28,7 +28,8 @@ sync) and its delta all-reduce; the mesh then averages those two numbers
 (an exact float32 all-reduce, so every worker gets the same pair) and every
 worker picks the same H = `choose_sync_every(compute, comm)`: the smallest H
 whose communication is at most `AUTO_TARGET_OVERHEAD` (10%) of the compute
-of H steps, capped at `AUTO_MAX_SYNC_EVERY`. H is then fixed for the run.
+of H steps, capped at `AUTO_MAX_SYNC_EVERY` (with `overlap=`, only the part of
+the sync that the overlapped steps do not hide counts). H is then fixed for the run.
 
 Run plainly (`python script.py`, world size 1) `OuterOptimizer` is a no-op
 wrapper: `step` and `flush` leave the model exactly as the inner optimizer
@@ -85,11 +86,19 @@ def choose_sync_every(
     comm_s: float,
     target: float = AUTO_TARGET_OVERHEAD,
     cap: int = AUTO_MAX_SYNC_EVERY,
+    overlap: int = 0,
 ) -> int:
-    """Smallest H >= 1 with comm_s / (H * compute_s) <= target, capped at `cap`."""
+    """Smallest H >= 1 with comm_s / (H * compute_s) <= target, capped at `cap`. With `overlap` τ
+    the sync runs under min(τ, H - 1) steps of compute, so only what sticks out of them counts."""
     if not compute_s > 0:
         return cap
-    return max(1, min(cap, math.ceil(comm_s / (target * compute_s) - 1e-9)))
+    if overlap <= 0:
+        return max(1, min(cap, math.ceil(comm_s / (target * compute_s) - 1e-9)))
+    for h in range(1, cap + 1):
+        exposed = max(0.0, comm_s - min(overlap, h - 1) * compute_s)
+        if exposed <= target * h * compute_s * (1 + 1e-9):
+            return h
+    return cap
 
 
 def parse_sync_every(text: str) -> int | str:
@@ -261,7 +270,7 @@ class OuterOptimizer:
         assert sums is not None
         if sums[2] > 0:  # the header carried timings: every member decides alike from the same sums
             self.measured = (float(sums[3] / sums[2]), float(sums[4] / sums[2]))
-            self.sync_every = choose_sync_every(*self.measured)
+            self.sync_every = choose_sync_every(*self.measured, overlap=self.overlap)
         elif not recovered:  # a sync that recovered timed the recovery, not the link
             self._probe.append((per_step, comm))
 
@@ -339,7 +348,7 @@ class OuterOptimizer:
         )
         mean = np.asarray(self.mesh.allreduce(local, wire_dtype="float32"), np.float64)
         self.measured = (float(mean[0]), float(mean[1]))
-        self.sync_every = choose_sync_every(*self.measured)
+        self.sync_every = choose_sync_every(*self.measured, overlap=self.overlap)
 
     measured: tuple[float, float] | None = None  # (compute s/step, all-reduce s) behind an auto H
 

@@ -153,6 +153,12 @@ class WorkerCheckpoints:
         for a in due:
             self._start_write(a, state, meta)
 
+    def pending_steps(self) -> set[int]:
+        """The steps of Prepares read but not yet reached (local SGD's overlap= asks: meshtrain.worker.
+        local_rounds runs the sync before such a step in the foreground, so its boundary can write)."""
+        with self._lock:
+            return {s for s, part in self.participant.parts.items() if part.state == "pending"}
+
     def resume(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
         """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here.
 

@@ -169,9 +169,11 @@ class LocalRounds:
     def can_overlap(self) -> bool:
         """Whether the open step's sync may run in the background: the ring is whole and current, the
         first sync (which compares the replicas) is done, and nothing is owed at the next interval's
-        start (a share re-plan or a checkpoint: those need every member at the same model)."""
+        start (a share re-plan or a checkpoint: those need every member at the same model, and are
+        offered only at the start of an interval whose sync ran in the foreground)."""
         m, ck = self.mesh, self.mesh._checkpoints
-        owed = ck is not None and bool(ck.inbox or ck.participant.parts)
+        # a Prepare not read yet (only an interval's start reads it), or one for the next interval's start
+        owed = ck is not None and (bool(ck.inbox) or self.stepper.committed + 1 in ck.pending_steps())
         return (
             self.inflight is None
             and self.checked

@@ -27,7 +27,7 @@ from typing import Any
 
 from meshtrain import env as env_names
 from meshtrain import mesh as mesh_module
-from meshtrain.errors import PeerLost
+from meshtrain.errors import PeerLost, UserError
 from meshtrain.jobspec import JobSpecError, WorkerSpec
 from meshtrain.worker.mesh import WorkerMesh
 from meshtrain.worker.reporter import Reporter
@@ -130,13 +130,15 @@ def run(spec: WorkerSpec) -> int:
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     except BaseException as exc:  # noqa: BLE001 - every failure of user code is reported, once
-        summary = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        # a UserError is a mistake the message names (meshtrain's API used wrongly): one line, no traceback
+        mistake = isinstance(exc, UserError)
+        summary = str(exc) if mistake else traceback.format_exception_only(type(exc), exc)[-1].strip()
         secondary = isinstance(exc, (PeerLost, ConnectionError, KeyboardInterrupt))
         reporter.send(
             {
                 "k": "crash",
                 "summary": summary,
-                "traceback": _user_traceback(exc, script),
+                "traceback": "" if mistake else _user_traceback(exc, script),
                 "secondary": secondary,
                 "rollback": bool(getattr(exc, "rolls_back", False)),  # meshtrain.shard's ShardLost
             }

@@ -4,8 +4,9 @@ an OuterOptimizer (H local steps, then the outer sync) instead of a per-step all
 `--die MEMBER:STEP:forward` SIGKILLs that worker when global step STEP is handed out (mid-interval);
 `--die MEMBER:STEP:sync` 2 ms into the first outer sync at or after STEP (with `--overlap` it may be
 a sync in the background); `--die MEMBER:STEP:presync` just before step STEP's `outer.step`. At
-the end every worker writes OUT/result-<member>.json: a digest of its parameters (identical after the final sync on every
-replica; the inner optimizers' states stay each worker's own), its step and sync count.
+the end every worker writes OUT/result-<member>.json: a digest of its parameters (identical after
+the final sync on every replica; the inner optimizers' states stay each worker's own), its step and
+sync count.
 """
 
 from __future__ import annotations
