@@ -7,6 +7,11 @@ step and the merge with the steps taken meanwhile are checked exactly.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +30,8 @@ class Rounds:
     def __init__(self, outcomes: list[np.ndarray | None]) -> None:
         self.outcomes = outcomes
         self.started: list[tuple[np.ndarray, float]] = []
+        self.foreground: list[tuple[np.ndarray, float]] = []
+        self.broken = False
         self.joined = 0
         self.recoveries = 0
         self.last_sent_bytes = 10
@@ -41,7 +48,20 @@ class Rounds:
     def join_sync(self) -> tuple[np.ndarray, np.ndarray] | None:
         outcome = self.outcomes[self.joined]
         self.joined += 1
-        return None if outcome is None else (outcome, np.zeros(5, np.float32))
+        self.broken = outcome is None
+        return None if outcome is None else (outcome, np.zeros(6, np.float32))
+
+    def ring_unusable(self) -> bool:
+        return self.broken
+
+    def sync(self, delta: np.ndarray, samples: float, wire: str, feedback: Any, timing: Any) -> Any:
+        """A foreground sync (the members meet, the ring is formed anew): a zero mean."""
+        self.foreground.append((delta.copy(), samples))
+        self.broken = False
+        return np.zeros_like(delta), np.zeros(6, np.float32)
+
+    def finish(self) -> None:
+        pass
 
 
 class Mesh:
@@ -104,20 +124,41 @@ def test_a_sync_in_the_background_applies_the_outer_step_and_keeps_the_steps_tak
     np.testing.assert_allclose(got_anchor, np.array(anchor), rtol=1e-6)
 
 
-def test_a_sync_the_ring_broke_under_leaves_its_samples_to_the_next_one() -> None:
+def test_a_sync_the_ring_broke_under_is_merged_into_a_foreground_sync_at_once() -> None:
     model = nn.Linear(3, 2)
-    rounds = Rounds([None])  # the background reduction failed: the interval merges into the next
+    rounds = Rounds([None])  # the background reduction failed: its interval merges into the open one
     outer = OuterOptimizer(model, Mesh(rounds), sync_every=2, overlap=1)
     before = flat(model)
     for _ in range(2):
         nudge(model, -0.1)
         outer.step(samples=5)
+    assert len(rounds.started) == 1 and not rounds.foreground
     nudge(model, -0.1)
-    outer.step(samples=5)  # joined: nothing applied, the model untouched
-    assert outer.syncs == 0 and rounds.joined == 1
-    np.testing.assert_allclose(flat(model), before - 0.3, rtol=1e-5)
-    nudge(model, -0.1)
-    outer.step(samples=5)  # the next sync carries both intervals' delta and samples
-    delta, samples = rounds.started[1]
-    assert samples == 20
-    np.testing.assert_allclose(delta, np.full(8, 0.4, np.float32), rtol=1e-4)
+    outer.step(samples=5)  # joined, failed: the members meet now, with both intervals' delta and samples
+    assert rounds.joined == 1 and len(rounds.foreground) == 1
+    delta, samples = rounds.foreground[0]
+    assert samples == 15
+    np.testing.assert_allclose(delta, np.full(8, 0.3, np.float32), rtol=1e-4)
+    assert outer.syncs == 1 and outer.overlapped == 0
+    # a zero mean from the anchor: the model is the anchor again (the outer step of a zero delta)
+    np.testing.assert_allclose(flat(model), before, rtol=1e-5, atol=1e-6)
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "elastic_local_sgd.py"
+
+
+@pytest.mark.timeout(120)
+def test_a_local_mesh_overlaps_most_syncs_and_ends_with_identical_replicas(tmp_path: Path) -> None:
+    """A real 2-node job: most syncs run in the background (not the first, nor an epoch's last),
+    and after the last (foreground) sync the replicas are bit-identical."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "meshtrain", "run", "--local", "2", str(SCRIPT), "--out", str(out)]
+    cmd += ["--sync-every", "4", "--overlap", "2", "--epochs", "3", "--step-sleep", "0.02"]
+    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
+    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert job.returncode == 0, job.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in out.glob("result-*.json")]
+    assert len(results) == 2 and results[0]["digest"] == results[1]["digest"], results
+    # 3 syncs an epoch of 12 steps: the 2nd (and the 1st after the first epoch) in the background
+    assert all(r["syncs"] == 9 and r["overlapped"] >= 4 for r in results), results

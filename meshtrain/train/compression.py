@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 CHUNK = 2048  # elements sharing one grid step (a 4-byte bound each: 0.2% of the int8 bytes)
-HEADER_FIXED = 5  # header words before the chunk bounds: count, samples, timed, compute, comm
+HEADER_FIXED = 6  # header words before the chunk bounds: count, samples, timed, compute, comm, flags
 COMPRESS_MODES = ("none", "int8", "int4")
 
 

@@ -198,6 +198,9 @@ class OuterOptimizer:
         self._samples_since += int(samples)
         if self._flight is not None and self._steps_since >= self._overlap_now():
             self.settle()
+            if self._rounds.ring_unusable():  # a lost worker or a new view: every member meets now
+                self.sync()
+                return True
         ends_epoch = self._rounds is not None and self._rounds.epoch_ends()
         if self._steps_since < self.sync_every and not ends_epoch:
             return False
@@ -255,9 +258,9 @@ class OuterOptimizer:
         mx.eval(self._anchor, self._velocity)
         self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in self._anchor.items()]))
         mx.eval(self.model.parameters())
+        self.syncs += 1  # before the hand-over: a joiner takes the count of syncs done, this one too
         if self._rounds is not None:
             self._rounds.finish()  # members that took no part receive this state now
-        self.syncs += 1
         self._restart()
         if not self.auto or self.measured is not None:
             return

@@ -154,10 +154,17 @@ class WorkerCheckpoints:
             self._start_write(a, state, meta)
 
     def pending_steps(self) -> set[int]:
-        """The steps of Prepares read but not yet reached (local SGD's overlap= asks: meshtrain.worker.
-        local_rounds runs the sync before such a step in the foreground, so its boundary can write)."""
+        """The steps this member is to write a part at and has not reached: Prepares read, and those
+        still queued (local SGD's overlap= asks: meshtrain.worker.local_rounds runs the sync before
+        such a step in the foreground, so that the step starts an interval, where parts are written)."""
         with self._lock:
-            return {s for s, part in self.participant.parts.items() if part.state == "pending"}
+            steps = {s for s, part in self.participant.parts.items() if part.state == "pending"}
+            queued = list(self.inbox)
+        for raw in queued:
+            if raw.get("type") == "prepare" and raw.get("run") == self.options.run:
+                if self.participant.node in (raw.get("writers") or ()):
+                    steps.add(int(raw.get("step", -1)))
+        return steps
 
     def resume(self) -> tuple[dict[str, Any], dict[str, Any], int] | None:
         """(state tree {"params", "opt"}, meta with "rng", step) of the newest complete checkpoint here.

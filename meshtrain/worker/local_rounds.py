@@ -57,6 +57,8 @@ from meshtrain.train.stepper import LocalStep, Stepper
 from meshtrain.worker.overlapped_sync import InFlight
 
 STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
+FLAGS = compression.HEADER_FIXED - 1  # the header word that asks for the next sync in the foreground
+REPLAN_SYNCS = 4  # with overlap=, a due share re-plan makes every 4th sync run in the foreground
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
 
 
@@ -83,6 +85,7 @@ class LocalRounds:
         self.last_sent_bytes = 0  # what this worker sent in the last sync (header + delta)
         self.inflight: InFlight | None = None  # a sync running on a thread (overlap=)
         self.merges = 0  # background syncs the ring broke under (their intervals merged into the next)
+        self.foreground_next = False  # the last sync's header asked for the next one in the foreground
 
     # --- the step boundary (WorkerMesh._boundary delegates here) -------------------------------
     def boundary(self) -> None:
@@ -152,7 +155,7 @@ class LocalRounds:
                 )
             self.checked = True
             try:
-                out = self._reduce(delta, samples, wire, feedback, timing)
+                out = self._reduce(delta, samples, wire, feedback, timing, flags=self._wants_foreground())
             except RING_FAILURES:
                 m._mark_broken()
                 need_plan = True
@@ -167,21 +170,31 @@ class LocalRounds:
 
     # --- the sync in the background (overlap=) ---------------------------------------------------
     def can_overlap(self) -> bool:
-        """Whether the open step's sync may run in the background: the ring is whole and current, the
-        first sync (which compares the replicas) is done, and nothing is owed at the next interval's
-        start (a share re-plan or a checkpoint: those need every member at the same model, and are
-        offered only at the start of an interval whose sync ran in the foreground)."""
-        m, ck = self.mesh, self.mesh._checkpoints
-        # a Prepare not read yet (only an interval's start reads it), or one for the next interval's start
-        owed = ck is not None and (bool(ck.inbox) or self.stepper.committed + 1 in ck.pending_steps())
-        return (
-            self.inflight is None
-            and self.checked
-            and m._ring is not None
-            and not m._stale_view()
-            and not self.stepper.rebalance_due
-            and not owed
-        )
+        """Whether the open step's sync may run in the background. Every member must answer alike
+        (an interval start after a foreground sync is where the shares are re-planned, over the
+        ring), so only replicated facts count: the first sync (it compares the replicas) is done, the
+        last sync's header did not ask for this one in the foreground (a member with a checkpoint
+        due: only an interval's start after a foreground sync writes one), and no share re-plan is
+        due at a re-plan sync (every `REPLAN_SYNCS`-th; the drift checks between wait). A ring that
+        a new view closed is no reason: the sync fails on its thread and the members meet at once."""
+        steps = self.stepper
+        replan = steps.rebalance_due and self.outer.syncs % REPLAN_SYNCS == 0
+        return self.inflight is None and self.checked and not self.foreground_next and not replan
+
+    def ring_unusable(self) -> bool:
+        """After a sync in the background: the ring is gone or broken (the sync failed, or a new view
+        closed the ring after it returned), so the members meet in a foreground sync now."""
+        ring = self.mesh._ring
+        return ring is None or getattr(ring, "_broken", None) is not None
+
+    def _wants_foreground(self) -> float:
+        """1.0 in this member's header when the next sync should run in the foreground: this member
+        is to write a checkpoint part at the step after it (the next interval's start; called at the
+        open step, the interval's last, before it is committed)."""
+        ck = self.mesh._checkpoints
+        if ck is None:
+            return 0.0
+        return 1.0 if self.stepper.committed + int(self.outer.sync_every) + 1 in ck.pending_steps() else 0.0
 
     def start_sync(self, delta: np.ndarray, samples: float, wire: str, feedback: Any) -> None:
         """Begin the open step's interval's sync on a thread (meshtrain.worker.overlapped_sync): the
@@ -190,10 +203,11 @@ class LocalRounds:
         m.wire_dtype = wire
         opened = steps.local_step()
         done = [*self.steps, opened] if opened is not None else list(self.steps)
+        flags = self._wants_foreground()  # on this thread, before the step is committed (as in `sync`)
         steps.advance(np.empty(0, np.int64))  # the interval's last step: committed in the sampler
         flight = InFlight(done, self.start, self.interval_gen)
         label = self.start
-        flight.run(lambda: self._reduce(delta, samples, wire, feedback, None, label))
+        flight.run(lambda: self._reduce(delta, samples, wire, feedback, None, label, flags))
         self.inflight = flight
         self.steps, self.start, self.interval_gen = [], steps.committed, steps.gen
         if m._timer is not None:  # the step's compute goes on to its boundary; the sync is not in it
@@ -230,8 +244,10 @@ class LocalRounds:
         except RING_FAILURES:
             self.mesh._mark_broken()  # they stay without state and enter at the next sync
 
-    def _header(self, samples: float, timing: tuple[float, float] | None, bounds: Any) -> np.ndarray:
-        fixed = [1.0, float(samples), 1.0 if timing else 0.0, *(timing or (0.0, 0.0))]
+    def _header(
+        self, samples: float, timing: tuple[float, float] | None, bounds: Any, flags: float = 0.0
+    ) -> np.ndarray:
+        fixed = [1.0, float(samples), 1.0 if timing else 0.0, *(timing or (0.0, 0.0)), flags]
         return np.concatenate([np.array(fixed, np.float32), np.asarray(bounds, np.float32)])
 
     def _reduce(
@@ -242,6 +258,7 @@ class LocalRounds:
         feedback: compression.ErrorFeedback | None,
         timing: tuple[float, float] | None,
         label: int | None = None,
+        flags: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The two reductions of one sync (on the training thread, or on a sync's own: `label`)."""
         m = self.mesh
@@ -252,8 +269,9 @@ class LocalRounds:
         quantized = wire == "qint8"
         u = feedback.corrected(delta) if (quantized and feedback is not None) else delta
         bounds = np.float32(samples) * compression.chunk_bounds(u) if quantized else ()
-        header = self._header(samples, timing, bounds)
+        header = self._header(samples, timing, bounds, flags)
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
+        self.foreground_next = bool(sums[FLAGS] > 0.5)
         sent = _sent(size, header.nbytes)
         total = float(np.rint(sums[1]))
         if not total > 0:  # nobody trained on a sample this interval: nothing moved
@@ -286,6 +304,7 @@ class LocalRounds:
         header = self._header(0.0, None, np.zeros(compression.n_chunks(count) if quantized else 0))
         header[0] = 0.0
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
+        self.foreground_next = bool(sums[FLAGS] > 0.5)  # as the holders read it from these sums
         if not float(np.rint(sums[1])) > 0:
             return
         if quantized and compression.sync_bits(self.outer.compress, size) == 4:
