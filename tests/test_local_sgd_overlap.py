@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from meshtrain.checkpoints.store import CheckpointStore
 from meshtrain.errors import UserError
 from meshtrain.train.local_sgd import OuterOptimizer, check_overlap, outer_update
 
@@ -40,6 +41,9 @@ class Rounds:
         return True
 
     def epoch_ends(self) -> bool:
+        return False
+
+    def cut_now(self) -> bool:
         return False
 
     def start_sync(self, delta: np.ndarray, samples: float, wire: str, feedback: Any) -> None:
@@ -162,3 +166,25 @@ def test_a_local_mesh_overlaps_most_syncs_and_ends_with_identical_replicas(tmp_p
     assert len(results) == 2 and results[0]["digest"] == results[1]["digest"], results
     # 3 syncs an epoch of 12 steps: the 2nd (and the 1st after the first epoch) in the background
     assert all(r["syncs"] == 9 and r["overlapped"] >= 4 for r in results), results
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("overlap", [0, 2])
+def test_a_local_sgd_job_ends_an_interval_where_a_checkpoint_is_asked_for(
+    tmp_path: Path, overlap: int
+) -> None:
+    """The leader names steps that are not interval starts (step + its lead): the writers say so in
+    a sync's header and every member ends that interval there, so checkpoints are written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "meshtrain", "run", "--local", "2"]
+    cmd += ["--checkpoint-every", "10", "--keep", "9"]
+    cmd += ["--name", "cut", str(SCRIPT), "--out", str(out), "--sync-every", "4", "--overlap", str(overlap)]
+    cmd += ["--epochs", "5", "--step-sleep", "0.06"]
+    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
+    job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert job.returncode == 0, job.stderr[-3000:]
+    saved = CheckpointStore(tmp_path / "home" / "checkpoints").checkpoints("cut")
+    assert len(saved) >= 2, job.stdout[-3000:]
+    results = [json.loads(p.read_text()) for p in out.glob("result-*.json")]
+    assert len(results) == 2 and results[0]["digest"] == results[1]["digest"], results

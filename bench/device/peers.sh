@@ -11,7 +11,8 @@
 #   per (link, N, mode) tokens/s, step ms, efficiency against N x the framework's one node, bytes sent per node per
 #   token (tx counters of each namespace's interface), validation loss after equal tokens and its difference from
 #   per-step DP; and per (link, N) meshtrain / best peer: fp32 wire, bf16 wire, best against best, local SGD, scaling.
-# knobs: SIZE (tiny), BATCH (32 windows), STEPS (20), LINKS, NODES, MODES, H (local SGD's --sync-every, 8), BUDGET_S.
+# knobs: SIZE (tiny), BATCH (32 windows), STEPS (20), LINKS, NODES, MODES, H (local SGD's --sync-every, 8), OVERLAP
+#   (the -overlap modes' τ, 0 = H/2), BUDGET_S.
 cd "$(dirname "$0")/../.." || exit 1  # the repository root; wheels and .debs in its ignored .whl/ folder
 source bench/device/env.sh || exit 1
 export CUDA_VISIBLE_DEVICES=""  # DDP on the CPU: torch never touches the GPU
@@ -22,5 +23,5 @@ if ip netns add e20probe && ip -n e20probe link set lo up && ip netns exec e20pr
 ip netns del e20probe 2>/dev/null; ip link del e20p0 2>/dev/null
 timeout -s INT -k 20 ${PEERS_S:-520} python3 bench/peers.py --size ${SIZE:-tiny} --batch-size ${BATCH:-32} \
   --steps ${STEPS:-20} --warmup-steps 4 --nodes ${NODES:-1 2 4 8} --cores-per-node 2 --links $LINKS \
-  --modes ${MODES:-meshtrain-bf16 meshtrain-fp32 mlx-fp32 ddp-fp32 ddp-bf16 local-sgd} --sync-every ${H:-8} \
+  --modes ${MODES:-meshtrain-bf16 meshtrain-fp32 mlx-fp32 ddp-fp32 ddp-bf16 local-sgd} --sync-every ${H:-8} --overlap ${OVERLAP:-0} \
   --max-run-s 60 --budget-s ${BUDGET_S:-430} 2>&1 | tee $OUT/peers.txt

@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 CHUNK = 2048  # elements sharing one grid step (a 4-byte bound each: 0.2% of the int8 bytes)
-HEADER_FIXED = 6  # header words before the chunk bounds: count, samples, timed, compute, comm, flags
+HEADER_FIXED = 7  # header words before the bounds: count, samples, timed, compute, comm, and a checkpoint
+#   step some members are to write at (how many, the sum of its offsets from the interval's start)
 COMPRESS_MODES = ("none", "int8", "int4")
 
 

@@ -202,9 +202,10 @@ class OuterOptimizer:
                 self.sync()
                 return True
         ends_epoch = self._rounds is not None and self._rounds.epoch_ends()
-        if self._steps_since < self.sync_every and not ends_epoch:
+        cut = self._rounds is not None and self._rounds.cut_now()  # a checkpoint's step starts next
+        if self._steps_since < self.sync_every and not ends_epoch and not cut:
             return False
-        if not ends_epoch and self._may_overlap():
+        if not ends_epoch and not cut and self._may_overlap():
             self._start()
         else:
             self.sync()

@@ -20,7 +20,9 @@ SGD's members only meet at the outer sync:
 - the sync is forced at the step that ends an epoch, so an interval never
   spans two epochs and a carried slice stays in its epoch;
 - shares are re-planned and checkpoints offered only where an interval
-  starts (every member holds the same model there);
+  starts (every member holds the same model there); a checkpoint's step is
+  made one: a member that is to write a part at step s says so in a sync's
+  header, and every member ends the interval that reaches s at s - 1;
 - with `overlap=` the sync may run on a thread while the next steps compute
   (meshtrain.worker.overlapped_sync): `start_sync` begins it, `join_sync` commits
   its interval when it returned, or merges the interval into the open one
@@ -57,7 +59,7 @@ from meshtrain.train.stepper import LocalStep, Stepper
 from meshtrain.worker.overlapped_sync import InFlight
 
 STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
-FLAGS = compression.HEADER_FIXED - 1  # the header word that asks for the next sync in the foreground
+CUT = compression.HEADER_FIXED - 2  # header words: members with a checkpoint step due, sum of its offsets
 REPLAN_SYNCS = 4  # with overlap=, a due share re-plan makes every 4th sync run in the foreground
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
 
@@ -85,7 +87,7 @@ class LocalRounds:
         self.last_sent_bytes = 0  # what this worker sent in the last sync (header + delta)
         self.inflight: InFlight | None = None  # a sync running on a thread (overlap=)
         self.merges = 0  # background syncs the ring broke under (their intervals merged into the next)
-        self.foreground_next = False  # the last sync's header asked for the next one in the foreground
+        self.cut_at: int | None = None  # a checkpoint's step: the interval before it ends there (header)
 
     # --- the step boundary (WorkerMesh._boundary delegates here) -------------------------------
     def boundary(self) -> None:
@@ -155,13 +157,14 @@ class LocalRounds:
                 )
             self.checked = True
             try:
-                out = self._reduce(delta, samples, wire, feedback, timing, flags=self._wants_foreground())
+                out = self._reduce(delta, samples, wire, feedback, timing, cut=self._checkpoint_due())
             except RING_FAILURES:
                 m._mark_broken()
                 need_plan = True
                 continue
             break
         contributors = self.plan.holders if self.plan is not None else self.stepper.roster
+        self._read_cut(out[1], self.start)
         self._commit_interval(set(contributors))
         m._note_stats()
         if m._timer is not None:
@@ -179,7 +182,7 @@ class LocalRounds:
         a new view closed is no reason: the sync fails on its thread and the members meet at once."""
         steps = self.stepper
         replan = steps.rebalance_due and self.outer.syncs % REPLAN_SYNCS == 0
-        return self.inflight is None and self.checked and not self.foreground_next and not replan
+        return self.inflight is None and self.checked and not self.cut_now() and not replan
 
     def ring_unusable(self) -> bool:
         """After a sync in the background: the ring is gone or broken (the sync failed, or a new view
@@ -187,14 +190,27 @@ class LocalRounds:
         ring = self.mesh._ring
         return ring is None or getattr(ring, "_broken", None) is not None
 
-    def _wants_foreground(self) -> float:
-        """1.0 in this member's header when the next sync should run in the foreground: this member
-        is to write a checkpoint part at the step after it (the next interval's start; called at the
-        open step, the interval's last, before it is committed)."""
+    def cut_now(self) -> bool:
+        """Whether the open step must end the interval: the next one starts at a checkpoint's step,
+        which only an interval's start (after a foreground sync) writes. A step every member knows
+        alike, from the last sync's header (`_checkpoint_due`), so they all cut at it."""
+        return self.cut_at is not None and self.stepper.committed + 1 == self.cut_at
+
+    def _checkpoint_due(self) -> tuple[float, float]:
+        """(1, its offset from the interval's start) when this member is to write a checkpoint part at a
+        step past the next interval's start; (0, 0) otherwise. The members that know of it (a Prepare
+        goes to the writers only) send the same offset, so the mean of the header sums is the step."""
         ck = self.mesh._checkpoints
         if ck is None:
-            return 0.0
-        return 1.0 if self.stepper.committed + int(self.outer.sync_every) + 1 in ck.pending_steps() else 0.0
+            return 0.0, 0.0
+        ahead = [s for s in ck.pending_steps() if s > self.stepper.committed + 1]
+        return (1.0, float(min(ahead) - self.start)) if ahead else (0.0, 0.0)
+
+    def _read_cut(self, sums: np.ndarray, label: int) -> None:
+        """The checkpoint step the header sums name, if any (the same on every member)."""
+        count = float(np.rint(sums[CUT]))
+        if count > 0:
+            self.cut_at = label + int(np.rint(sums[CUT + 1] / count))
 
     def start_sync(self, delta: np.ndarray, samples: float, wire: str, feedback: Any) -> None:
         """Begin the open step's interval's sync on a thread (meshtrain.worker.overlapped_sync): the
@@ -203,11 +219,11 @@ class LocalRounds:
         m.wire_dtype = wire
         opened = steps.local_step()
         done = [*self.steps, opened] if opened is not None else list(self.steps)
-        flags = self._wants_foreground()  # on this thread, before the step is committed (as in `sync`)
+        cut = self._checkpoint_due()  # on this thread, before the step is committed (as in `sync`)
         steps.advance(np.empty(0, np.int64))  # the interval's last step: committed in the sampler
         flight = InFlight(done, self.start, self.interval_gen)
         label = self.start
-        flight.run(lambda: self._reduce(delta, samples, wire, feedback, None, label, flags))
+        flight.run(lambda: self._reduce(delta, samples, wire, feedback, None, label, cut))
         self.inflight = flight
         self.steps, self.start, self.interval_gen = [], steps.committed, steps.gen
         if m._timer is not None:  # the step's compute goes on to its boundary; the sync is not in it
@@ -232,6 +248,7 @@ class LocalRounds:
             return None
         self._write_rows(self.stepper.commit_closed(flight.steps, set(self.stepper.roster)))
         self.mesh._note_stats()
+        self._read_cut(flight.result[1], flight.start)
         return flight.result
 
     def finish(self) -> None:
@@ -245,9 +262,13 @@ class LocalRounds:
             self.mesh._mark_broken()  # they stay without state and enter at the next sync
 
     def _header(
-        self, samples: float, timing: tuple[float, float] | None, bounds: Any, flags: float = 0.0
+        self,
+        samples: float,
+        timing: tuple[float, float] | None,
+        bounds: Any,
+        cut: tuple[float, float] = (0.0, 0.0),
     ) -> np.ndarray:
-        fixed = [1.0, float(samples), 1.0 if timing else 0.0, *(timing or (0.0, 0.0)), flags]
+        fixed = [1.0, float(samples), 1.0 if timing else 0.0, *(timing or (0.0, 0.0)), *cut]
         return np.concatenate([np.array(fixed, np.float32), np.asarray(bounds, np.float32)])
 
     def _reduce(
@@ -258,7 +279,7 @@ class LocalRounds:
         feedback: compression.ErrorFeedback | None,
         timing: tuple[float, float] | None,
         label: int | None = None,
-        flags: float = 0.0,
+        cut: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[np.ndarray, np.ndarray]:
         """The two reductions of one sync (on the training thread, or on a sync's own: `label`)."""
         m = self.mesh
@@ -269,9 +290,8 @@ class LocalRounds:
         quantized = wire == "qint8"
         u = feedback.corrected(delta) if (quantized and feedback is not None) else delta
         bounds = np.float32(samples) * compression.chunk_bounds(u) if quantized else ()
-        header = self._header(samples, timing, bounds, flags)
+        header = self._header(samples, timing, bounds, cut)
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
-        self.foreground_next = bool(sums[FLAGS] > 0.5)
         sent = _sent(size, header.nbytes)
         total = float(np.rint(sums[1]))
         if not total > 0:  # nobody trained on a sample this interval: nothing moved
@@ -304,7 +324,7 @@ class LocalRounds:
         header = self._header(0.0, None, np.zeros(compression.n_chunks(count) if quantized else 0))
         header[0] = 0.0
         sums = ring.allreduce(header, step=label, weight=1.0, wire_dtype="float32") * np.float32(size)
-        self.foreground_next = bool(sums[FLAGS] > 0.5)  # as the holders read it from these sums
+        self._read_cut(sums, label)  # as the holders read it from these sums
         if not float(np.rint(sums[1])) > 0:
             return
         if quantized and compression.sync_bits(self.outer.compress, size) == 4:
@@ -387,11 +407,14 @@ class LocalRounds:
         source = m.member == plan.source
         tree, meta = m._broadcast_state(source)
         velocity = broadcast_tree(m._ring, dict(self.outer._velocity), source)
-        blob = broadcast_bytes(m._ring, msgpack.packb(self.outer.shared_meta()) if source else None, source)
+        shared = {**self.outer.shared_meta(), "cut_at": self.cut_at}  # what decides when to sync
+        blob = broadcast_bytes(m._ring, msgpack.packb(shared) if source else None, source)
         if m.member not in plan.zero:
             return
         m._adopt(tree, meta, joined=True)
-        self.outer.adopt(velocity, msgpack.unpackb(blob, strict_map_key=False))
+        shared = msgpack.unpackb(blob, strict_map_key=False)
+        self.outer.adopt(velocity, shared)
+        self.cut_at = shared.get("cut_at")
         self.stepper.open_adopted()  # its step is in the state just taken
         self.checked = True  # the holders compared outer states already; its first sync is theirs
         self.steps = []
