@@ -184,7 +184,22 @@ def test_a_local_sgd_job_ends_an_interval_where_a_checkpoint_is_asked_for(
     env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
     job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert job.returncode == 0, job.stderr[-3000:]
-    saved = CheckpointStore(tmp_path / "home" / "checkpoints").checkpoints("cut")
-    assert len(saved) >= 2, job.stdout[-3000:]
+    store = CheckpointStore(tmp_path / "home" / "checkpoints")
+    assert len(store.checkpoints("cut")) >= 2, job.stdout[-3000:]
     results = [json.loads(p.read_text()) for p in out.glob("result-*.json")]
     assert len(results) == 2 and results[0]["digest"] == results[1]["digest"], results
+    # a resume takes the outer momentum and the sync count too, not only the model and inner optimizer
+    saved = store.load("cut")
+    velocity = [v for k, v in saved.optimizer.items() if k.startswith("meshtrain_outer.velocity.")]
+    stored = float(sum(float(mx.abs(v).sum()) for v in velocity))
+    assert len(velocity) == 6 and stored > 0  # 3 Linear layers, weight and bias
+    for old in out.glob("result-*.json"):
+        old.unlink()
+    resumed = [*cmd[:4], "--resume", *cmd[4:-4], "--epochs", "6", "--step-sleep", "0.01"]
+    job = subprocess.run(resumed, env=env, capture_output=True, text=True, timeout=110)
+    assert job.returncode == 0, job.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in out.glob("result-*.json")]
+    assert len(results) == 2, job.stdout[-3000:]
+    for r in results:
+        assert r["velocity_at_start"] == pytest.approx(stored, rel=1e-6), (r, stored)
+        assert r["syncs_at_start"] == saved.state["meta"]["outer"]["syncs"] > 0

@@ -181,6 +181,15 @@ class OuterOptimizer:
         self.param_count = sum(int(v.size) for v in self._anchor.values())
         attach = getattr(mesh, "local_sgd", None)  # a job's mesh: elastic syncs (worker/local_rounds.py)
         self._rounds: Any = attach(self) if callable(attach) else None
+        resumed = getattr(mesh, "resumed_outer", None)  # a resumed checkpoint's outer momentum and H
+        if resumed is not None and set(resumed[0]) == set(self._anchor):
+            self._velocity = {k: mx.array(resumed[0][k]) for k in self._anchor}
+            mx.eval(self._velocity)
+            meta = resumed[1]
+            self.syncs = int(meta.get("syncs", 0))
+            if self.auto and meta.get("measured"):
+                self.sync_every = int(meta["sync_every"])
+                self.measured = (float(meta["measured"][0]), float(meta["measured"][1]))
         self.active = self._rounds is not None or mesh.size > 1
 
     # --- the loop's calls ----------------------------------------------------------

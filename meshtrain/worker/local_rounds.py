@@ -60,6 +60,7 @@ from meshtrain.worker.overlapped_sync import InFlight
 
 STATUS_STEP = -1  # the step label of the status swap (as in meshtrain.worker.mesh)
 CUT = compression.HEADER_FIXED - 2  # header words: members with a checkpoint step due, sum of its offsets
+OUTER_STATE = "meshtrain_outer"  # a local-SGD checkpoint's outer momentum, beside the inner optimizer's
 REPLAN_SYNCS = 4  # with overlap=, a due share re-plan makes every 4th sync run in the foreground
 RING_FAILURES = (PeerLost, WireError, OSError, ConnectionError)  # as meshtrain.worker.mesh's
 
@@ -111,7 +112,16 @@ class LocalRounds:
         if steps.rebalance_due and m._ring is not None and not m._stale_view():
             m._rebalance()
         if m._checkpoints is not None and steps.sampler is not None:
-            m._checkpoints.at_boundary(steps.committed, m._state_tree, m._meta())
+            m._checkpoints.at_boundary(steps.committed, self._checkpoint_tree, self._checkpoint_meta())
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        """The state a checkpoint stores: the mesh's (model = anchor here, inner optimizer) and the
+        outer momentum, under `OUTER_STATE` in the optimizer tree (a resume takes it out again)."""
+        tree = self.mesh._state_tree()
+        return {**tree, "opt": {**tree["opt"], OUTER_STATE: {"velocity": dict(self.outer._velocity)}}}
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {**self.mesh._meta(), "outer": self.outer.shared_meta()}
 
     def epoch_ends(self) -> bool:
         """Whether the open step is its epoch's last (the sync must come now)."""

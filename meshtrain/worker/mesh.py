@@ -162,6 +162,8 @@ class WorkerMesh(Mesh):
         self.wire_dtype: str | None = None
         self.generation_changes = 0
         self._outer: Any = None  # local SGD's rules (meshtrain.worker.local_rounds), once attached
+        # a resumed local-SGD checkpoint's outer state (momentum by path, meta), for its OuterOptimizer
+        self.resumed_outer: tuple[dict[str, Any], dict[str, Any]] | None = None
         views.on_change(self._abort_if_stale)
 
     # --- what the script sees -----------------------------------------------------------------
@@ -215,6 +217,7 @@ class WorkerMesh(Mesh):
         resumed = self._checkpoints.resume() if self._checkpoints is not None else None
         if resumed is not None:
             tree, meta, step = resumed
+            self.resumed_outer = _split_outer(tree, meta)
             self._adopt(tree, {**meta, "committed": step})
             self._resumed_from = step
             if meta.get("rng") is not None:
@@ -851,3 +854,16 @@ class WorkerMesh(Mesh):
                     self._adopt(tree, meta, joined=True)
         steps.followed(plan)
         return taken
+
+
+def _split_outer(tree: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Take a local-SGD checkpoint's outer momentum out of its (flat) optimizer state: the inner
+    optimizer gets the rest; the OuterOptimizer created after `register` takes this."""
+    from meshtrain.worker.local_rounds import OUTER_STATE
+
+    prefix = f"{OUTER_STATE}.velocity."
+    opt = tree.get("opt") or {}
+    outer = {k[len(prefix) :]: v for k, v in opt.items() if k.startswith(prefix)}
+    for k in [k for k in opt if k.startswith(f"{OUTER_STATE}.")]:
+        del opt[k]
+    return (outer, dict(meta.get("outer") or {})) if outer else None

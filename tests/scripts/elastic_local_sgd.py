@@ -65,6 +65,8 @@ outer = OuterOptimizer(
     compress=args.compress,
     overlap=args.overlap,
 )
+syncs_at_start = outer.syncs
+velocity_at_start = float(sum(float(mx.abs(v).sum()) for v in outer._velocity.values()))
 loss_and_grad = nn.value_and_grad(model, lambda m, x, y: nn.losses.cross_entropy(m(x), y).mean())
 zeros = tree_map(mx.zeros_like, model.trainable_parameters())
 armed = {spec for spec in args.die if spec.split(":")[0] == me}
@@ -109,6 +111,8 @@ result = {
     "bytes_sent": outer.bytes_sent,
     "overlapped": outer.overlapped,
     "merges": outer._rounds.merges if outer._rounds is not None else 0,
+    "velocity_at_start": velocity_at_start,
+    "syncs_at_start": syncs_at_start,
 }
 with open(os.path.join(args.out, f"result-{me}.json"), "w") as f:
     json.dump(result, f)
