@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/meshtrain run --local 2 examples/mnist.py --epochs 3
 
 test: $(DEVSTAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/step.py

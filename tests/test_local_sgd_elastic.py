@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,21 @@ def run_job(home: Path, out: Path, *extra: str, flags: tuple[str, ...] = ()) -> 
     return subprocess.Popen(
         cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+@contextmanager
+def agents_up(root: Path, ledger: Path, names: str) -> Iterator[list[AgentProcess]]:
+    """Agents `names` joined into one mesh (the first one's token), stopped at the end; a test may
+    append more to the list it is handed."""
+    agents = [start_agent(root, names[0], None, ledger)]
+    try:
+        for name in names[1:]:
+            agents.append(start_agent(root, name, agents[0].token, ledger))
+        wait_for(lambda: alive_names(agents[0].home) == set(names))
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop()
 
 
 def interval_starts(ledger: Path, member: str) -> set[int]:
@@ -180,12 +197,8 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
     ledger, out = tmp_path / "ledger", tmp_path / "out"
     ledger.mkdir()
     out.mkdir()
-    agents = [start_agent(tmp_path, "a", None, ledger)]
-    try:
-        for name in "bc":
-            agents.append(start_agent(tmp_path, name, agents[0].token, ledger))
-        wait_for(lambda: alive_names(agents[0].home) == set("abc"))
-        epochs = 3
+    epochs = 3
+    with agents_up(tmp_path, ledger, "abc") as agents:
         job = run_job(
             agents[0].home,
             out,
@@ -197,15 +210,12 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
         finally:
             if job.poll() is None:
                 job.kill()
-        assert job.returncode == 0, stderr[-3000:]
-        digests = finished_digests(out)
-        assert {"a", "b"} <= set(digests) and "c" not in digests, digests
-        assert len(set(digests.values())) == 1, f"replicas diverged: {digests}"
-        assert check_ledger(ledger, epochs) >= epochs * (N // BATCH)
-        results = {p.stem.removeprefix("result-"): json.loads(p.read_text()) for p in out.glob("result-*")}
-        assert results["a"]["merges"] >= 1 and results["b"]["merges"] >= 1, results
-        overlapped = {m: r["overlapped"] for m, r in results.items()}
-        assert all(n >= 1 for n in overlapped.values()), overlapped
-    finally:
-        for agent in agents:
-            agent.stop()
+    assert job.returncode == 0, stderr[-3000:]
+    digests = finished_digests(out)
+    assert {"a", "b"} <= set(digests) and "c" not in digests, digests
+    assert len(set(digests.values())) == 1, f"replicas diverged: {digests}"
+    assert check_ledger(ledger, epochs) >= epochs * (N // BATCH)
+    results = {p.stem.removeprefix("result-"): json.loads(p.read_text()) for p in out.glob("result-*")}
+    assert results["a"]["merges"] >= 1 and results["b"]["merges"] >= 1, results
+    overlapped = {m: r["overlapped"] for m, r in results.items()}
+    assert all(n >= 1 for n in overlapped.values()), overlapped
