@@ -34,7 +34,7 @@ from mlx.utils import tree_map
 
 import meshtrain
 from meshtrain.datasets import mnist
-from meshtrain.train.local_sgd import OuterOptimizer, parse_sync_every
+from meshtrain.train.local_sgd import OuterOptimizer, parse_overlap, parse_sync_every
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, for inputs centred near zero
 
@@ -178,9 +178,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--overlap",
-        type=int,
+        type=parse_overlap,
         default=0,
-        help="local SGD: run each sync in the background over the next N steps (N < H; default 0, off)",
+        help="local SGD: run each sync in the background over the next N steps (N < H, or auto with "
+        "--sync-every auto; default 0, off)",
     )
     parser.add_argument(
         "--evals-per-epoch",

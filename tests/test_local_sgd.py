@@ -20,8 +20,10 @@ from meshtrain.ring import RingListener
 from meshtrain.train.local_sgd import (
     AUTO_MAX_SYNC_EVERY,
     OuterOptimizer,
+    choose_overlap,
     choose_sync_every,
     params_equal,
+    parse_overlap,
     parse_sync_every,
 )
 from meshtrain.worker.mesh import WorkerMesh
@@ -45,6 +47,18 @@ def test_auto_h_with_overlap_counts_only_the_sync_the_overlapped_steps_do_not_hi
     assert choose_sync_every(compute_s=0.010, comm_s=0.001, overlap=3) == 1
     for compute, comm in [(0.01, 0.0011), (0.002, 0.004), (0.003, 0.5)]:  # overlap never asks for a larger H
         assert choose_sync_every(compute, comm, overlap=2) <= choose_sync_every(compute, comm)
+
+
+def test_auto_overlap_takes_the_steps_one_sync_needs_and_the_h_they_allow() -> None:
+    assert choose_overlap(compute_s=0.010, comm_s=0.025) == (3, 4)  # 3 steps hide it; H = 4 keeps τ < H
+    assert choose_overlap(compute_s=0.010, comm_s=0.001) == (0, 1)  # 10% at H = 1: nothing to overlap
+    tau, h = choose_overlap(compute_s=0.002, comm_s=0.004)
+    assert (tau, h) == (2, 3) and choose_sync_every(0.002, 0.004) == 20  # H 20 without overlap
+    assert choose_overlap(compute_s=0.0, comm_s=0.004) == (0, AUTO_MAX_SYNC_EVERY)
+    assert parse_overlap("auto") == "auto" and parse_overlap("2") == 2
+    for bad in ("-1", "some"):
+        with pytest.raises(UserError):
+            parse_overlap(bad)
 
 
 def test_sync_every_flag_values() -> None:

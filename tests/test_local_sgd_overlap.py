@@ -94,6 +94,9 @@ def test_overlap_must_be_below_sync_every_and_a_non_negative_integer() -> None:
     check_overlap(0, 1)
     check_overlap(3, 4)
     check_overlap(9, "auto")  # capped at H - 1 once H is chosen
+    check_overlap("auto", "auto")  # τ from the same probes
+    with pytest.raises(UserError, match="sync_every"):
+        check_overlap("auto", 8)
     for bad, every in [(4, 4), (1, 1), (-1, 4), (True, 4), (1.5, 4)]:
         with pytest.raises(UserError):
             check_overlap(bad, every)

@@ -36,7 +36,8 @@ wrapper: `step` and `flush` leave the model exactly as the inner optimizer
 made it. Inside a job it syncs whatever the job's size, since workers may
 join: a job of one worker runs DiLoCo with one replica.
 
-`overlap=τ` (a job only, 1 <= τ < H): the sync runs on a thread while the
+`overlap=τ` (a job only, 1 <= τ < H; or "auto" with `sync_every="auto"`:
+τ the steps one sync takes, from the same probes): the sync runs on a thread while the
 next τ steps compute (the overlap of Streaming DiLoCo, arXiv:2501.18512, of
 the whole model rather than its fragments), and its outer step is applied
 at the τ-th step after: the new anchor, plus the progress this worker made
@@ -101,6 +102,31 @@ def choose_sync_every(
     return cap
 
 
+def choose_overlap(
+    compute_s: float, comm_s: float, target: float = AUTO_TARGET_OVERHEAD, cap: int = AUTO_MAX_SYNC_EVERY
+) -> tuple[int, int]:
+    """(τ, H) for `overlap="auto"`: τ the steps of compute one sync needs (at least 1), H the smallest
+    that keeps what τ steps do not hide under `target`, τ then at most H - 1 (0 when H is 1)."""
+    if not compute_s > 0:
+        return 0, cap
+    needed = max(1, math.ceil(comm_s / compute_s - 1e-9))
+    h = choose_sync_every(compute_s, comm_s, target, cap, overlap=needed)
+    return min(needed, h - 1), h
+
+
+def parse_overlap(text: str) -> int | str:
+    """`--overlap` values: a non-negative integer or "auto"; UserError otherwise."""
+    if text == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--overlap must be a non-negative integer or 'auto' (got {text!r})") from None
+    if value < 0:
+        raise UserError(f"--overlap must be a non-negative integer or 'auto' (got {text!r})")
+    return value
+
+
 def parse_sync_every(text: str) -> int | str:
     """`--sync-every` values: a positive integer or "auto"; UserError otherwise."""
     if text == AUTO:
@@ -141,7 +167,7 @@ class OuterOptimizer:
         nesterov: bool = True,
         wire_dtype: str | None = "auto",
         compress: str | None = None,
-        overlap: int = 0,
+        overlap: int | str = 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if sync_every != AUTO and not (isinstance(sync_every, int) and sync_every >= 1):
@@ -171,7 +197,8 @@ class OuterOptimizer:
         self.bytes_sent = 0  # outer-sync bytes this worker sent (header + delta), all syncs
         self.last_bytes = 0  # ... in the last sync
         self.feedback = ErrorFeedback() if self.compress else None
-        self.overlap = int(overlap)
+        self.overlap_auto = overlap == AUTO  # τ from the probes that choose H
+        self.overlap = 0 if self.overlap_auto else int(overlap)
         self.overlapped = 0  # syncs that ran in the background
         self._flight: _Started | None = None
         params = model.trainable_parameters()
@@ -188,8 +215,7 @@ class OuterOptimizer:
             meta = resumed[1]
             self.syncs = int(meta.get("syncs", 0))
             if self.auto and meta.get("measured"):
-                self.sync_every = int(meta["sync_every"])
-                self.measured = (float(meta["measured"][0]), float(meta["measured"][1]))
+                self._decide((float(meta["measured"][0]), float(meta["measured"][1])))
         self.active = self._rounds is not None or mesh.size > 1
 
     # --- the loop's calls ----------------------------------------------------------
@@ -282,8 +308,7 @@ class OuterOptimizer:
             return
         assert sums is not None
         if sums[2] > 0:  # the header carried timings: every member decides alike from the same sums
-            self.measured = (float(sums[3] / sums[2]), float(sums[4] / sums[2]))
-            self.sync_every = choose_sync_every(*self.measured, overlap=self.overlap)
+            self._decide((float(sums[3] / sums[2]), float(sums[4] / sums[2])))
         elif not recovered:  # a sync that recovered timed the recovery, not the link
             self._probe.append((per_step, comm))
 
@@ -360,8 +385,15 @@ class OuterOptimizer:
             [float(np.median([c for c, _ in timed])), float(np.median([m for _, m in timed]))], np.float32
         )
         mean = np.asarray(self.mesh.allreduce(local, wire_dtype="float32"), np.float64)
-        self.measured = (float(mean[0]), float(mean[1]))
-        self.sync_every = choose_sync_every(*self.measured, overlap=self.overlap)
+        self._decide((float(mean[0]), float(mean[1])))
+
+    def _decide(self, measured: tuple[float, float]) -> None:
+        """H (and with overlap="auto" τ) from the agreed (compute s/step, sync s): alike everywhere."""
+        self.measured = measured
+        if self.overlap_auto:
+            self.overlap, self.sync_every = choose_overlap(*measured)
+        else:
+            self.sync_every = choose_sync_every(*measured, overlap=self.overlap)
 
     measured: tuple[float, float] | None = None  # (compute s/step, all-reduce s) behind an auto H
 
@@ -378,7 +410,10 @@ class OuterOptimizer:
         self.syncs = int(meta["syncs"])
         self.sync_every = int(meta["sync_every"])
         measured = meta.get("measured")
-        self.measured = (float(measured[0]), float(measured[1])) if measured else None
+        self.measured = None
+        if measured:
+            self._decide((float(measured[0]), float(measured[1])))
+            self.sync_every = int(meta["sync_every"])  # theirs, as decided (the same, from the same floats)
         self._probe = []
         if self.feedback is not None:
             self.feedback.reset()
@@ -393,6 +428,7 @@ class OuterOptimizer:
             text += f", {self.compress} deltas with error feedback"
         if self.overlap:
             text += f", each sync overlapped with the next {self._overlap_now()} steps"
+            text += " (auto)" if self.overlap_auto else ""
         if self.measured is not None:
             compute, comm = self.measured
             text += f", compute {compute * 1e3:.2f} ms/step, all-reduce {comm * 1e3:.2f} ms"
@@ -400,7 +436,12 @@ class OuterOptimizer:
 
 
 def check_overlap(overlap: Any, sync_every: int | str) -> None:
-    """`overlap` is an integer 0 <= τ < H (with H = "auto", any τ >= 0: it is capped at H - 1)."""
+    """`overlap` is an integer 0 <= τ < H (with H = "auto", any τ >= 0: it is capped at H - 1), or
+    "auto" with `sync_every="auto"` (the same probes choose both)."""
+    if overlap == AUTO:
+        if sync_every != AUTO:
+            raise UserError('overlap="auto" picks τ from the probes of sync_every="auto": use both')
+        return
     if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
         raise UserError(f"overlap must be a non-negative integer (got {overlap!r})")
     if overlap and sync_every != AUTO and overlap >= int(sync_every):
