@@ -101,8 +101,13 @@ def first_step(ledger: Path, member: str) -> int:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("compress", ["none", "int4"])  # int4: int8's path, packed (its zeros too)
-def test_kill_mid_interval_and_mid_sync_then_a_node_joins_mid_interval(tmp_path: Path, compress: str) -> None:
+@pytest.mark.parametrize(
+    ("compress", "overlap"),
+    [("none", "0"), ("int4", "0"), ("none", "2")],  # int4: int8's path, packed; 2: syncs in the background
+)
+def test_kill_mid_interval_and_mid_sync_then_a_node_joins_mid_interval(
+    tmp_path: Path, compress: str, overlap: str
+) -> None:
     ledger, out = tmp_path / "ledger", tmp_path / "out"
     ledger.mkdir()
     out.mkdir()
@@ -116,7 +121,7 @@ def test_kill_mid_interval_and_mid_sync_then_a_node_joins_mid_interval(tmp_path:
             agents[0].home,
             out,
             *("--epochs", str(epochs), "--step-sleep", "0.05", "--hidden", "256", "--sync-every", "4"),
-            *("--compress", compress, "--die", "c:6:forward", "--die", "d:17:sync"),
+            *("--compress", compress, "--overlap", overlap, "--die", "c:6:forward", "--die", "d:17:sync"),
         )
         try:
             wait_for(lambda: (ledger / "ledger-a.jsonl").exists(), timeout=60)
