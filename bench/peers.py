@@ -42,7 +42,9 @@ efficiency against N x one node, bytes sent per node per token (tx bytes of
 each namespace's interface over the timed steps; on loopback the ring's
 2(N-1)/N x gradient bytes, computed, marked ~), the validation loss after the
 same tokens, and the ratio meshtrain / best peer in each (link, N) cell, per
-wire dtype and overall. It says what ran where and the machine's load.
+wire dtype and overall; with `--ceiling`, also meshtrain's best over the
+free-network ceiling (N x one node at the local batch G/N, nothing on a wire:
+bench/tta_bound.py's argument). It says what ran where and the machine's load.
 
     flock /tmp/meshtrain-bench.lock .venv/bin/python bench/peers.py --torch-path /tmp/peers-torch \\
         --nodes 1 2 --links loopback 1gbit 100mbit --steps 40
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -773,6 +776,25 @@ def run_cell(
                 print("  -> " + describe_run(out, n, args), flush=True)
 
 
+def measure_ceilings(args: argparse.Namespace, tokens_dir: str) -> None:
+    """args.ceilings[N]: N x the tokens/s of one meshtrain node at the local batch G/N, no wire (the
+    time a step of N workers cannot go under: bench/tta_bound.py's free-network ceiling)."""
+    for n in sorted(x for x in args.nodes if x > 1):
+        local = copy.copy(args)
+        local.batch_size = max(1, args.batch_size // n)
+        runs: list[Cell] = []
+        print(f"[ceiling] N={n}: one node at the local batch of {local.batch_size} windows", flush=True)
+        try:
+            run_cell(args.links[0], 1, ["meshtrain-bf16"], local, common_flags(local, tokens_dir), runs)
+        except (subprocess.CalledProcessError, SystemExit) as exc:
+            print(f"  !! [ceiling] N={n} failed: {exc}", flush=True)
+            continue
+        best = best_outcome(runs[0].runs.get("meshtrain-bf16", []), args)
+        if best is not None:
+            args.ceilings[n] = n * best.tokens_per_s(tokens_per_step(local))
+            print(f"  -> ceiling at N={n}: {args.ceilings[n]:,.0f} tokens/s", flush=True)
+
+
 def tokens_per_step(args: argparse.Namespace) -> int:
     return args.batch_size * args.block
 
@@ -880,7 +902,7 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
     )
     print(
         f"{'link':<9} {'N':>2} {'fp32 wire':>20} {'bf16 wire':>20} {'best/best':>20} {'local SGD/best':>20}"
-        f" {'scaling best/best':>20} {'s2/DP fp32':>11} {'s3/DP fp32':>11}"
+        f" {'scaling best/best':>20} {'s2/DP fp32':>11} {'s3/DP fp32':>11} {'best/ceiling':>24}"
     )
     peers = ["mlx-fp32", "ddp-fp32", "mlx-bf16", "ddp-bf16"]
     ours = ["meshtrain-fp32", "meshtrain-bf16"]
@@ -908,11 +930,14 @@ def print_tables(cells: list[Cell], args: argparse.Namespace) -> None:
                 return "-"
             return f"{table[mode] / table['meshtrain-fp32']:.2f}x"
 
+        ceiling = getattr(args, "ceilings", {}).get(cell.nodes)
+        mine = [(speed[m], m) for m in [*ours, *local] if m in speed]
+        of_ceiling = f"{max(mine)[0] / ceiling:.2f}x ({max(mine)[1]})" if ceiling and mine else "-"
         print(
             f"{cell.link:<9} {cell.nodes:>2} {ratio(['meshtrain-fp32'], ['mlx-fp32', 'ddp-fp32']):>20} "
             f"{ratio(['meshtrain-bf16'], ['mlx-bf16', 'ddp-bf16']):>20} {ratio(ours, peers):>20} "
             f"{ratio(local, peers):>20} {ratio(ours, peers, eff):>20} {zero('meshtrain-s2'):>11} "
-            f"{zero('meshtrain-s3'):>11}"
+            f"{zero('meshtrain-s3'):>11} {of_ceiling:>24}"
         )
 
 
@@ -1003,6 +1028,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-sgd", default=None, metavar="H", help=argparse.SUPPRESS)
     p.add_argument("--compress", default=None, help=argparse.SUPPRESS)
     p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run meshtrain alone at each N's local batch (global / N, nothing on a wire): N x its "
+        "tokens/s is the free-network ceiling (bench/tta_bound.py's argument), and the ratio table adds "
+        "meshtrain's best over it",
+    )
+    p.add_argument(
         "--overlap", type=int, default=0, help="the -overlap modes' τ: steps a sync runs under (default H/2)"
     )
     p.add_argument("--stage", type=int, default=0, choices=(0, 2, 3), help=argparse.SUPPRESS)
@@ -1065,7 +1097,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(args.links[0], 1, [next(m for m in args.modes if FAMILY[m] == f) for f in families])]
     plan = plan if 1 in args.nodes else []
     plan += [(link, n, list(args.modes)) for link in args.links for n in sorted(args.nodes) if n > 1]
+    args.ceilings = {}
     try:
+        if args.ceiling:
+            measure_ceilings(args, tokens_dir)
         for link, n, modes in plan:  # link by link, so a cut bench has every N of its first links
             try:
                 run_cell(link, n, modes, args, flags, cells)

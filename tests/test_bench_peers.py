@@ -38,7 +38,7 @@ def test_peers_side_by_side_at_two_nodes_on_loopback() -> None:
     modes = ["meshtrain-bf16", "mlx-fp32", "local-sgd"] + (["ddp-fp32"] if _has_torch() else [])
     cmd = [sys.executable, str(ROOT / "bench" / "peers.py"), "--nodes", "2", "--links", "loopback"]
     cmd += ["--steps", "6", "--warmup-steps", "2", "--batch-size", "4", "--block-size", "32"]
-    cmd += ["--eval-batches", "2", "--sync-every", "3", "--max-run-s", "120", "--modes", *modes]
+    cmd += ["--eval-batches", "2", "--sync-every", "3", "--max-run-s", "120", "--ceiling", "--modes", *modes]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
@@ -63,6 +63,10 @@ def test_peers_side_by_side_at_two_nodes_on_loopback() -> None:
     if _has_torch():
         assert losses["ddp-fp32"] == pytest.approx(losses["mlx-fp32"], abs=0.02)
     assert re.search(r"^loopback\s+2 .*x \((mlx|ddp)-fp32\)", text, re.M), text[-2000:]  # the ratios row
+    # --ceiling: one node at the local batch of 2 windows, twice its tokens/s; the row's last ratio over it
+    ceiling = re.search(r"ceiling at N=2: ([\d,]+) tokens/s", text)
+    assert ceiling is not None and float(ceiling[1].replace(",", "")) > 0, text[-3000:]
+    assert re.search(r"^loopback\s+2 .*x \((meshtrain-bf16|local-sgd)\)\s*$", text, re.M), text[-2000:]
 
 
 def test_a_bad_link_is_one_line() -> None:
