@@ -49,3 +49,24 @@ def test_the_training_script_of_the_readme_trains_on_a_local_mesh(tmp_path: Path
     accuracy = float(re.findall(r"test accuracy ([\d.]+)%", out.stdout)[-1])
     assert accuracy > 80.0, out.stdout[-2000:]
     assert list((tmp_path / "home" / "outputs").rglob("model.safetensors")), "the saved model was not kept"
+
+
+@pytest.mark.timeout(180)
+def test_the_local_sgd_script_of_the_readme_overlaps_its_syncs_on_a_local_mesh(tmp_path: Path) -> None:
+    snippet = next(s for s in SNIPPETS if "OuterOptimizer(model, mesh" in s)
+    script = tmp_path / "local_sgd.py"
+    script.write_text(snippet)
+    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
+    out = subprocess.run(
+        [sys.executable, "-m", "meshtrain", "run", "--local", "2", str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    pattern = r"int8 deltas .* overlapped with the next 1 steps; (\d+) syncs, (\d+) in the background"
+    found = re.search(pattern, out.stdout)
+    assert found is not None, out.stdout[-2000:]
+    assert int(found[2]) >= 1 and int(found[1]) > int(found[2]), out.stdout[-2000:]
