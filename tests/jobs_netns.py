@@ -19,11 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from meshtrain import netns
 from meshtrain.env import LEDGER_DIR
 from meshtrain.security import Keyring, generate_secret
+from meshtrain.testing.agents import worker_pids_under
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "elastic_train.py"
@@ -103,11 +102,7 @@ class Hosts:
         agent = self.agents[i]
         if agent is None:
             return []
-        try:
-            kids = psutil.Process(agent.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [k.pid for k in kids if "meshtrain.worker" in " ".join(k.cmdline())]
+        return worker_pids_under(agent.pid)
 
     def kill(self, i: int, *clients: subprocess.Popen[str]) -> None:
         """SIGKILL host i at once: its agent, its workers, and the given CLI clients running there."""

@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
+from meshtrain.testing.agents import worker_pids_under
 from tests.test_mesh_agents import AgentProcess, alive_names, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,11 +42,7 @@ def run_job(home: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 def worker_pids(agent: AgentProcess) -> list[int]:
-    try:
-        children = psutil.Process(agent.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c.pid for c in children if "meshtrain.worker" in " ".join(c.cmdline())]
+    return worker_pids_under(agent.proc.pid)
 
 
 def ledger_steps(ledger: Path) -> dict[tuple[int, int], dict[str, list[int]]]:

@@ -21,11 +21,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
 import pytest
 
 from meshtrain.errors import UserError
 from meshtrain.sweep.outcome import LOST, decide, node_lost, recorded
+from meshtrain.testing.agents import worker_pids_under
 
 pytest.importorskip("optuna")
 
@@ -172,11 +172,7 @@ def test_the_mesh_cancel_of_an_agent_launcher_goes_to_its_socket(tmp_path: Path)
 
 
 def worker_pids(proc: subprocess.Popen[str]) -> list[int]:
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c.pid for c in children if "meshtrain.worker" in " ".join(c.cmdline())]
+    return worker_pids_under(proc.pid)
 
 
 def has_checkpoint(store: Path, run: str) -> bool:

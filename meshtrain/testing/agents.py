@@ -92,3 +92,22 @@ def wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyp
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def worker_pids_under(pid: int) -> list[int]:
+    """The meshtrain workers among a process's descendants (an agent's). A child that has just
+    exited -- gone, or a zombie not yet reaped -- is none: it is no longer a worker."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "meshtrain.worker" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
+            continue
+    return found
