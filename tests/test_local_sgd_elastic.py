@@ -86,6 +86,15 @@ def agents_up(root: Path, ledger: Path, names: str) -> Iterator[list[AgentProces
             agent.stop()
 
 
+def ended(job: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """The job's (stdout, stderr) once it ends; killed if it has not within `timeout` seconds."""
+    try:
+        return job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
 def interval_starts(ledger: Path, member: str) -> set[int]:
     """The first step of every interval `member` committed: a sync writes its interval's rows at once
     (one timestamp), so each group of rows with one `t` is one interval."""
@@ -210,11 +219,7 @@ def test_a_worker_lost_under_a_sync_in_the_background_merges_its_interval_into_t
             *("--epochs", str(epochs), "--step-sleep", "0.03", "--sync-every", "4", "--overlap", "2"),
             *("--die", "c:7:presync"),
         )
-        try:
-            stdout, stderr = job.communicate(timeout=120)
-        finally:
-            if job.poll() is None:
-                job.kill()
+        stdout, stderr = ended(job, 120)
     assert job.returncode == 0, stderr[-3000:]
     digests = finished_digests(out)
     assert {"a", "b"} <= set(digests) and "c" not in digests, digests

@@ -31,13 +31,12 @@ def test_a_readme_snippet_runs_as_written(index: int, tmp_path: Path) -> None:
     assert out.returncode == 0, f"README snippet {index}:\n{SNIPPETS[index]}\n{out.stderr[-2000:]}"
 
 
-@pytest.mark.timeout(180)
-def test_the_training_script_of_the_readme_trains_on_a_local_mesh(tmp_path: Path) -> None:
-    snippet = next(s for s in SNIPPETS if "mesh.register(model, optimizer)" in s)  # the guide's first
+def run_on_a_local_mesh(snippet: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`meshtrain run --local 2` of a README snippet, as a user's own script (not one of examples/)."""
     script = tmp_path / "train.py"
     script.write_text(snippet)
     env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "meshtrain", "run", "--local", "2", str(script)],
         cwd=ROOT,
         env=env,
@@ -45,6 +44,12 @@ def test_the_training_script_of_the_readme_trains_on_a_local_mesh(tmp_path: Path
         text=True,
         timeout=170,
     )
+
+
+@pytest.mark.timeout(180)
+def test_the_training_script_of_the_readme_trains_on_a_local_mesh(tmp_path: Path) -> None:
+    snippet = next(s for s in SNIPPETS if "mesh.register(model, optimizer)" in s)  # the guide's first
+    out = run_on_a_local_mesh(snippet, tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     accuracy = float(re.findall(r"test accuracy ([\d.]+)%", out.stdout)[-1])
     assert accuracy > 80.0, out.stdout[-2000:]
@@ -53,18 +58,7 @@ def test_the_training_script_of_the_readme_trains_on_a_local_mesh(tmp_path: Path
 
 @pytest.mark.timeout(180)
 def test_the_local_sgd_script_of_the_readme_overlaps_its_syncs_on_a_local_mesh(tmp_path: Path) -> None:
-    snippet = next(s for s in SNIPPETS if "OuterOptimizer(model, mesh" in s)
-    script = tmp_path / "local_sgd.py"
-    script.write_text(snippet)
-    env = {**os.environ, "MESHTRAIN_HOME": str(tmp_path / "home")}
-    out = subprocess.run(
-        [sys.executable, "-m", "meshtrain", "run", "--local", "2", str(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
+    out = run_on_a_local_mesh(next(s for s in SNIPPETS if "OuterOptimizer(model, mesh" in s), tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     pattern = r"int8 deltas .* overlapped with the next 1 steps; (\d+) syncs, (\d+) in the background"
     found = re.search(pattern, out.stdout)

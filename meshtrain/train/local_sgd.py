@@ -44,8 +44,10 @@ at the τ-th step after: the new anchor, plus the progress this worker made
 in those τ steps (theta = anchor' + (theta_now - theta_at_sync)), so no
 sample's update is dropped and the anchor stays bit-identical on every
 replica (the parameters between syncs differ, as they always do in local
-SGD). A sync that ends an epoch, a `flush`, the first sync and one after a
-change of members run in the foreground. Cost: two more copies of the
+SGD). The first sync, one that ends an epoch, a `flush` and one a checkpoint
+or a share re-plan needs run in the foreground; a background sync the ring
+broke under (a lost member, a new view) makes every member meet in a
+foreground one at once. Cost: two more copies of the
 parameters while a sync is in flight (the ones it started from, and the
 flat delta the thread reduces).
 
@@ -116,27 +118,23 @@ def choose_overlap(
 
 def parse_overlap(text: str) -> int | str:
     """`--overlap` values: a non-negative integer or "auto"; UserError otherwise."""
-    if text == AUTO:
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"--overlap must be a non-negative integer or 'auto' (got {text!r})") from None
-    if value < 0:
-        raise UserError(f"--overlap must be a non-negative integer or 'auto' (got {text!r})")
-    return value
+    return _auto_or_int(text, "--overlap", 0, "a non-negative integer")
 
 
 def parse_sync_every(text: str) -> int | str:
     """`--sync-every` values: a positive integer or "auto"; UserError otherwise."""
+    return _auto_or_int(text, "--sync-every", 1, "a positive integer")
+
+
+def _auto_or_int(text: str, flag: str, least: int, what: str) -> int | str:
     if text == AUTO:
         return AUTO
     try:
         value = int(text)
     except ValueError:
-        raise UserError(f"--sync-every must be a positive integer or 'auto' (got {text!r})") from None
-    if value < 1:
-        raise UserError(f"--sync-every must be a positive integer or 'auto' (got {text!r})")
+        value = least - 1
+    if value < least:
+        raise UserError(f"{flag} must be {what} or 'auto' (got {text!r})")
     return value
 
 
@@ -259,9 +257,7 @@ class OuterOptimizer:
     def sync(self) -> None:
         """All-reduce the outer gradient, apply the outer step to the anchor, load it into the model."""
         self.settle()
-        current = dict(tree_flatten(self.model.trainable_parameters()))
-        delta = {k: self._anchor[k] - current[k] for k in self._anchor}
-        mx.eval(delta)
+        _, delta = self._delta()
         per_step = self._compute_s / self._gaps if self._gaps else 0.0
         started = self._clock()
         recovered, sums = False, None
@@ -272,8 +268,7 @@ class OuterOptimizer:
             from meshtrain.ring import tensors
 
             flat, layout = tensors.flatten_tree(delta)
-            quantized = self.compress in ("int8", "int4")  # int4: two to a qint8 item (local_rounds)
-            wire = "qint8" if quantized else _wire(delta, self.wire_dtype)
+            wire = self._delta_wire(delta)
             timing = self._timing()
             before = self._rounds.recoveries
             got = self._rounds.sync(flat, float(self._samples_since), wire, self.feedback, timing)
@@ -287,13 +282,8 @@ class OuterOptimizer:
         mx.eval(averaged)
         comm = self._clock() - started
         self.last_comm_s = comm
-        for k, d in averaged.items():
-            self._anchor[k], self._velocity[k] = outer_update(
-                self._anchor[k], self._velocity[k], d, self.outer_lr, self.momentum, self.nesterov
-            )
-        mx.eval(self._anchor, self._velocity)
-        self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in self._anchor.items()]))
-        mx.eval(self.model.parameters())
+        self._outer_step(averaged)
+        self._load({k: mx.array(v) for k, v in self._anchor.items()})
         self.syncs += 1  # before the hand-over: a joiner takes the count of syncs done, this one too
         if self._rounds is not None:
             self._rounds.finish()  # members that took no part receive this state now
@@ -326,12 +316,9 @@ class OuterOptimizer:
         """Begin this interval's sync on a thread (meshtrain.worker.overlapped_sync); training goes on."""
         from meshtrain.ring import tensors
 
-        current = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: kept as is
-        delta = {k: self._anchor[k] - current[k] for k in self._anchor}
-        mx.eval(delta)
+        current, delta = self._delta()  # the current arrays are immutable: kept as they are
         flat, layout = tensors.flatten_tree(delta)
-        wire = "qint8" if self.compress in ("int8", "int4") else _wire(delta, self.wire_dtype)
-        self._rounds.start_sync(flat, float(self._samples_since), wire, self.feedback)
+        self._rounds.start_sync(flat, float(self._samples_since), self._delta_wire(delta), self.feedback)
         self._flight = _Started(current, layout, self._samples_since)
         self._restart()
 
@@ -351,18 +338,38 @@ class OuterOptimizer:
         averaged = tensors.unflatten_tree(started.params, got[0], started.layout)
         mx.eval(averaged)
         now = dict(tree_flatten(self.model.trainable_parameters()))
-        for k, d in averaged.items():
-            self._anchor[k], self._velocity[k] = outer_update(
-                self._anchor[k], self._velocity[k], d, self.outer_lr, self.momentum, self.nesterov
-            )
-        merged = {k: self._anchor[k] + (now[k] - started.params[k]) for k in self._anchor}
-        mx.eval(self._anchor, self._velocity, merged)
-        self.model.update(tree_unflatten(list(merged.items())))
-        mx.eval(self.model.parameters())
+        self._outer_step(averaged)
+        self._load({k: self._anchor[k] + (now[k] - started.params[k]) for k in self._anchor})
         self.last_bytes = int(self._rounds.last_sent_bytes)
         self.bytes_sent += self.last_bytes
         self.syncs += 1
         self.overlapped += 1
+
+    def _delta(self) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+        """(the model's trainable parameters, the outer gradient anchor - them), evaluated."""
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        delta = {k: self._anchor[k] - current[k] for k in self._anchor}
+        mx.eval(delta)
+        return current, delta
+
+    def _delta_wire(self, delta: dict[str, mx.array]) -> str:
+        """How a job's sync sends the delta: qint8 items when compressed (int4: two to an item,
+        meshtrain.worker.local_rounds), else the wire dtype resolved for the tree."""
+        from meshtrain.mesh import resolve_wire_dtype
+
+        return "qint8" if self.compress in ("int8", "int4") else resolve_wire_dtype(delta, self.wire_dtype)
+
+    def _outer_step(self, averaged: dict[str, mx.array]) -> None:
+        """The outer SGD step of the averaged delta on the anchor and its momentum."""
+        for k, d in averaged.items():
+            self._anchor[k], self._velocity[k] = outer_update(
+                self._anchor[k], self._velocity[k], d, self.outer_lr, self.momentum, self.nesterov
+            )
+        mx.eval(self._anchor, self._velocity)
+
+    def _load(self, params: dict[str, mx.array]) -> None:
+        self.model.update(tree_unflatten(list(params.items())))
+        mx.eval(self.model.parameters())
 
     def _restart(self) -> None:
         self._steps_since = 0
@@ -459,12 +466,6 @@ class _Started:
     params: dict[str, mx.array]
     layout: Any
     samples: int
-
-
-def _wire(delta: dict[str, mx.array], wire_dtype: str | None) -> str:
-    from meshtrain.mesh import resolve_wire_dtype
-
-    return resolve_wire_dtype(delta, wire_dtype)
 
 
 def params_equal(a: Any, b: Any) -> bool:

@@ -60,7 +60,3 @@ class InFlight:
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
-
-    @property
-    def done(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
